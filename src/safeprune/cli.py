@@ -1,0 +1,182 @@
+"""The `safeprune` command line: one registry dict of subcommands, each a thin shell around a recipe.
+
+Every subcommand takes `--config FILE|PRESET`, `section.field=value` overrides, `--dry-run` (print the
+resolved config and exit) and `--debug` (show tracebacks). A flag such as `--ratio 0.5` is sugar for the
+override `prune.ratio=0.5`: argparse `dest`s that contain a dot are config keys. User errors print one
+line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import yaml
+
+# Model hubs are unreachable by design: fail fast instead of retrying for ~25 s (platform notes).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str  # one line for `safeprune --help`
+    arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's own flags
+    target: str  # "module:function" run as function(cfg, args); imported lazily so --help stays fast
+
+
+def _toyworld_args(p):
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pre = sub.add_parser("preview", help="write OUT/preview.png: a labelled grid, one row per style")
+    pre.add_argument("--out", required=True, help="output folder")
+    exp = sub.add_parser("export", help="write N images + metadata.jsonl (a diffusers-style image folder)")
+    exp.add_argument("folder", help="output folder (must not exist or be empty)")
+    exp.add_argument("--split", default="finetune", help="pretrain | finetune | concept (default finetune)")
+    exp.add_argument("--n", type=int, default=500, help="number of images (default 500)")
+    for q in (pre, exp):
+        _common(q)
+
+
+def _pretrain_args(p):
+    p.add_argument("what", choices=("teacher", "judge"), help="which embedded model to train")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, samples, the trained model)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+
+def _prune_args(p):
+    p.add_argument("--method", dest="prune.method", help="blocks | channels | magnitude | none")
+    p.add_argument("--preset", dest="prune.preset", help="blocks preset: base | small | tiny")
+    p.add_argument("--ratio", dest="prune.ratio", help="channels: parameter share removed; magnitude: sparsity")
+    p.add_argument("--importance", dest="prune.importance", help="channels importance: magnitude | taylor")
+    p.add_argument("--model", default=None, help="diffusers Stable Diffusion folder (default: the toy teacher)")
+    p.add_argument("--unet-config", default=None, help="prune a UNet config.json on the meta device (no weights)")
+    p.add_argument("--out", required=True, help="output folder for the pruned UNet, plan.json, prune_report.json")
+
+
+def _finetune_args(p):
+    p.add_argument("--student", required=True, help="pruned UNet folder written by `safeprune prune`")
+    p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the toy teacher)")
+    p.add_argument("--method", dest="finetune.method", help="distill | two_stage | bilevel")
+    p.add_argument("--solver", dest="finetune.solver", help="bilevel solver: alternating | penalty")
+    p.add_argument("--unlearn", dest="finetune.unlearn", help="upper-level loss (esd | ablation | ...)")
+    p.add_argument("--forget", action="append", default=None,
+                   help='concept prompt to suppress; repeatable; "TARGET=>ANCHOR" sets an anchor')
+    p.add_argument("--max-steps", dest="finetune.max_steps", help="lower-level iterations")
+    p.add_argument("--data", default=None, help="image folder with metadata.jsonl or a local HF dataset (default: toy finetune split)")
+    p.add_argument("--concept-data", default=None, help="concept images folder (default: toy concept split)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
+
+
+def _concept_images_args(p):
+    p.add_argument("--prompts", action="append", required=True, help="prompt to draw; repeatable")
+    p.add_argument("--n", type=int, default=16, help="images per prompt")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the toy teacher)")
+    p.add_argument("--out", required=True, help="output image folder (metadata.jsonl + PNGs)")
+
+
+def _generate_args(p):
+    p.add_argument("--model", default=None, help="pipeline or pruned-UNet folder (default: the toy teacher)")
+    p.add_argument("--prompts", required=True, help="a text file (one prompt per line) or toy:SET (e.g. toy:forget)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
+    p.add_argument("--steps", dest="sample.steps", help="sampler steps")
+    p.add_argument("--guidance", dest="sample.guidance", help="classifier-free guidance scale")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def _evaluate_args(p):
+    p.add_argument("--model", default=None, help="pipeline or pruned-UNet folder (default: the toy teacher)")
+    p.add_argument("--reference", default=None, help="unsuppressed reference model for the CP score (default: the toy teacher)")
+    p.add_argument("--metrics", default=None, help="comma-separated metric names (default: eval.metrics)")
+    p.add_argument("--out", required=True, help="output folder (results.json)")
+
+
+def _report_args(p):
+    p.add_argument("runs", nargs="+", help="run folders (finetune runs and evaluations)")
+    p.add_argument("--out", required=True, help="output folder (report.md, results.json, grid.png, curves.png)")
+
+
+def _demo_args(p):
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--seeds", dest="demo.seeds", help="repeat with N seeds and report mean +- std")
+
+
+COMMANDS: dict[str, Command] = {
+    "toyworld": Command("preview or export the embedded toy world", _toyworld_args, "safeprune.data.cli:run_toyworld"),
+    "pretrain": Command("train the embedded toy teacher or judge", _pretrain_args, "safeprune.recipes.pretrain:run"),
+    "prune": Command("prune a diffusers UNet and save it so it loads back", _prune_args, "safeprune.recipes.prune:run"),
+    "finetune": Command("distill a pruned student and suppress concepts (bilevel)", _finetune_args,
+                        "safeprune.recipes.finetune:run"),
+    "concept-images": Command("draw concept images with the teacher (upper-level data)", _concept_images_args,
+                              "safeprune.recipes.generate:run_concept_images"),
+    "generate": Command("sample images for prompts, one seed per image", _generate_args,
+                        "safeprune.recipes.generate:run"),
+    "evaluate": Command("measure quality and concept suppression", _evaluate_args, "safeprune.recipes.evaluate:run"),
+    "report": Command("tables, grids and curves from several runs", _report_args, "safeprune.recipes.report:run"),
+    "demo": Command("the main job: prune, fine-tune 3 ways, evaluate, report", _demo_args,
+                    "safeprune.recipes.demo:run"),
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML preset (file path or a name in configs/, e.g. toy)")
+    p.add_argument("--seed", dest="seed", help="master seed")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safeprune", description="Prune diffusion UNets, distill them, and suppress concepts (bilevel).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.arguments(p)
+        if name != "toyworld":  # toyworld adds the common flags to each of its actions
+            _common(p)
+    return parser
+
+
+def resolve(args: argparse.Namespace):
+    """The run config: defaults <- --config <- flags <- positional overrides (later wins)."""
+    from safeprune.config import load_config
+
+    flags = [f"{k}={v}" for k, v in vars(args).items() if "." in k and v is not None]
+    if getattr(args, "seed", None) is not None:
+        flags.append(f"seed={args.seed}")
+    return load_config(args.config, flags + list(args.overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from safeprune.config import to_dict
+        from safeprune.errors import UserError
+
+        try:
+            cfg = resolve(args)
+            if args.dry_run:
+                print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+                return 0
+            module, func = COMMANDS[args.command].target.split(":")
+            result = getattr(importlib.import_module(module), func)(cfg, args)
+            return int(result or 0)
+        except UserError as err:
+            if args.debug:
+                raise
+            print(f"safeprune {args.command}: error: {err}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        print(f"safeprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Typed, nested run configuration: defaults here, overrides from YAML presets and `section.field=value`.
+
+One root `Config` holds every section; each command reads the sections it needs and writes the whole
+resolved config into its run folder (`config.yaml`), so every result names exactly what produced it.
+Unknown keys and wrong types are `UserError`s that name the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from safeprune.errors import UserError, check
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repo's presets (editable install)
+
+
+@dataclass
+class ToyWorldConfig:
+    size: int = 32  # image side in pixels (square RGB images)
+    forbidden_styles: list[str] = field(default_factory=lambda: ["striped"])  # concepts absent from `finetune`
+    forbidden_shapes: list[str] = field(default_factory=list)  # as above, for shapes
+    forbidden_colours: list[str] = field(default_factory=list)  # as above, for colours
+    style_caption_prob: float = 0.85  # share of captions that name the style (the rest: style-free captions)
+
+    def __post_init__(self):
+        check(8 <= self.size <= 256, f"toyworld.size={self.size} is out of range; use 8..256 (default 32)")
+        check(0.0 <= self.style_caption_prob <= 1.0, "toyworld.style_caption_prob must lie in [0, 1]")
+
+
+@dataclass
+class TeacherConfig:
+    prediction_type: str = "epsilon"  # UNet target: "epsilon" (SD 1.x) or "v_prediction" (SD 2.x)
+    vae_steps: int = 1500  # AutoencoderKL training steps (stage 1)
+    vae_batch_size: int = 64  # images per VAE step
+    vae_lr: float = 1e-3  # AdamW learning rate of the VAE
+    unet_steps: int = 9000  # joint UNet + text-encoder steps (stage 2)
+    batch_size: int = 64  # images per UNet step
+    lr: float = 1e-3  # peak AdamW learning rate of stage 2 (cosine decay, linear warm-up)
+    warmup_steps: int = 200  # linear warm-up steps of stage 2
+    caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance works
+    ckpt_every_steps: int = 500  # atomic checkpoint period (both stages)
+    sample_every_steps: int = 1000  # sample-grid period of stage 2
+    eval_images: int = 576  # generated images judged at the end (per-style accuracies)
+
+    def __post_init__(self):
+        check(self.prediction_type in ("epsilon", "v_prediction"),
+              f"teacher.prediction_type={self.prediction_type!r}; choose 'epsilon' or 'v_prediction'")
+        check(0.0 <= self.caption_dropout < 1.0, "teacher.caption_dropout must lie in [0, 1)")
+        for name in ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "ckpt_every_steps"):
+            check(getattr(self, name) > 0, f"teacher.{name} must be > 0")
+
+
+@dataclass
+class JudgeConfig:
+    steps: int = 3000  # training steps of the judge CNN
+    batch_size: int = 128  # images per step (real toy images + negatives)
+    lr: float = 2e-3  # AdamW learning rate
+    negative_share: float = 0.25  # share of each batch that shows no object (noise, blank, broken)
+
+    def __post_init__(self):
+        check(self.steps > 0 and self.batch_size > 0, "judge.steps and judge.batch_size must be > 0")
+        check(0.0 < self.negative_share < 1.0, "judge.negative_share must lie in (0, 1)")
+
+
+@dataclass
+class PruneConfig:
+    method: str = "channels"  # registry key: blocks | channels | magnitude | none
+    preset: str = "base"  # `blocks` preset: base | small | tiny
+    ratio: float = 0.5  # share of prunable parameters removed (`channels`) or L0 sparsity (`magnitude`)
+    importance: str = "magnitude"  # `channels` importance: magnitude | taylor
+    calibration_batches: int = 4  # batches of teacher training data for `taylor` importance
+
+    def __post_init__(self):
+        check(0.0 <= self.ratio < 1.0, f"prune.ratio={self.ratio} is out of range; use a value in [0, 1)")
+
+
+@dataclass
+class Concept:
+    target: str = ""  # prompt naming the concept to suppress, e.g. "a painting by Claude Monet"
+    anchor: str = ""  # prompt it should map to (ablation), e.g. "a painting"; "" = the empty prompt
+
+    def __post_init__(self):
+        check(bool(self.target.strip()), "finetune.concepts: every concept needs a non-empty `target` prompt")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "bilevel"  # distill | two_stage | bilevel
+    solver: str = "alternating"  # bilevel solver: alternating | penalty
+    unlearn: str = "esd"  # upper-level loss: esd | ablation | ... (see safeprune.unlearning)
+    concepts: list[Concept] = field(default_factory=list)  # [] = the toy world's forbidden concepts
+    max_steps: int = 600  # lower-level iterations (two_stage: fine-tune part; see unlearn_steps)
+    unlearn_steps: int = -1  # two_stage unlearning steps; -1 = bilevel's upper-step count (equal budget)
+    batch_size: int = 16  # lower-level images per step (per process)
+    upper_batch_size: int = 16  # concept images per upper step
+    lr: float = 5e-4  # lower-level AdamW learning rate
+    upper_lr: float = 5e-4  # upper-level AdamW learning rate
+    warmup_steps: int = 50  # linear warm-up of the lower-level learning rate
+    upper_every: int = 10  # K: alternating = an upper step after every K-th lower step; penalty = K inner steps
+    penalty_lambda: float = 1.0  # penalty solver: weight of grad L_ft in the outer step
+    lambda_diff: float = 1.0  # weight of the denoising loss (eq. 1)
+    lambda_out: float = 2.0  # weight of output distillation (eq. 3)
+    lambda_feat: float = 0.1  # weight of feature distillation (eq. 4)
+    snr_gamma: float = 5.0  # Min-SNR-gamma weighting of the denoising loss; 0 disables it
+    esd_eta: float = 1.0  # negative-guidance strength of `esd`
+    grad_accum: int = 1  # gradient accumulation steps
+    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
+    ema_decay: float = 0.0  # EMA of student weights; 0 disables it
+    gradient_checkpointing: bool = False  # trade compute for memory on large UNets
+    ckpt_every_steps: int = 200  # atomic checkpoint period
+    eval_every_steps: int = 0  # log leakage/fd curves every N steps (0 = never)
+
+    def __post_init__(self):
+        check(self.max_steps > 0, "finetune.max_steps must be > 0")
+        check(self.upper_every >= 1, "finetune.upper_every must be >= 1")
+        check(self.batch_size > 0 and self.upper_batch_size > 0, "finetune batch sizes must be > 0")
+        check(self.mixed_precision in ("no", "fp16", "bf16"),
+              f"finetune.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
+        check(0.0 <= self.ema_decay < 1.0, "finetune.ema_decay must lie in [0, 1)")
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 25  # sampler (DDIM) steps per image
+    guidance: float = 5.0  # classifier-free guidance scale
+    batch_size: int = 64  # images per sampler batch (does not change any image)
+
+    def __post_init__(self):
+        check(self.steps > 0, "sample.steps must be > 0")
+        check(self.guidance >= 0.0, "sample.guidance must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=lambda: ["valid", "leakage", "retention", "adherence", "fd"])
+    seeds_per_prompt: int = 4  # images per evaluation prompt
+    resurgence_steps: int = 0  # benign fine-tuning steps before re-measuring leakage (0 = skip)
+
+
+@dataclass
+class DemoConfig:
+    seeds: int = 1  # repeat fine-tuning + evaluation with this many seeds; mean +- std when > 1
+
+
+@dataclass
+class Config:
+    seed: int = 0  # master seed: data order, noise, per-image sampling seeds
+    device: str = "auto"  # auto | cpu | cuda
+    toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+# ----------------------------------------------------------------------------- strict (de)serialisation
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Return `value` checked against annotation `tp`; ints widen to floats, nothing else converts."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        check(isinstance(value, dict), f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin is list:
+        check(isinstance(value, list), f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except UserError:
+                pass
+        raise UserError(f"{key}={value!r} has the wrong type; expected {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is type(None):
+        check(value is None, f"{key} must be null")
+        return value
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    check(ok, f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a (partial) dict; unknown keys name the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        check(key in hints, f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Deep-merge `update` into a copy of `base` (presets hold only overrides)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'finetune.lr=1e-4' -> (['finetune', 'lr'], 1e-4); the value is read as YAML."""
+    check("=" in text, f"cannot read override {text!r}; write it as section.field=value, e.g. finetune.lr=1e-4")
+    key, raw = text.split("=", 1)
+    check(bool(key.strip()), f"override {text!r} has no key; write it as section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-4 as a string (it wants 1.0e-4); numbers people type should still be numbers.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").is_file():
+        path = CONFIG_DIR / f"{path}.yaml"  # a preset name such as `toy` or `sd15`
+    check(path.is_file(), f"config file {str(path)!r} not found; pass a YAML file or a preset in {CONFIG_DIR}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from err
+    check(isinstance(data, dict), f"config file {str(path)!r} must hold a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- `base` <- YAML preset at `path` <- `overrides` ('section.field=value'), strictly checked."""
+    data = _merge({}, base or {})
+    if path:
+        data = _merge(data, read_yaml(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            check(isinstance(node, dict), f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return from_dict(Config, data)
+
+
+def save_config(cfg: Config, folder: str | Path) -> Path:
+    path = Path(folder) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path

@@ -1,3 +1,26 @@
-"""safeprune: prune diffusion UNets, distill them from the teacher, and suppress concepts in one bilevel run."""
+"""safeprune: prune diffusion UNets, distill them from the teacher, and suppress concepts in one bilevel run.
+
+The top-level names are imported lazily so `import safeprune` (and `safeprune --help`) stays fast.
+"""
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "teacher_path": "safeprune.models.shipped",
+    "judge_path": "safeprune.models.shipped",
+    "load_teacher": "safeprune.models.shipped",
+    "load_judge": "safeprune.eval.judge",
+    "load_unet": "safeprune.models.io",
+    "load_pipeline": "safeprune.models.io",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'safeprune' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

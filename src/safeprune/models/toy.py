@@ -1,0 +1,120 @@
+"""The embedded toy teacher's architecture: Stable-Diffusion-format parts built from config.
+
+Same classes as SD (AutoencoderKL, CLIPTextModel + CLIPTokenizer, UNet2DConditionModel, DDPM/DDIM), so
+every stage downstream runs one code path for the toy teacher and a real checkpoint. Layout chosen from
+CPU measurements (platform notes): 4x16x16 latents, attention only at 8x8 and 4x4 with 2 heads, and
+GroupNorm with 8 groups so every width stays prunable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+MAX_TOKENS = 24  # longest toy prompt is ~14 tokens with BOS/EOS
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
+
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,  # as SD, so BK-SDM block removal has something to remove in every stage
+    attention_head_dim=2,  # diffusers' legacy name: this is the number of heads (as in SD 1.x configs)
+    cross_attention_dim=64,
+    norm_num_groups=8,
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(32, 64),  # one downsampling: 32x32 RGB <-> 16x16x4 latents
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+)
+TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+                   max_position_embeddings=MAX_TOKENS, projection_dim=64)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                        beta_end=0.012, steps_offset=1, clip_sample=False)
+
+
+def build_tokenizer(words: list[str], folder: str | Path):
+    """Train a CLIP-format BPE (vocab.json + merges.txt) on the toy vocabulary and load it as CLIPTokenizer.
+
+    Uses the `tokenizers` trainer with CLIP's end-of-word suffix, so every toy word becomes one token while
+    unseen words still split into characters instead of failing.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=SPECIAL[1]))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=1, special_tokens=list(SPECIAL),
+                                  initial_alphabet=list(ALPHABET), end_of_word_suffix="</w>", show_progress=False)
+    bpe.train_from_iterator([" ".join(words)] * 4 + list(ALPHABET), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for ch in ALPHABET:  # CLIP's byte-level fallback needs every single character as a word end too
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS,
+                         pad_token=SPECIAL[1])
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = tokenizer.get_vocab()
+    cfg = CLIPTextConfig(vocab_size=len(vocab), bos_token_id=vocab[SPECIAL[0]], eos_token_id=vocab[SPECIAL[1]],
+                         pad_token_id=vocab[SPECIAL[1]], **TEXT_CONFIG)
+    return CLIPTextModel(cfg)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_unet(**overrides):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**{**UNET_CONFIG, **overrides})
+
+
+def build_schedulers(prediction_type: str = "epsilon"):
+    """(DDPM for training, DDIM for sampling), sharing one noise schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    train = DDPMScheduler(prediction_type=prediction_type, **SCHEDULER_CONFIG)
+    sample = DDIMScheduler(prediction_type=prediction_type, set_alpha_to_one=False, **SCHEDULER_CONFIG)
+    return train, sample
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A stock StableDiffusionPipeline without the safety checker (the toy world has nothing to check)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def build_pipeline(tokenizer_folder: str | Path, words: list[str], prediction_type: str = "epsilon", seed: int = 0):
+    """A randomly initialised toy pipeline (tests and the start of `pretrain teacher`)."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(words, tokenizer_folder)
+    _, sampler = build_schedulers(prediction_type)
+    return assemble_pipeline(build_vae(), build_text_encoder(tokenizer), tokenizer, build_unet(), sampler)

@@ -31,7 +31,7 @@ class Command:
 
 
 def _toyworld_args(p):
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     pre = sub.add_parser("preview", help="write OUT/preview.png: a labelled grid, one row per style")
     pre.add_argument("--out", required=True, help="output folder")
     exp = sub.add_parser("export", help="write N images + metadata.jsonl (a diffusers-style image folder)")
@@ -128,15 +128,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", dest="seed", help="master seed")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in ONE line (and exits 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+EPILOG = "Any config value can be overridden as trailing section.field=value words, e.g. finetune.lr=1e-4."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="safeprune", description="Prune diffusion UNets, distill them, and suppress concepts (bilevel).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="safeprune", epilog=EPILOG,
+                     description="Prune diffusion UNets, distill them, and suppress concepts (bilevel).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=EPILOG)
         cmd.arguments(p)
         if name != "toyworld":  # toyworld adds the common flags to each of its actions
             _common(p)
@@ -155,7 +164,13 @@ def resolve(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides are free-standing `key=value` words anywhere after the command (argparse cannot mix a
+    # trailing variadic positional with sub-commands and options, so they are collected here).
+    args, extra = parser.parse_known_args(argv)
+    args.overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+    unknown = [word for word in extra if word not in args.overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         from safeprune.config import to_dict
         from safeprune.errors import UserError

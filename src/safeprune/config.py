@@ -36,11 +36,12 @@ class ToyWorldConfig:
 @dataclass
 class TeacherConfig:
     prediction_type: str = "epsilon"  # UNet target: "epsilon" (SD 1.x) or "v_prediction" (SD 2.x)
-    vae_steps: int = 1500  # AutoencoderKL training steps (stage 1)
-    vae_batch_size: int = 64  # images per VAE step
+    vae_steps: int = 1000  # AutoencoderKL training steps (stage 1)
+    vae_batch_size: int = 32  # images per VAE step
     vae_lr: float = 1e-3  # AdamW learning rate of the VAE
-    unet_steps: int = 9000  # joint UNet + text-encoder steps (stage 2)
+    unet_steps: int = 4000  # joint UNet + text-encoder steps (stage 2)
     batch_size: int = 64  # images per UNet step
+    pool_size: int = 24576  # stage-2 training images, VAE-encoded once (~256 per concept combination)
     lr: float = 1e-3  # peak AdamW learning rate of stage 2 (cosine decay, linear warm-up)
     warmup_steps: int = 200  # linear warm-up steps of stage 2
     caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance works

@@ -1,0 +1,25 @@
+# Two entry points (the README's Quickstart): `make demo` and `make test`; each creates the venv it needs.
+# CONSTRAINTS pins the CPU build of torch on CPU-only machines; elsewhere run `make test CONSTRAINTS=`.
+VENV ?= .venv
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_C = $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(PIP_C) -e '.[dev]'
+	touch $@
+
+.PHONY: install test demo lint
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/safeprune demo --out runs/demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks

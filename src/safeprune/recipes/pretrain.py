@@ -1,0 +1,217 @@
+"""`safeprune pretrain teacher|judge`: train the embedded toy models that stand in for SD 2.1 and CSD/CLIP.
+
+Teacher = a stock diffusers StableDiffusionPipeline, trained as SD was, in two stages on the toy `pretrain`
+split (every concept, the forbidden ones included, so fine-tuning later has something to hide):
+  1. AutoencoderKL: L = ||D(E(x)) - x||^2 + beta * KL(E(x) || N(0, I));
+  2. text encoder + UNet jointly, L = E ||f_theta(z_t, t, tau(c)) - target||^2 with target = eps or v
+     (seed eq. 1), captions dropped to "" with probability p so classifier-free guidance works.
+Randomness at step s comes from generators seeded with (seed, s), so a resumed run sees the same batches,
+noise and timesteps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from safeprune.checkpoint import load_checkpoint, save_checkpoint
+from safeprune.config import Config, save_config
+from safeprune.data.toyworld import COLOURS, SHAPES, STYLES, ToyWorld
+from safeprune.errors import check
+from safeprune.models import toy
+from safeprune.utils import atomic_folder
+from safeprune.viz import make_grid, save_image
+
+KL_WEIGHT = 1e-5  # small, as in SD's VAE: latents stay near-deterministic yet bounded
+EMA_DECAY = 0.999  # the shipped weights are the EMA of the UNet and text encoder
+
+
+def _generator(*seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _lr(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of peak: a pure function of the step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _save_atomic(obj, folder: Path) -> None:
+    with atomic_folder(folder, overwrite=True) as tmp:
+        obj.save_pretrained(tmp)
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE
+
+
+def train_vae(cfg: Config, world: ToyWorld, out: Path, resume: bool):
+    tc = cfg.teacher
+    done = out / "vae"
+    if (done / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(done)
+    torch.manual_seed(cfg.seed)
+    vae = toy.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=tc.vae_lr, weight_decay=0.0)
+    ckpt = out / "checkpoints" / "vae"
+    start = load_checkpoint(ckpt, {"vae": vae}, {"vae": opt})["step"] if resume and ckpt.is_dir() else 0
+    bar = tqdm(range(start, tc.vae_steps), initial=start, total=tc.vae_steps, desc="vae", unit="step")
+    for step in bar:
+        images, _, _ = world.batch("pretrain", step * tc.vae_batch_size, tc.vae_batch_size)
+        x = _to_tensor(images)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=_generator(cfg.seed, 1, step))
+        recon = vae.decode(z).sample
+        rec = F.mse_loss(recon, x)
+        loss = rec + KL_WEIGHT * posterior.kl().mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, tc.vae_lr, 100, tc.vae_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(rec=f"{rec.item():.4f}")
+        if (step + 1) % tc.ckpt_every_steps == 0:
+            save_checkpoint(ckpt, step + 1, {"vae": vae}, {"vae": opt})
+    # SD's convention: scale latents to unit variance so the UNet's noise schedule fits them.
+    with torch.no_grad():
+        images, _, _ = world.batch("pretrain", 10**7, 512)
+        std = vae.encode(_to_tensor(images)).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.eval()
+    _save_atomic(vae, done)
+    return vae
+
+
+# ----------------------------------------------------------------------------- stage 2: UNet + text encoder
+
+
+@torch.no_grad()
+def _encode_pool(vae, world: ToyWorld, tokenizer, n: int) -> dict[str, torch.Tensor]:
+    """Render and encode the stage-2 pool once: latent mean/std, caption ids (N, L), empty-caption ids."""
+    means, stds, captions = [], [], []
+    for start in tqdm(range(0, n, 512), desc="encode pool", unit="batch"):
+        images, caps, _ = world.batch("pretrain", start, min(512, n - start))
+        dist = vae.encode(_to_tensor(images)).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+        captions += caps
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "ids": ids, "empty": empty}
+
+
+def _target(scheduler, latents, noise, t):
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    return noise
+
+
+def train_denoiser(cfg: Config, world: ToyWorld, vae, out: Path, resume: bool):
+    tc = cfg.teacher
+    tokenizer = toy.build_tokenizer(world.vocabulary(), out / "tokenizer")
+    torch.manual_seed(cfg.seed + 1)
+    text_encoder, unet = toy.build_text_encoder(tokenizer), toy.build_unet()
+    train_sched, sample_sched = toy.build_schedulers(tc.prediction_type)
+    ema_fn = get_ema_multi_avg_fn(EMA_DECAY)
+    ema_unet = AveragedModel(unet, multi_avg_fn=ema_fn, use_buffers=True)
+    ema_text = AveragedModel(text_encoder, multi_avg_fn=ema_fn, use_buffers=True)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.01)
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    ckpt = out / "checkpoints" / "unet"
+    start = load_checkpoint(ckpt, modules, {"opt": opt})["step"] if resume and ckpt.is_dir() else 0
+
+    pool = _encode_pool(vae, world, tokenizer, tc.pool_size)
+    scale = vae.config.scaling_factor
+    n, batch = len(pool["ids"]), tc.batch_size
+    bar = tqdm(range(start, tc.unet_steps), initial=start, total=tc.unet_steps, desc="unet", unit="step")
+    for step in bar:
+        g = _generator(cfg.seed, 2, step)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        latents = (pool["mean"][idx] + pool["std"][idx] * torch.randn(pool["mean"][idx].shape, generator=g)) * scale
+        ids = pool["ids"][idx]
+        drop = torch.rand(batch, generator=g) < tc.caption_dropout
+        ids[drop] = pool["empty"]
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, train_sched.config.num_train_timesteps, (batch,), generator=g)
+        noisy = train_sched.add_noise(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, _target(train_sched, latents, noise, t))
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, tc.lr, tc.warmup_steps, tc.unet_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.update_parameters(unet)
+        ema_text.update_parameters(text_encoder)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % tc.ckpt_every_steps == 0 or step + 1 == tc.unet_steps:
+            save_checkpoint(ckpt, step + 1, modules, {"opt": opt}, {"loss": loss.item()})
+        if (step + 1) % tc.sample_every_steps == 0:
+            pipe = toy.assemble_pipeline(vae, ema_text.module, tokenizer, ema_unet.module, sample_sched)
+            save_image(sample_grid(pipe, cfg), out / "samples" / f"step{step + 1:06d}.png")
+    return toy.assemble_pipeline(vae, ema_text.module.eval(), tokenizer, ema_unet.module.eval(), sample_sched)
+
+
+@torch.no_grad()
+def sample_grid(pipe, cfg: Config, seed: int = 0):
+    """Rows = styles, columns = (shape, colour) pairs; image j of a row uses seed `seed + j`."""
+    pipe.set_progress_bar_config(disable=True)
+    combos = [(s, c) for s in SHAPES for c in COLOURS][::2]
+    rows = []
+    for style in STYLES:
+        prompts = [f"a {c} {s} in {style} style" for s, c in combos]
+        gens = [torch.Generator().manual_seed(seed + j) for j in range(len(prompts))]
+        out = pipe(prompts, num_inference_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance,
+                   generator=gens, output_type="np").images
+        rows.append(list((out * 255).round().astype(np.uint8)))
+    return make_grid(rows, list(STYLES), [f"{c} {s}" for s, c in combos])
+
+
+def train_teacher(cfg: Config, out: Path, resume: bool = False) -> Path:
+    """Both stages, then the pipeline folder `out/pipeline` (stock diffusers layout) and `out/timing.json`."""
+    world = ToyWorld(cfg.toyworld, seed=cfg.seed)
+    save_config(cfg, out)
+    start = time.perf_counter()
+    vae = train_vae(cfg, world, out, resume)
+    vae.requires_grad_(False)
+    vae_s = time.perf_counter() - start
+    pipe = train_denoiser(cfg, world, vae, out, resume)
+    _save_atomic(pipe, out / "pipeline")
+    save_image(sample_grid(pipe, cfg), out / "samples" / "final.png")
+    timing = {"vae_s": vae_s, "total_s": time.perf_counter() - start, "resumed": resume,
+              "threads": torch.get_num_threads()}
+    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    print(f"teacher pipeline: {out / 'pipeline'} ({timing['total_s'] / 60:.1f} min this run)")
+    return out / "pipeline"
+
+
+def run(cfg: Config, args) -> int:
+    out = Path(args.out)
+    if args.what == "judge":
+        from safeprune.eval.judge import run_pretrain_judge
+
+        return run_pretrain_judge(cfg, args)
+    check(args.resume or not (out / "checkpoints").exists(),
+          f"{str(out)!r} already holds a run; pass --resume to continue it or choose a new --out")
+    train_teacher(cfg, out, resume=args.resume)
+    return 0

@@ -51,10 +51,13 @@ def _pretrain_args(p):
 def _prune_args(p):
     p.add_argument("--method", dest="prune.method", help="blocks | channels | magnitude | none")
     p.add_argument("--preset", dest="prune.preset", help="blocks preset: base | small | tiny")
-    p.add_argument("--ratio", dest="prune.ratio", help="channels: parameter share removed; magnitude: sparsity")
+    p.add_argument("--ratio", dest="prune.ratio",
+                   help="share of the UNet's total parameters removed (channels) or zeroed (magnitude), in [0, 1)")
     p.add_argument("--importance", dest="prune.importance", help="channels importance: magnitude | taylor")
     p.add_argument("--model", default=None, help="diffusers Stable Diffusion folder (default: the toy teacher)")
     p.add_argument("--unet-config", default=None, help="prune a UNet config.json on the meta device (no weights)")
+    p.add_argument("--calib-data", default=None,
+                   help="taylor importance: image folder with metadata.jsonl (default: the toy pretrain split)")
     p.add_argument("--out", required=True, help="output folder for the pruned UNet, plan.json, prune_report.json")
 
 

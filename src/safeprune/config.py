@@ -59,8 +59,8 @@ class TeacherConfig:
 
 @dataclass
 class JudgeConfig:
-    steps: int = 3000  # training steps of the judge CNN
-    batch_size: int = 128  # images per step (real toy images + negatives)
+    steps: int = 1200  # training steps of the judge CNN (~3 min on one CPU thread; 600 already reach 100 %)
+    batch_size: int = 64  # images per step (real toy images + negatives)
     lr: float = 2e-3  # AdamW learning rate
     negative_share: float = 0.25  # share of each batch that shows no object (noise, blank, broken)
 
@@ -72,13 +72,22 @@ class JudgeConfig:
 @dataclass
 class PruneConfig:
     method: str = "channels"  # registry key: blocks | channels | magnitude | none
-    preset: str = "base"  # `blocks` preset: base | small | tiny
-    ratio: float = 0.5  # share of prunable parameters removed (`channels`) or L0 sparsity (`magnitude`)
-    importance: str = "magnitude"  # `channels` importance: magnitude | taylor
-    calibration_batches: int = 4  # batches of teacher training data for `taylor` importance
+    preset: str = "base"  # `blocks` preset: base | small | tiny (BK-SDM's three students)
+    ratio: float = 0.5  # share of the UNet's TOTAL parameters removed (`channels`) or zeroed (`magnitude`)
+    importance: str = "magnitude"  # `channels` importance: magnitude (L_p norm) | taylor (|w * dL/dw|)
+    magnitude_p: int = 2  # p of the L_p norm behind `magnitude` importance: 1 or 2
+    channel_multiple: int = 16  # `channels`: kept ResNet/FFN widths are multiples of this where possible (AVX-512: 16)
+    calibration_batches: int = 4  # batches of the teacher's training data behind `taylor` importance
+    calibration_batch_size: int = 16  # images per calibration batch
+    latency_batch: int = 2  # UNet batch for the report's latency (2 = one image with classifier-free guidance)
+    latency_runs: int = 5  # timed UNet calls per model; the report gives their median
 
     def __post_init__(self):
         check(0.0 <= self.ratio < 1.0, f"prune.ratio={self.ratio} is out of range; use a value in [0, 1)")
+        check(self.magnitude_p in (1, 2), f"prune.magnitude_p={self.magnitude_p}; choose 1 or 2")
+        for name in ("channel_multiple", "calibration_batches", "calibration_batch_size", "latency_batch",
+                     "latency_runs"):
+            check(getattr(self, name) >= 1, f"prune.{name} must be >= 1")
 
 
 @dataclass
@@ -94,27 +103,34 @@ class Concept:
 class FinetuneConfig:
     method: str = "bilevel"  # distill | two_stage | bilevel
     solver: str = "alternating"  # bilevel solver: alternating | penalty
-    unlearn: str = "esd"  # upper-level loss: esd | ablation | ... (see safeprune.unlearning)
-    concepts: list[Concept] = field(default_factory=list)  # [] = the toy world's forbidden concepts
+    unlearn: str = "esd"  # upper-level loss: esd | esd_xattn | ablation (see safeprune.unlearning)
+    concepts: list[Concept] = field(default_factory=list)  # [] = derived from the concept images' captions
     max_steps: int = 600  # lower-level iterations (two_stage: fine-tune part; see unlearn_steps)
     unlearn_steps: int = -1  # two_stage unlearning steps; -1 = bilevel's upper-step count (equal budget)
-    batch_size: int = 16  # lower-level images per step (per process)
-    upper_batch_size: int = 16  # concept images per upper step
+    batch_size: int = 16  # lower-level images per micro-batch per process (x grad_accum x processes per step)
+    upper_batch_size: int = 16  # concept images per upper step (per process)
     lr: float = 5e-4  # lower-level AdamW learning rate
-    upper_lr: float = 5e-4  # upper-level AdamW learning rate
+    upper_lr: float = 5e-4  # upper-level AdamW learning rate (also the penalty solver's outer step)
     warmup_steps: int = 50  # linear warm-up of the lower-level learning rate
+    weight_decay: float = 1e-2  # AdamW weight decay of both optimisers
+    max_grad_norm: float = 1.0  # gradient-norm clip before every optimiser step; 0 disables it
     upper_every: int = 10  # K: alternating = an upper step after every K-th lower step; penalty = K inner steps
-    penalty_lambda: float = 1.0  # penalty solver: weight of grad L_ft in the outer step
+    penalty_lambda: float = 1.0  # penalty solver: weight of grad L_ft in the outer step (at step 0)
+    penalty_lambda_end: float = -1.0  # penalty solver: lambda at the last step, linear in between; -1 = constant
     lambda_diff: float = 1.0  # weight of the denoising loss (eq. 1)
     lambda_out: float = 2.0  # weight of output distillation (eq. 3)
     lambda_feat: float = 0.1  # weight of feature distillation (eq. 4)
     snr_gamma: float = 5.0  # Min-SNR-gamma weighting of the denoising loss; 0 disables it
     esd_eta: float = 1.0  # negative-guidance strength of `esd`
-    grad_accum: int = 1  # gradient accumulation steps
+    data_pool: int = 2048  # lower-level images VAE-encoded once per run (the loop samples from this pool)
+    concept_pool: int = 256  # concept images VAE-encoded once per run
+    grad_accum: int = 1  # gradient accumulation steps (lower level)
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
-    ema_decay: float = 0.0  # EMA of student weights; 0 disables it
+    teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the frozen teacher's forward passes
+    ema_decay: float = 0.0  # EMA of student weights (saved as the result); 0 disables it
     gradient_checkpointing: bool = False  # trade compute for memory on large UNets
     ckpt_every_steps: int = 200  # atomic checkpoint period
+    keep_checkpoints: int = 1  # newest checkpoints kept in run_dir/checkpoints
     eval_every_steps: int = 0  # log leakage/fd curves every N steps (0 = never)
 
     def __post_init__(self):
@@ -123,7 +139,23 @@ class FinetuneConfig:
         check(self.batch_size > 0 and self.upper_batch_size > 0, "finetune batch sizes must be > 0")
         check(self.mixed_precision in ("no", "fp16", "bf16"),
               f"finetune.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
+        check(self.teacher_dtype in ("fp32", "bf16", "fp16"),
+              f"finetune.teacher_dtype={self.teacher_dtype!r}; choose fp32, bf16 or fp16")
         check(0.0 <= self.ema_decay < 1.0, "finetune.ema_decay must lie in [0, 1)")
+        check(self.unlearn_steps >= -1, "finetune.unlearn_steps must be >= 0, or -1 for bilevel's upper-step count")
+        check(self.lr > 0 and self.upper_lr > 0, "finetune.lr and finetune.upper_lr must be > 0")
+        check(self.warmup_steps >= 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0,
+              "finetune.warmup_steps, weight_decay and max_grad_norm must be >= 0")
+        check(self.penalty_lambda >= 0 and (self.penalty_lambda_end >= 0 or self.penalty_lambda_end == -1),
+              "finetune.penalty_lambda must be >= 0 and finetune.penalty_lambda_end >= 0 (or -1 = constant)")
+        check(min(self.lambda_diff, self.lambda_out, self.lambda_feat) >= 0,
+              "finetune.lambda_diff, lambda_out and lambda_feat must be >= 0")
+        check(self.snr_gamma >= 0, "finetune.snr_gamma must be >= 0 (0 disables Min-SNR weighting)")
+        check(self.data_pool > 0 and self.concept_pool > 0, "finetune.data_pool and concept_pool must be > 0")
+        check(self.grad_accum >= 1, "finetune.grad_accum must be >= 1")
+        check(self.ckpt_every_steps > 0 and self.keep_checkpoints >= 1,
+              "finetune.ckpt_every_steps and keep_checkpoints must be >= 1")
+        check(self.eval_every_steps >= 0, "finetune.eval_every_steps must be >= 0 (0 = never)")
 
 
 @dataclass
@@ -131,22 +163,45 @@ class SampleConfig:
     steps: int = 25  # sampler (DDIM) steps per image
     guidance: float = 5.0  # classifier-free guidance scale
     batch_size: int = 64  # images per sampler batch (does not change any image)
+    precision: str = "fp32"  # fp32 | bf16 (autocast: ~3.4x faster on CPUs with AMX, images differ slightly)
 
     def __post_init__(self):
         check(self.steps > 0, "sample.steps must be > 0")
         check(self.guidance >= 0.0, "sample.guidance must be >= 0")
+        check(self.batch_size > 0, "sample.batch_size must be > 0")
+        check(self.precision in ("fp32", "bf16"), f"sample.precision={self.precision!r}; choose fp32 or bf16")
 
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = field(default_factory=lambda: ["valid", "leakage", "retention", "adherence", "fd"])
-    seeds_per_prompt: int = 4  # images per evaluation prompt
-    resurgence_steps: int = 0  # benign fine-tuning steps before re-measuring leakage (0 = skip)
+    # metric registry keys (safeprune.eval.metrics.METRICS); fid, clip_score and cmmd need local weights
+    metrics: list[str] = field(default_factory=lambda: ["valid", "leakage", "retention", "adherence", "fd", "cp",
+                                                        "concept_affinity"])
+    seeds_per_prompt: int = 2  # images per evaluation prompt (the seeds are the same for every model)
+    max_prompts: int = 32  # prompts per set at most (retain has 80: a style-balanced subset keeps evaluation cheap)
+    heldout: bool = True  # also measure on the held-out paraphrases (heldout_* keys; doubles the sampling)
+    real_per_image: int = 4  # renderer images per generated image in the real reference set of `fd`
+    affinity_images: int = 64  # real concept images for the sampling-free `concept_affinity`
+    inception_path: str = ""  # `fid`: local FID Inception TorchScript (clean-fid's inception-2015-12-05.pt)
+    clip_path: str = ""  # `clip_score` / `cmmd`: local transformers CLIP folder
+    resurgence_steps: int = 100  # benign fine-tuning steps before re-measuring leakage (0 = skip)
+
+    def __post_init__(self):
+        check(bool(self.metrics), "eval.metrics is empty; name at least one metric, e.g. [leakage, fd]")
+        for name in ("seeds_per_prompt", "max_prompts", "real_per_image", "affinity_images"):
+            check(getattr(self, name) > 0, f"eval.{name} must be > 0")
+        check(self.resurgence_steps >= 0, "eval.resurgence_steps must be >= 0")
 
 
 @dataclass
 class DemoConfig:
     seeds: int = 1  # repeat fine-tuning + evaluation with this many seeds; mean +- std when > 1
+    curve_every: int = 100  # evaluate leakage and fd every N fine-tuning steps (curves.png)
+    curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
+
+    def __post_init__(self):
+        check(self.seeds >= 1, "demo.seeds must be >= 1")
+        check(self.curve_every >= 1 and self.curve_prompts >= 1, "demo.curve_every and demo.curve_prompts must be >= 1")
 
 
 @dataclass

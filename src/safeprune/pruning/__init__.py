@@ -1,0 +1,113 @@
+"""Pruning methods for diffusers UNets: one registry, one replayable JSON plan per pruned model.
+
+The seed paper's method is "a plug-in after ANY pruning method" (Sec. 4): its eq. 2 asks for a
+parameter set theta_pruned with ||theta_pruned||_0 <= R that keeps the loss close to the teacher's. The
+families behind that constraint, each one file:
+
+  blocks     BK-SDM block removal (presets base / small / tiny); stays a stock diffusers architecture
+  channels   structured pruning of inner widths through torch-pruning's dependency graph
+  magnitude  unstructured global magnitude pruning to an L0 budget; masks persist through fine-tuning
+  none       identity: the "fine-tune the unpruned model" control
+
+`prune` returns the pruned UNet and a JSON-serialisable **plan**; `apply_plan(base, plan)` replays the plan
+on any UNet built from the same base config (real weights, or the meta device to rebuild only the
+architecture before loading saved weights). `ratio` is always a share of the UNet's TOTAL parameters.
+
+Every plan: {"format": 1, "method": name, "base_config": {...}, ...method fields}.
+
+Fine-tuning loops call `reapply_masks(unet)` after every optimizer step: it keeps magnitude-pruned weights
+exactly zero and is a no-op for every other model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from safeprune.config import PruneConfig
+from safeprune.errors import check, choose
+from safeprune.pruning.blocks import PRESETS, Blocks
+from safeprune.pruning.channels import IMPORTANCES, Channels
+from safeprune.pruning.magnitude import Magnitude, reapply_masks, restore_masks, sparsity_masks
+from safeprune.pruning.measure import unet_config
+
+PLAN_FORMAT = 1
+
+# calib(unet, i) -> scalar loss of calibration batch i (see `prune`).
+Calibration = Callable[[torch.nn.Module, int], torch.Tensor]
+
+
+class PruningMethod(Protocol):
+    def __call__(self, unet, cfg: PruneConfig, calib: Calibration | None) -> tuple[torch.nn.Module, dict]:
+        """Prune `unet` (a private copy: may be changed in place); return it and the method's plan fields."""
+
+    def replay(self, unet, plan: dict) -> torch.nn.Module:
+        """Apply a plan this method wrote to `unet` (a private copy built from the plan's base config)."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """`none`: the unpruned model, for the control run that fine-tunes the teacher's own architecture."""
+
+    def __call__(self, unet, cfg, calib):
+        return unet, {}
+
+    def replay(self, unet, plan):
+        return unet
+
+
+METHODS: dict[str, PruningMethod] = {
+    "blocks": Blocks(),
+    "channels": Channels(),
+    "magnitude": Magnitude(),
+    "none": Identity(),
+}
+
+
+def prune(unet, method: str, cfg: PruneConfig, calib: Calibration | None = None) -> tuple[torch.nn.Module, dict]:
+    """Prune a copy of `unet` with registry method `method`; the input UNet is never modified.
+
+    `cfg` supplies preset / ratio / importance. `calib` is only needed for `importance: taylor`: a callable
+    `calib(unet, i) -> loss` that runs `unet` on calibration batch i (i = 0 .. cfg.calibration_batches - 1;
+    the batch must depend only on i, e.g. noised latents of the teacher's training images with their
+    captions) and returns a scalar loss, e.g. the denoising loss of eq. 1. Gradients of that loss,
+    accumulated over the batches, give the first-order Taylor importance |w * dL/dw| (as Diff-Pruning).
+
+    Returns (pruned UNet, plan); the plan is JSON-serialisable and replays with `apply_plan`.
+    """
+    pruner = choose("pruning method", method, METHODS)
+    choose("blocks preset", cfg.preset, dict.fromkeys(PRESETS))  # typos fail even when another method runs
+    choose("channels importance", cfg.importance, dict.fromkeys(IMPORTANCES))
+    base_config = unet_config(unet)
+    pruned, fields = pruner(copy.deepcopy(unet), cfg, calib)
+    plan = {"format": PLAN_FORMAT, "method": method, "base_config": base_config, **fields}
+    json.dumps(plan)  # fail here, not when saving, if a method put something non-JSON into its plan
+    return pruned, plan
+
+
+def apply_plan(base_unet, plan: dict) -> torch.nn.Module:
+    """Replay `plan` on a copy of `base_unet` (same base config as the plan's); the input is not modified."""
+    check(isinstance(plan, dict) and plan.get("format") == PLAN_FORMAT,
+          f"unsupported pruning plan (format {plan.get('format') if isinstance(plan, dict) else plan!r}); "
+          f"this safeprune reads format {PLAN_FORMAT}: re-run `safeprune prune`")
+    pruner = choose("pruning method in plan.json", plan.get("method"), METHODS)
+    expected, live = plan.get("base_config") or {}, unet_config(base_unet)
+    # Compare shared keys only: a newer diffusers may add config keys (with defaults) that an older plan lacks.
+    differing = sorted(k for k in expected if k in live and _comparable(expected[k]) != _comparable(live[k]))
+    check(not differing, f"the pruning plan was made for another base UNet (config differs in {differing[:4]}); "
+                         "replay it on the model it came from")
+    return pruner.replay(copy.deepcopy(base_unet), plan)
+
+
+def _comparable(value):
+    """Config values as JSON sees them (tuples -> lists), so a config read from disk equals the live one."""
+    return json.loads(json.dumps(value))
+
+
+__all__ = ["IMPORTANCES", "METHODS", "PLAN_FORMAT", "PRESETS", "apply_plan", "prune", "reapply_masks",
+           "restore_masks", "sparsity_masks"]

@@ -1,0 +1,58 @@
+"""The upper level of the bilevel problem: a registry of concept-unlearning losses L_CU.
+
+Each entry is a small frozen dataclass with
+  `teacher_conditions` — the prompts ("target", "anchor", "null") the frozen teacher is evaluated with,
+  `target(teacher_eps)` — the regression target built from those teacher predictions,
+  `__call__(student_eps, target)` — the per-sample loss (B,),
+  `params` — which student parameters the upper step moves ("all" or "xattn", see `select_parameters`).
+The same objects drive the bilevel solvers and the two-stage baseline. Registry keys are the values of
+`finetune.unlearn` and the choices of `safeprune finetune --unlearn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from safeprune.errors import check, choose
+from safeprune.unlearning.ablation import Ablation
+from safeprune.unlearning.esd import ESD
+
+
+class Unlearning(Protocol):
+    params: str
+    teacher_conditions: tuple[str, ...]
+
+    def target(self, teacher_eps: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def __call__(self, student_eps: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+
+UNLEARNING: dict[str, Callable[..., Unlearning]] = {
+    "esd": lambda cfg: ESD(eta=cfg.esd_eta),
+    "esd_xattn": lambda cfg: ESD(eta=cfg.esd_eta, params="xattn"),
+    "ablation": lambda cfg: Ablation(),
+}
+
+# Which parameters an upper step may move, by parameter name. diffusers names the cross-attention of
+# every transformer block `attn2` (self-attention is `attn1`).
+PARAMETER_SETS: dict[str, Callable[[str], bool]] = {
+    "all": lambda name: True,
+    "xattn": lambda name: ".attn2." in f".{name}",
+}
+
+
+def build_unlearning(name: str, cfg) -> Unlearning:
+    """The registered unlearning loss `name`, configured from the `finetune` config section."""
+    return choose("unlearning loss", name, UNLEARNING)(cfg)
+
+
+def select_parameters(unet: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+    """The trainable parameters of `unet` that set `which` moves (a UserError if there are none)."""
+    keep = choose("parameter set", which, PARAMETER_SETS)
+    params = [p for n, p in unet.named_parameters() if p.requires_grad and keep(n)]
+    check(bool(params), f"the student has no parameters in set {which!r} (e.g. its cross-attention was pruned "
+                        "away); choose an unlearning loss that moves all parameters, e.g. --unlearn esd")
+    return params

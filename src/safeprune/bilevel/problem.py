@@ -1,0 +1,161 @@
+"""The diffusion bilevel problem: L_ft (lower level, eq. 8) and L_CU (upper level) on fixed latent pools.
+
+`DiffusionProblem` implements the `Problem` protocol of solvers.py for a student UNet and a frozen teacher:
+  lower:  x_t = noised latents of fine-tuning images under their captions; teacher and student predict
+          eps (or v) and expose their block outputs; L_ft = l_diff L_diff + l_out L_outKD + l_feat L_featKD.
+  upper:  x_t = noised latents of concept images; the teacher is run once on a stacked batch for every
+          condition the unlearning loss needs (target, anchor, null); the student predicts under the
+          target prompt and regresses onto the unlearning target.
+Randomness (pool indices, latent samples, noise, timesteps) comes from a CPU generator seeded by
+(seed, rank, step, stream), so a step's batch never depends on what ran before it: resumed runs are exact
+and `lower_value` can replay the batch that `lower` used. Per-step Python work is a handful of tensor ops;
+text embeddings and VAE latents were computed once when the pools were built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from safeprune.data.datasets import LatentPool
+from safeprune.errors import UserError
+from safeprune.losses import LowerLevelLoss
+from safeprune.models.hooks import capture_features
+
+
+class NonFiniteLoss(UserError):
+    """A loss term became nan/inf; raised BEFORE its backward pass, so the weights stay finite."""
+
+    def __init__(self, step: int, stream: str, values: dict[str, float]):
+        self.step, self.stream, self.values = step, stream, values
+        bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+        super().__init__(f"the {stream} loss is not finite at step {step + 1} ({bad})")
+
+
+@dataclass
+class Pools:
+    """Everything the loop samples from, on the training device."""
+
+    lower: LatentPool  # fine-tuning images
+    lower_prompt: torch.Tensor  # (N,) long (CPU): embedding row of each image's caption
+    embeddings: torch.Tensor  # (P, L, D): every prompt the run uses, embedded once
+    null_prompt: int  # embedding row of the empty prompt
+    concept: LatentPool | None = None  # concept images (None when no upper step is taken)
+    concept_target: torch.Tensor | None = None  # (M,) long: the target prompt paired with each concept image
+    concept_anchor: torch.Tensor | None = None  # (M,) long: its anchor prompt
+
+
+def step_generator(seed: int, rank: int, step: int, stream: str) -> torch.Generator:
+    """A CPU generator that depends only on (seed, rank, step, stream)."""
+    state = np.random.SeedSequence([seed, rank, step, zlib.crc32(stream.encode())]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass(eq=False)
+class DiffusionProblem:
+    student: torch.nn.Module  # what the loop calls (may be wrapped by DDP / autocast)
+    student_core: torch.nn.Module  # the unwrapped UNet (hooks, no-grad evaluation)
+    teacher: torch.nn.Module  # frozen, eval mode
+    scheduler: object  # training noise scheduler (add_noise, alphas_cumprod, prediction type)
+    lower_loss: LowerLevelLoss
+    pools: Pools
+    unlearning: object | None = None  # a safeprune.unlearning loss; None for distillation only
+    batch_size: int = 16
+    upper_batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 0
+    rank: int = 0
+    teacher_dtype: torch.dtype = torch.float32
+    backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward()  # accelerator.backward
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # DDP: skip all-reduce
+    counts: dict = field(default_factory=lambda: {"student_fwd": 0, "student_bwd": 0, "teacher_fwd": 0})
+
+    def __post_init__(self):
+        self.device = self.pools.embeddings.device
+        self.num_timesteps = self.scheduler.config.num_train_timesteps
+        pairs = self.lower_loss.feature_kd.pairs if self.lower_loss.needs_features else ()
+        self.teacher_blocks = [t for t, _ in pairs]
+        self.student_blocks = [s for _, s in pairs]
+
+    # -- batches
+    def _noised(self, latents: torch.Tensor, gen: torch.Generator):
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        timesteps = torch.randint(self.num_timesteps, (latents.shape[0],), generator=gen).to(self.device)
+        return noise, timesteps, self.scheduler.add_noise(latents, noise, timesteps)
+
+    def _teacher(self, x_t, timesteps, emb) -> torch.Tensor:
+        self.counts["teacher_fwd"] += x_t.shape[0]
+        return self.teacher(x_t.to(self.teacher_dtype), timesteps,
+                            encoder_hidden_states=emb.to(self.teacher_dtype)).sample.float()
+
+    def _lower_terms(self, gen: torch.Generator, train: bool) -> dict[str, torch.Tensor]:
+        idx, latents = self.pools.lower.draw(gen, self.batch_size)
+        noise, timesteps, x_t = self._noised(latents, gen)
+        emb = self.pools.embeddings[self.pools.lower_prompt[idx].to(self.device)]  # (B, L, D)
+        with torch.no_grad(), capture_features(self.teacher, self.teacher_blocks) as teacher_feats:
+            teacher_out = self._teacher(x_t, timesteps, emb)
+        student = self.student if train else self.student_core  # no DDP bookkeeping without a backward
+        with capture_features(self.student_core, self.student_blocks) as student_feats:
+            student_out = student(x_t, timesteps, encoder_hidden_states=emb).sample
+        self.counts["student_fwd"] += x_t.shape[0]
+        return self.lower_loss(student_out, teacher_out, latents, noise, timesteps, student_feats, teacher_feats)
+
+    @staticmethod
+    def _means(step: int, stream: str, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Batch means as floats (one device sync), checked before any backward pass."""
+        values = dict(zip(terms, torch.stack([v.detach().mean() for v in terms.values()]).tolist()))
+        if not all(math.isfinite(v) for v in values.values()):
+            raise NonFiniteLoss(step, stream, values)
+        return values
+
+    # -- the Problem protocol
+    def lower(self, step: int, weight: float = 1.0, stream: str = "lower") -> dict[str, float]:
+        gen = step_generator(self.seed, self.rank, step, stream)
+        totals: dict[str, float] = {}
+        for micro in range(self.grad_accum):
+            # DDP all-reduces only on the last micro-batch; forward and backward must both sit in no_sync.
+            sync = micro == self.grad_accum - 1
+            with contextlib.nullcontext() if sync else self.no_sync():
+                terms = self._lower_terms(gen, train=True)
+                values = self._means(step, stream, terms)
+                self.backward(terms["ft"].mean() * (weight / self.grad_accum))
+            self.counts["student_bwd"] += self.batch_size
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / self.grad_accum
+        return totals
+
+    @torch.no_grad()
+    def lower_value(self, step: int, stream: str = "lower") -> float:
+        gen = step_generator(self.seed, self.rank, step, stream)
+        total = 0.0
+        for _ in range(self.grad_accum):
+            total += self._means(step, stream, self._lower_terms(gen, train=False))["ft"] / self.grad_accum
+        return total
+
+    def upper(self, step: int, weight: float = 1.0) -> dict[str, float]:
+        pools, n = self.pools, self.upper_batch_size
+        gen = step_generator(self.seed, self.rank, step, "upper")
+        idx, latents = pools.concept.draw(gen, n)
+        _, timesteps, x_t = self._noised(latents, gen)
+        rows = {"target": pools.concept_target[idx], "anchor": pools.concept_anchor[idx],
+                "null": torch.full((n,), pools.null_prompt, dtype=torch.long)}
+        conditions = self.unlearning.teacher_conditions
+        k = len(conditions)
+        # One teacher call for all conditions: (k*B, ...) stacked in condition order.
+        teacher_emb = pools.embeddings[torch.cat([rows[c] for c in conditions]).to(self.device)]
+        with torch.no_grad():
+            eps = self._teacher(x_t.repeat(k, 1, 1, 1), timesteps.repeat(k), teacher_emb).chunk(k)
+        target = self.unlearning.target(dict(zip(conditions, eps)))
+        student_eps = self.student(x_t, timesteps, encoder_hidden_states=pools.embeddings[rows["target"].to(self.device)]).sample
+        loss = self.unlearning(student_eps, target)  # (B,)
+        values = self._means(step, "upper", {"cu": loss})
+        self.backward(loss.mean() * weight)
+        self.counts["student_fwd"] += n
+        self.counts["student_bwd"] += n
+        return values

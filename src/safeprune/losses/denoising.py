@@ -1,0 +1,57 @@
+"""Denoising loss L_diff (seed paper eq. 1) with the scheduler's target and optional Min-SNR-gamma weighting.
+
+L_diff = E_t w(t) ||f_theta(x_t, t, c) - y||^2, where y is the noise eps for epsilon models (SD 1.x) and the
+velocity v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 for v-prediction models (SD 2.x). Min-SNR-gamma
+(Hang et al. 2023; gamma = 5 in the paper's code) sets w(t) = min(SNR(t), gamma) / SNR(t) for epsilon and
+min(SNR(t), gamma) / (SNR(t) + 1) for v-prediction, which equalises the per-timestep loss scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from safeprune.errors import check
+from safeprune.losses.base import mse_per_sample
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample Min-SNR-gamma weight (B,) for the given SNR(t) values (B,)."""
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
+
+
+@dataclass(frozen=True, eq=False)
+class DenoisingLoss:
+    """Per-sample L_diff for a diffusers noise scheduler (DDPM-style, with `alphas_cumprod`)."""
+
+    scheduler: object  # the training noise scheduler; its config gives the prediction type
+    snr_gamma: float = 5.0  # Min-SNR-gamma; 0 disables the weighting
+
+    def __post_init__(self):
+        kind = self.scheduler.config.prediction_type
+        check(kind in PREDICTION_TYPES, f"scheduler prediction_type={kind!r} is not supported; "
+                                        f"use one of {', '.join(PREDICTION_TYPES)}")
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet should predict for x_t = add_noise(latents, noise, t): eps or v, (B, C, H, W)."""
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def __call__(self, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                 timesteps: torch.Tensor) -> torch.Tensor:
+        loss = mse_per_sample(pred, self.target(latents, noise, timesteps))  # (B,)
+        if self.snr_gamma > 0:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.scheduler, timesteps)
+            loss = loss * min_snr_weight(snr, self.snr_gamma, self.prediction_type)
+        return loss

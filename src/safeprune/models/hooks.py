@@ -1,0 +1,69 @@
+"""Block-output feature maps of a diffusers UNet, for feature distillation (seed paper eq. 4).
+
+L_featKD compares teacher and student feature maps F^i at the output of every down block, the mid block
+and every up block (9 maps in SD 2.1). They are captured with forward hooks inside a context manager
+that always removes its hooks, so a crashed step never leaves a hook behind that keeps tensors alive.
+
+BK-SDM-style block removal (`blocks` pruning, presets `small`/`tiny`) drops the mid block and/or the
+innermost stage; `match_blocks` pairs what survives by position from the image side (down blocks from
+the input, up blocks from the output), so a missing block is left out instead of shifting every pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def feature_blocks(unet) -> list[str]:
+    """Names of the block outputs used for feature distillation, in forward order."""
+    names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
+    if getattr(unet, "mid_block", None) is not None:
+        names.append("mid_block")
+    return names + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+
+
+def match_blocks(teacher, student) -> list[tuple[str, str]]:
+    """(teacher block, student block) pairs that exist in both UNets.
+
+    Down block i of both sits i stages below the input; up block j sits (len - 1 - j) stages below the
+    output. Pairing by that depth keeps e.g. the highest-resolution up block matched when `tiny` pruning
+    removed the innermost stage (whose up block is `up_blocks.0` in diffusers' numbering).
+    """
+    pairs = []
+    n_down = min(len(teacher.down_blocks), len(student.down_blocks))
+    pairs += [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(n_down)]
+    if getattr(teacher, "mid_block", None) is not None and getattr(student, "mid_block", None) is not None:
+        pairs.append(("mid_block", "mid_block"))
+    t_up, s_up = len(teacher.up_blocks), len(student.up_blocks)
+    for depth in reversed(range(min(t_up, s_up))):  # depth 0 = the block next to the output
+        pairs.append((f"up_blocks.{t_up - 1 - depth}", f"up_blocks.{s_up - 1 - depth}"))
+    return pairs
+
+
+@contextlib.contextmanager
+def capture_features(unet, names: list[str] | tuple[str, ...]):
+    """Yield a dict that the next forward pass of `unet` fills with {block name: output (B, C, H, W)}.
+
+    Down blocks return (hidden_states, skip connections); the hidden states are the block's feature map.
+    The hooks are removed on exit, also when the forward pass raises.
+    """
+    features: dict[str, torch.Tensor] = {}
+    modules = dict(unet.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"the UNet has no block(s) {missing}; available: {feature_blocks(unet)}")
+
+    def hook_for(name):
+        def hook(_module, _inputs, output):
+            features[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    try:
+        yield features
+    finally:
+        for handle in handles:
+            handle.remove()

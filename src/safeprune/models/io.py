@@ -1,0 +1,189 @@
+"""The saved form of a (pruned, fine-tuned) UNet, and loading it back as a stock diffusers model.
+
+A saved UNet folder (written atomically, no pickles):
+
+  config.json                          the BASE UNet config, except for `blocks` (and `none` / `magnitude`):
+                                       there it is the model's own config, a stock diffusers architecture,
+                                       so plain `UNet2DConditionModel.from_pretrained(folder)` works too
+  plan.json                            the pruning plan, with the base config under "base_config"
+  diffusion_pytorch_model.safetensors  the weights (state dict of the pruned UNet)
+  safeprune.json                       {"base_model": teacher pipeline folder it came from, or null = the shipped
+                                       toy teacher}
+
+`load_unet` rebuilds the architecture by replaying plan.json on the base config ON THE META DEVICE (no
+teacher weights, no random init: seconds even at SD scale), then loads the weights strictly with
+`assign=True`. Channel-pruned widths cannot be written as a diffusers config (platform notes), which is
+why the plan, not config.json, is the source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from safeprune.errors import UserError, check
+from safeprune.utils import atomic_folder, load_safetensors
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHARD_INDEX = WEIGHTS + ".index.json"
+PLAN = "plan.json"
+META = "safeprune.json"
+
+
+def save_unet(unet, folder: str | Path, plan: dict | None, base_config: dict | None = None,
+              base_model: str | Path | None = None) -> Path:
+    """Write `unet` in the saved form (atomic: an existing non-empty `folder` is an error).
+
+    `plan` is what `safeprune.pruning.prune` returned (None = the identity plan); `base_config` defaults to
+    the plan's; `base_model` is the teacher pipeline folder the student came from (None = the shipped toy
+    teacher). A magnitude-pruned UNet must be saved with its masks applied (`reapply_masks`).
+    """
+    with atomic_folder(folder) as tmp:
+        write_unet(unet, tmp, plan, base_config, base_model)
+    return Path(folder)
+
+
+def write_unet(unet, folder: Path, plan: dict | None, base_config: dict | None, base_model) -> None:
+    """The non-atomic core of `save_unet`, for writers that already own a temporary folder."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    from safeprune.pruning import PLAN_FORMAT
+    from safeprune.pruning.measure import unet_config
+
+    plan = dict(plan or {"format": PLAN_FORMAT, "method": "none"})
+    base_config = base_config or plan.get("base_config") or unet_config(unet)
+    plan["base_config"] = base_config
+    # Plain diffusers can load the folder when the architecture is a config: blocks' own config, or the
+    # base config itself when the plan keeps the architecture (none / magnitude).
+    own = plan["config"] if plan["method"] == "blocks" else base_config
+    header = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers.__version__}
+    (folder / "config.json").write_text(json.dumps({**header, **own}, indent=2))
+    (folder / PLAN).write_text(json.dumps(plan, indent=1))
+    (folder / META).write_text(json.dumps({"base_model": str(Path(base_model).resolve()) if base_model else None}))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
+    check(not any(t.is_meta for t in tensors.values()), "cannot save a UNet without weights (meta device)")
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+
+
+def _unet_folder(folder: str | Path) -> Path:
+    """The UNet folder inside `folder`: itself, or `unet/` of a pipeline folder."""
+    folder = Path(folder)
+    check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a saved UNet or diffusers pipeline folder")
+    if (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
+        folder = folder / "unet"
+    check((folder / "config.json").is_file(), f"{str(folder)!r} is not a diffusers UNet folder (missing config.json); "
+                                              "pass a folder written by `safeprune prune` or a diffusers UNet/pipeline")
+    return folder
+
+
+def load_plan(folder: str | Path) -> dict:
+    """The plan of a saved UNet folder, with "base_config"; the identity plan for a plain diffusers UNet."""
+    from safeprune.pruning import PLAN_FORMAT
+
+    folder = _unet_folder(folder)
+    if (folder / PLAN).is_file():
+        plan = _read_json(folder / PLAN)
+        plan.setdefault("base_config", _config_of(folder))
+        return plan
+    return {"format": PLAN_FORMAT, "method": "none", "base_config": _config_of(folder)}
+
+
+def base_model_of(folder: str | Path) -> str | None:
+    """safeprune.json's base_model of a saved UNet folder (None when absent: the shipped toy teacher)."""
+    path = _unet_folder(folder) / META
+    return _read_json(path).get("base_model") if path.is_file() else None
+
+
+def load_unet(folder: str | Path):
+    """A saved (pruned) UNet, a plain diffusers UNet folder, or a pipeline's UNet -> UNet2DConditionModel (eval).
+
+    The pruned architecture is rebuilt by replaying plan.json on the base config (meta device), the
+    weights load strictly, and a magnitude-pruned model gets its masks back.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from safeprune.pruning import apply_plan, restore_masks
+
+    folder = _unet_folder(folder)
+    plan = load_plan(folder)
+    state = _read_weights(folder)
+    try:
+        with init_empty_weights():
+            base = UNet2DConditionModel.from_config(plan["base_config"])
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"{str(folder)!r} holds an invalid UNet config ({type(err).__name__}: {err})") from err
+    unet = apply_plan(base, plan) if plan["method"] != "none" else base
+    try:
+        unet.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise UserError(f"weights in {str(folder)!r} do not fit the architecture of its plan/config ({first})") from err
+    leftover = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
+    check(not leftover, f"{str(folder)!r}: no weights for {leftover[:3]}")
+    restore_masks(unet, plan)
+    return unet.eval()
+
+
+def load_pipeline(folder: str | Path, base_model: str | Path | None = None, device: str | torch.device = "cpu"):
+    """A stock diffusers StableDiffusionPipeline from a pipeline folder, or from a saved UNet folder.
+
+    For a UNet folder the rest of the pipeline (VAE, text encoder, tokenizer, scheduler) comes from
+    `base_model`, else safeprune.json's base_model, else the shipped toy teacher. Offline, no safety
+    checker, progress bar off.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from safeprune.models.shipped import teacher_path
+
+    folder = Path(folder)
+    check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a pipeline or saved UNet folder")
+    components = {}
+    if not (folder / "model_index.json").is_file():
+        components["unet"] = load_unet(folder)
+        base_model = base_model or base_model_of(folder) or teacher_path()
+        check((Path(base_model) / "model_index.json").is_file(),
+              f"base model {str(base_model)!r} is not a diffusers pipeline folder (no model_index.json); "
+              "pass base_model= the teacher pipeline the UNet was pruned from")
+        folder = Path(base_model)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=True, **components)
+    except (OSError, ValueError, RuntimeError, TypeError) as err:
+        raise UserError(f"cannot load a Stable Diffusion pipeline from {str(folder)!r}: "
+                        f"{str(err).strip().splitlines()[0]}") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{str(path)!r} is not valid JSON ({err}); re-create the folder") from err
+    check(isinstance(data, dict), f"{str(path)!r} must hold a JSON object")
+    return data
+
+
+def _config_of(folder: Path) -> dict:
+    config = _read_json(folder / "config.json")
+    name = config.get("_class_name", "UNet2DConditionModel")
+    check(name == "UNet2DConditionModel", f"{str(folder)!r} holds a {name}, not a UNet2DConditionModel")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / WEIGHTS).is_file():
+        return load_safetensors(folder / WEIGHTS, "UNet weights")
+    if (folder / SHARD_INDEX).is_file():  # large UNets are saved in shards with an index
+        shards = sorted(set(_read_json(folder / SHARD_INDEX).get("weight_map", {}).values()))
+        state = {}
+        for shard in shards:
+            state.update(load_safetensors(folder / shard, "UNet weights shard"))
+        return state
+    pickled = [p.name for p in folder.glob("*.bin")]
+    hint = f" (found {pickled[0]}: pickled weights are not loaded; re-save with safetensors)" if pickled else ""
+    raise UserError(f"{str(folder)!r} has no {WEIGHTS}{hint}; pass a folder written by `safeprune prune`")

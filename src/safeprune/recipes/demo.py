@@ -1,0 +1,190 @@
+"""`safeprune demo`: the paper's claim (seed paper Fig. 1, Tab. 1), end to end on the embedded toy world.
+
+1. prune the shipped teacher (`prune.*`; default `channels`, see the README for why that ratio);
+2. fine-tune the student three ways at equal budgets — `distill` (lower level only), `two_stage` (distill,
+   then the unlearning loss alone) and `bilevel` — logging leakage and fd every `demo.curve_every` steps;
+3. evaluate the teacher and every student with the judge; `resurgence`: fine-tune each suppressed student
+   `eval.resurgence_steps` more steps on benign data (lower level only) and measure leakage again;
+4. write report.md / results.json / grid.png / curves.png and print the table.
+With `demo.seeds = N` steps 2-3 repeat for N seeds (the pruned student is shared) and the table shows mean ± std.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from safeprune.config import Config, save_config
+from safeprune.errors import check
+from safeprune.recipes.report import aggregate, model_grid, table, write_report
+
+METHODS = ("distill", "two_stage", "bilevel")
+SUPPRESSING = ("two_stage", "bilevel")
+MARKER = ".safeprune-demo"  # lets a later demo replace this folder, and nothing else
+
+
+def _with(cfg: Config, **sections) -> Config:
+    """A copy of `cfg` with some fields of some sections replaced: _with(cfg, finetune={"method": "distill"})."""
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)
+                                       for name, fields in sections.items()})
+
+
+def _pipe_with(teacher_pipe, unet):
+    """The teacher pipeline's parts around another UNet (no copies)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**{**teacher_pipe.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sampling_ms(pipe, cfg: Config, n: int = 16) -> float:
+    """Wall time per image of a full sampling run (cfg.sample settings, batch n)."""
+    from safeprune.recipes.generate import generate_images
+
+    generate_images(pipe, ["a red circle"] * 2, [0, 1], cfg.sample.steps, cfg.sample.guidance, progress=False)
+    start = time.perf_counter()
+    generate_images(pipe, ["a red circle"] * n, list(range(n)), cfg.sample.steps, cfg.sample.guidance, progress=False)
+    return 1000 * (time.perf_counter() - start) / n
+
+
+def _curve_eval(teacher_pipe, world, cfg: Config, judge):
+    """The cheap evaluation behind curves.png: leakage and fd on a few prompts, one seed each."""
+    from safeprune.eval.metrics import EvalContext, run_metrics
+
+    small = _with(cfg, eval={"max_prompts": cfg.demo.curve_prompts, "seeds_per_prompt": 1, "heldout": False})
+
+    def on_eval(step, unet):
+        unet.eval()
+        try:
+            res = run_metrics(EvalContext(_pipe_with(teacher_pipe, unet), world, small, judge), ["leakage", "fd"])
+        finally:
+            unet.train()
+        return {k: res[k] for k in ("leakage", "fd")}
+
+    return on_eval
+
+
+def demo(cfg: Config, out: Path) -> dict:
+    import torch
+
+    from safeprune.data.toyworld import ToyWorld
+    from safeprune.eval.judge import load_judge
+    from safeprune.eval.metrics import evaluate_model
+    from safeprune.models.io import load_pipeline
+    from safeprune.models.shipped import load_teacher
+    from safeprune.recipes import prune as prune_recipe
+    from safeprune.recipes.finetune import finetune
+
+    start = time.perf_counter()
+    world = ToyWorld(cfg.toyworld, seed=cfg.seed)
+    judge, teacher = load_judge(), load_teacher()
+    save_config(cfg, out)
+    timings: dict[str, float] = {}
+
+    # 1. prune once; every seed fine-tunes the same student.
+    t = time.perf_counter()
+    prune_args = argparse.Namespace(model=None, unet_config=None, out=str(out / "student"), calib_data=None)
+    prune_recipe.run(cfg, prune_args)
+    prune_report = json.loads((out / "student" / "prune_report.json").read_text())
+    timings["prune_s"] = time.perf_counter() - t
+
+    # 2. the teacher: the reference of the CP score, evaluated once.
+    reference_cache: dict = {}
+    t = time.perf_counter()
+    teacher_row = evaluate_model(teacher, world, cfg, teacher, judge, reference_cache)
+    teacher_row |= {"params_m": prune_report["params_before"] / 1e6, "sample_ms": _sampling_ms(teacher, cfg)}
+    timings["eval_teacher_s"] = time.perf_counter() - t
+
+    per_seed: dict[str, list[dict]] = {m: [] for m in METHODS}
+    curves: dict[str, list[dict]] = {m: [] for m in METHODS}
+    on_eval = _curve_eval(teacher, world, cfg, judge)
+    for seed in range(cfg.seed, cfg.seed + cfg.demo.seeds):
+        for method in METHODS:
+            run_dir = out / f"seed{seed}" / method
+            run_cfg = dataclasses.replace(
+                _with(cfg, finetune={"method": method, "eval_every_steps": cfg.demo.curve_every}), seed=seed)
+            t = time.perf_counter()
+            finetune(run_cfg, student=out / "student", out=run_dir, on_eval=on_eval)
+            timings[f"finetune_{method}_s"] = timings.get(f"finetune_{method}_s", 0) + time.perf_counter() - t
+            pipe = load_pipeline(run_dir)
+            t = time.perf_counter()
+            row = evaluate_model(pipe, world, run_cfg, teacher, judge, reference_cache)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            row |= {"params_m": prune_report["params_after"] / 1e6, "train_s": summary["wall_s"],
+                    "student_passes": sum(v for k, v in summary["counts"].items() if k.startswith("student"))}
+            if seed == cfg.seed:
+                row["sample_ms"] = _sampling_ms(pipe, cfg)
+            if method in SUPPRESSING and cfg.eval.resurgence_steps > 0:
+                row["resurgence_leakage"] = _resurgence(run_cfg, run_dir, world, judge, finetune, load_pipeline)
+            timings[f"eval_{method}_s"] = timings.get(f"eval_{method}_s", 0) + time.perf_counter() - t
+            per_seed[method].append(row)
+            for rec in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()):
+                if "eval/leakage" in rec:
+                    curves[method].append(rec)
+            del pipe
+            torch.manual_seed(seed)  # keep the next method's start independent of this one's sampling
+
+    rows = {"teacher": teacher_row} | {m: aggregate(per_seed[m]) for m in METHODS}
+    grid = model_grid({"teacher": teacher} | {m: load_pipeline(out / f"seed{cfg.seed}" / m) for m in METHODS},
+                      world, cfg)
+    checks, notes = judge_claims(rows)
+    timings["total_s"] = time.perf_counter() - start
+    extra = {"checks": checks, "seeds": cfg.demo.seeds, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+             "prune": prune_report, "per_seed": per_seed}
+    report = write_report(out, rows, curves, grid, notes, extra)
+    print(table(rows))
+    for note in notes:
+        print(f"- {note}")
+    print(f"demo finished in {timings['total_s'] / 60:.1f} min; report: {report}")
+    return rows
+
+
+def _resurgence(cfg: Config, run_dir: Path, world, judge, finetune, load_pipeline) -> float:
+    """Leakage after `eval.resurgence_steps` of benign fine-tuning (lower level only) of a suppressed student."""
+    from safeprune.eval.metrics import evaluate_model
+
+    steps = cfg.eval.resurgence_steps
+    benign = _with(cfg, finetune={"method": "distill", "max_steps": steps, "eval_every_steps": 0,
+                                  "ckpt_every_steps": steps})
+    benign = _with(benign, eval={"metrics": ["leakage"], "heldout": False})
+    folder = finetune(benign, student=run_dir, out=run_dir / "resurgence")
+    return evaluate_model(load_pipeline(folder), world, benign, None, judge)["leakage"]
+
+
+def judge_claims(rows: dict[str, dict]) -> tuple[dict, list[str]]:
+    """The issue's criteria, checked plainly: are the students recovered, and does the paper's effect show?"""
+    t, d, two, b = (rows[k] for k in ("teacher", "distill", "two_stage", "bilevel"))
+    recovered = d["valid"] >= 0.9 and d["retention"] >= 0.8 * t["retention"]
+    checks = {
+        "students_recovered": recovered,
+        "distill_reproduces_concept": d["leakage"] >= 0.5 * t["leakage"],
+        "bilevel_suppresses": b["leakage"] <= 0.1,
+        "bilevel_keeps_retention": b["retention"] >= d["retention"] - 0.05,
+        "bilevel_keeps_fd": b["fd"] <= 1.1 * d["fd"],
+        "bilevel_beats_two_stage": b["leakage"] <= two["leakage"] and b["fd"] <= two["fd"],
+    }
+    notes = []
+    if not recovered:
+        notes.append("WARNING: the distilled student has NOT recovered (valid < 0.9 or retention < 0.8x the "
+                     "teacher's); the leakage figures below mean little until it has - raise finetune.max_steps.")
+    notes += [f"{k.replace('_', ' ')}: {'yes' if v else 'NO'}" for k, v in checks.items()]
+    notes.append("leakage = share of forget-prompt images the judge labels with the forbidden style (lower is "
+                 "better); an image without an object is not counted as suppressed (see valid).")
+    return checks, notes
+
+
+def run(cfg: Config, args) -> int:
+    import shutil
+
+    out = Path(args.out)
+    check(not out.exists() or not any(out.iterdir()) or (out / MARKER).is_file(),
+          f"{str(out)!r} exists and is not a demo folder; pass a new --out")
+    shutil.rmtree(out, ignore_errors=True)  # an earlier demo's output: replaced, never mixed with this run
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by `safeprune demo`; the folder is replaced by the next demo run\n")
+    demo(cfg, out)
+    return 0

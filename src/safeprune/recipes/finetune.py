@@ -1,0 +1,449 @@
+"""`safeprune finetune`: distil a pruned student from its teacher and suppress concepts (seed paper Sec. 3).
+
+One loop, top to bottom:
+  1. load the frozen teacher pipeline and the pruned student; check they fit (a dry forward pass);
+  2. build the fixed pools once: VAE latents of fine-tuning and concept images, text embeddings of every
+     caption and concept prompt (method notes: "embeddings of fixed prompts computed once");
+  3. run the method's step function (`safeprune.bilevel`: distill | two_stage | bilevel alternating/penalty)
+     under Accelerate (device, mixed precision, DDP), with per-step metrics, TensorBoard, a progress bar,
+     and atomic checkpoints every `finetune.ckpt_every_steps`;
+  4. save the student so the run folder is itself a pruned-UNet folder that `safeprune.load_pipeline` loads.
+
+Run folder: the saved student (weights + base config + plan.json), config.yaml, metrics.jsonl (one line per
+step: loss terms, learning rates, student/teacher forward and backward passes counted in images),
+summary.json, concepts.json, checkpoints/step_NNNNNNN/, logs/ (TensorBoard).
+Exact resume: a step's randomness depends only on (seed, rank, step), and checkpoints hold the weights,
+both optimisers and the pass counters, so `--resume` continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from safeprune.config import Config, FinetuneConfig, save_config, to_dict
+from safeprune.errors import UserError, check
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Config keys that may change when a run is resumed (e.g. a lower lr after a divergence, more steps);
+# any other difference would make the resumed run a different run.
+RESUMABLE_CHANGES = {f"finetune.{k}" for k in ("max_steps", "ckpt_every_steps", "keep_checkpoints",
+                                               "eval_every_steps", "lr", "upper_lr")}
+
+
+def run(cfg: Config, args) -> int:
+    """CLI target of `safeprune finetune` (flags: see cli._finetune_args)."""
+    out = finetune(cfg, student=args.student, out=args.out, teacher=args.teacher, data=args.data,
+                   concept_data=args.concept_data, forget=args.forget, resume=args.resume)
+    print(out)
+    return 0
+
+
+# ----------------------------------------------------------------------------- schedules (pure in step)
+
+
+def lower_lr(cfg: FinetuneConfig, step: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant (the paper code's schedule)."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / CHECKPOINTS).glob("step_*"))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"finetune": {"lr": 1}} -> {"finetune.lr": 1}."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out |= _flat(value, name + ".") if isinstance(value, dict) else {name: value}
+    return out
+
+
+def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int) -> Path | None:
+    """Validate `out` for a fresh run or a resume; returns the checkpoint to resume from (or None)."""
+    if not resume:
+        check(not (out.exists() and any(out.iterdir())),
+              f"run folder {str(out)!r} already exists and is not empty; pass --resume to continue it or a new --out")
+        return None
+    ckpts = _checkpoints(out)
+    check(bool(ckpts), f"no checkpoint in {str(out / CHECKPOINTS)!r} to resume from; run without --resume to start")
+    state = json.loads((ckpts[-1] / "state.json").read_text())
+    old, new = _flat(state["config"]), _flat(to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES:
+            raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; "
+                            "resume with the same configuration (and the same --forget flags)")
+    check(state["step"] < total_steps, f"the run in {str(out)!r} is already complete ({state['step']} steps); "
+                                       "raise --max-steps to continue it")
+    return ckpts[-1]
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past the resumed checkpoint (they will be re-run and re-logged)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """Hide diffusers'/transformers' per-component loading bars (noise around the training bar); restore after."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+
+
+def _load_teacher(path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    check((path / "model_index.json").is_file(),
+          f"teacher folder {str(path)!r} is not a diffusers pipeline (no model_index.json); pass --teacher PATH "
+          "to a Stable Diffusion pipeline folder")
+    try:
+        with _no_loading_bars():
+            return StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None,
+                                                           requires_safety_checker=False, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as err:
+        raise UserError(f"cannot load the teacher pipeline from {str(path)!r}: {str(err).splitlines()[0]}") from err
+
+
+@torch.no_grad()
+def match_features(teacher, student, null_embedding: torch.Tensor) -> list[tuple[str, str]]:
+    """Check that student and teacher fit (same inputs, same output shape) and pair their feature maps.
+
+    One dry forward pass on a (1, C, h, w) input: a student that cannot take the teacher's latents or text
+    embeddings is a user error; block pairs whose shapes differ (e.g. a pruned block width) are dropped.
+    """
+    from safeprune.models.hooks import capture_features, match_blocks
+
+    cfg = teacher.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+    x = torch.randn(1, cfg.in_channels, *size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])  # any valid timestep: only shapes are compared
+    emb = null_embedding[None]
+    pairs = match_blocks(teacher, student)
+    device, dtype = next(teacher.parameters()).device, next(teacher.parameters()).dtype
+    with capture_features(teacher, [p[0] for p in pairs]) as t_feats:
+        t_out = teacher(x.to(device, dtype), t.to(device), encoder_hidden_states=emb.to(device, dtype)).sample
+    s_device = next(student.parameters()).device
+    try:
+        with capture_features(student, [p[1] for p in pairs]) as s_feats:
+            s_out = student(x.to(s_device), t.to(s_device), encoder_hidden_states=emb.to(s_device)).sample
+    except (RuntimeError, ValueError, AttributeError) as err:
+        raise UserError(f"student and teacher do not match (the student cannot take the teacher's latents and text "
+                        f"embeddings: {str(err).splitlines()[0][:160]}); prune the student from this teacher") from err
+    check(s_out.shape == t_out.shape, f"student and teacher do not match: the student predicts {tuple(s_out.shape)} "
+                                      f"but the teacher {tuple(t_out.shape)}; prune the student from this teacher")
+    return [(tn, sn) for tn, sn in pairs if t_feats[tn].shape == s_feats[sn].shape]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
+    """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed)."""
+    from safeprune.bilevel.problem import Pools
+    from safeprune.data.datasets import embed_prompts, encode_pool, open_image_captions
+    from safeprune.data.toyworld import ToyWorld
+    from safeprune.unlearning.concepts import derive_concepts, pair_images
+
+    ft = cfg.finetune
+    world = ToyWorld(cfg.toyworld, cfg.seed)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = pipe.unet.config.sample_size * vae_scale  # image side the VAE maps onto the UNet's latent size
+    vae = pipe.vae.to(device).eval()
+
+    lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data_pool, size=size)
+    lower = encode_pool(lower_set, ft.data_pool, vae, seed=cfg.seed, device=device)
+
+    concepts, concept, pairing = [], None, []
+    if unlearning is not None:
+        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.concept_pool, size=size)
+        concept = encode_pool(concept_set, ft.concept_pool, vae, seed=cfg.seed + 1, device=device)
+        concepts = list(ft.concepts)
+        if concepts:
+            pairing = pair_images(concepts, concept.captions)
+        else:  # derived from the concept images' captions (see safeprune.unlearning.concepts)
+            concepts, pairing = derive_concepts(concept.captions, concept.labels, world.forbidden)
+
+    prompts = list(dict.fromkeys(["", *lower.captions, *(c.target for c in concepts), *(c.anchor for c in concepts)]))
+    row = {p: i for i, p in enumerate(prompts)}
+    embeddings = embed_prompts(prompts, pipe.tokenizer, pipe.text_encoder.to(device).eval(), device=device)
+    pools = Pools(lower=lower, lower_prompt=torch.tensor([row[c] for c in lower.captions]), embeddings=embeddings,
+                  null_prompt=row[""])
+    if concept is not None:
+        pools.concept = concept
+        pools.concept_target = torch.tensor([row[concepts[k].target] for k in pairing])
+        pools.concept_anchor = torch.tensor([row[concepts[k].anchor] for k in pairing])
+    return pools, concepts
+
+
+# ----------------------------------------------------------------------------- optimisers and updates
+
+
+@dataclasses.dataclass(eq=False)
+class Training:
+    """What a run steps: the problem, its two optimisers (Accelerate-prepared), the EMA copy, the update rule."""
+
+    accelerator: object
+    problem: object  # safeprune.bilevel.problem.DiffusionProblem
+    optimizers: dict  # "lower" (every weight) and, when the method unlearns, "upper"
+    ema: torch.nn.Module | None
+    max_grad_norm: float
+    ema_decay: float
+
+    def update(self, which: str) -> None:
+        """Clip, step one optimiser, clear EVERY gradient (an upper step's gradients outside its parameter
+        set must not leak into the next lower step), keep pruned weights at zero, update the EMA."""
+        from safeprune.pruning import reapply_masks
+
+        student, opt = self.problem.student_core, self.optimizers[which]
+        if self.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.max_grad_norm)
+        opt.step()
+        student.zero_grad(set_to_none=True)
+        reapply_masks(student)
+        if self.ema is not None:  # hand-written: one fused lerp; a module (not EMAModel) so it checkpoints as one
+            torch._foreach_lerp_(list(self.ema.parameters()), list(student.parameters()), 1.0 - self.ema_decay)
+
+    def modules(self) -> dict:
+        return {"student": self.problem.student_core} | ({"ema": self.ema} if self.ema is not None else {})
+
+    def raw_optimizers(self) -> dict:
+        return {k: o.optimizer for k, o in self.optimizers.items()}  # unwrapped from Accelerate, for state dicts
+
+
+def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning) -> Training:
+    """Optimisers and the diffusion problem for a loaded student/teacher pair and its pools."""
+    from safeprune.bilevel.problem import DiffusionProblem
+    from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
+    from safeprune.unlearning import select_parameters
+
+    ft = cfg.finetune
+    if ft.gradient_checkpointing:
+        student_core.enable_gradient_checkpointing()
+    # The lower level moves every weight; the upper level those its unlearning loss selects.
+    # Fused AdamW: one kernel per step instead of a Python loop over tensors (3.5x faster on the toy UNet).
+    params = [p for p in student_core.parameters() if p.requires_grad]
+    optimizers = {"lower": torch.optim.AdamW(params, lr=ft.lr, weight_decay=ft.weight_decay, fused=True)}
+    if unlearning is not None:
+        optimizers["upper"] = torch.optim.AdamW(select_parameters(student_core, unlearning.params), lr=ft.upper_lr,
+                                                weight_decay=ft.weight_decay, fused=True)
+    names = list(optimizers)
+    student, *prepared = accelerator.prepare(student_core, *optimizers.values())
+    ema = copy.deepcopy(student_core).requires_grad_(False) if ft.ema_decay > 0 else None
+    problem = DiffusionProblem(
+        student=student, student_core=student_core, teacher=teacher, scheduler=scheduler,
+        lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, ft.snr_gamma), FeatureKD(tuple(pairs)),
+                                  ft.lambda_diff, ft.lambda_out, ft.lambda_feat),
+        pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper_batch_size,
+        grad_accum=ft.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
+        teacher_dtype=DTYPES[ft.teacher_dtype], backward=accelerator.backward,
+        no_sync=lambda: accelerator.no_sync(student))
+    return Training(accelerator, problem, dict(zip(names, prepared)), ema, ft.max_grad_norm, ft.ema_decay)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str | Path | None = None,
+             data: str | Path | None = None, concept_data: str | Path | None = None, forget: list[str] | None = None,
+             resume: bool = False, on_eval=None) -> Path:
+    """Fine-tune the pruned UNet in `student` into the run folder `out`; returns `out`.
+
+    `on_eval(step, unet) -> dict` (Python API only) is called every `finetune.eval_every_steps` steps on the
+    main process and its numbers are logged with the step's metrics.
+    """
+    from safeprune.bilevel import build_method, uses_upper
+    from safeprune.models.shipped import teacher_path
+    from safeprune.unlearning import build_unlearning
+    from safeprune.unlearning.concepts import parse_forget
+
+    ft = cfg.finetune
+    forget = parse_forget(forget) if forget else None  # CLI concepts replace finetune.concepts
+    out, student = Path(out), Path(student)
+    method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
+    unlearning = build_unlearning(ft.unlearn, ft) if uses_upper(method) else None
+    check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
+    check(ft.eval_every_steps == 0 or on_eval is not None,
+          "finetune.eval_every_steps needs an evaluation callback (Python API: finetune(..., on_eval=...)); "
+          "set it to 0 and evaluate the run folder with `safeprune evaluate`")
+    check(teacher is None or (Path(teacher) / "model_index.json").is_file(),
+          f"teacher folder {str(teacher)!r} is not a diffusers pipeline (no model_index.json); pass --teacher PATH "
+          "to a Stable Diffusion pipeline folder")
+    # The run folder names its base pipeline for load_pipeline; None = the shipped toy teacher (portable).
+    base_model = Path(teacher) if teacher is not None else None
+    if forget:  # the resolved config (config.yaml, checkpoints) records what is suppressed
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(ft, concepts=forget))
+    resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps)
+    return _train(cfg, method, unlearning, student, base_model or teacher_path(), base_model, out, data,
+                  concept_data, resume_from, on_eval)
+
+
+def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, data, concept_data, resume_from,
+           on_eval):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    from safeprune.bilevel.problem import NonFiniteLoss
+    from safeprune.checkpoint import load_checkpoint, save_checkpoint
+    from safeprune.models.io import load_unet
+    from safeprune.utils import resolve_device, seed_everything
+
+    ft = cfg.finetune
+    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu", mixed_precision=ft.mixed_precision,
+                              log_with="tensorboard",
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    device, main = accelerator.device, accelerator.is_main_process
+    seed_everything(cfg.seed)
+
+    # 1. models: the frozen teacher (eval, no grad, optionally low precision) and the trainable student.
+    pipe = _load_teacher(teacher_dir)
+    student_core = load_unet(student_dir).to(device).train()
+    teacher = pipe.unet.to(device).eval().requires_grad_(False)
+    if ft.teacher_dtype != "fp32":
+        teacher = teacher.to(DTYPES[ft.teacher_dtype])
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    # 2. pools and embeddings, once; the VAE and text encoder are not needed afterwards.
+    pools, concepts = _build_pools(cfg, pipe, unlearning, data, concept_data, device)
+    del pipe
+    pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt])
+
+    # 3. optimisers, the problem and the update rule (shared with benchmarks/bench_finetune.py).
+    training = build_training(cfg, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning)
+    problem, optimizers, ema = training.problem, training.optimizers, training.ema
+    start = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, training.modules(), training.raw_optimizers())
+        start, problem.counts = state["step"], state["counts"]
+
+    def checkpoint(step: int) -> Path:
+        folder = out / CHECKPOINTS / f"step_{step:07d}"
+        save_checkpoint(folder, step, training.modules(), training.raw_optimizers(),
+                        extra={"counts": problem.counts, "config": to_dict(cfg)})
+        for old in _checkpoints(out)[:-ft.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    # 4. the loop: one method call per iteration; logging and checkpoints on the main process.
+    accelerator.wait_for_everyone()  # every process has validated `out` before the main one writes into it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        (out / "concepts.json").write_text(json.dumps([dataclasses.asdict(c) for c in concepts], indent=1))
+        _truncate_metrics(out / METRICS, start)
+    accelerator.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": start}})
+    last_good = str(resume_from) if resume_from else None
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:  # closes the log file and the bar, then ends training (DDP too)
+        stack.callback(accelerator.end_training)
+        bar = stack.enter_context(tqdm(total=method.total_steps, initial=start, desc=f"finetune {_method_name(ft)}",
+                                       unit="it", disable=not main, dynamic_ncols=True))
+        metrics = stack.enter_context(open(out / METRICS, "a")) if main else None
+        try:
+            for step in range(start, method.total_steps):
+                lrs = {"lower": lower_lr(ft, step), "upper": ft.upper_lr}
+                for which, opt in optimizers.items():
+                    for group in opt.param_groups:
+                        group["lr"] = lrs[which]
+                logs = method(step, problem, training.update)
+                if on_eval is not None and ft.eval_every_steps and (step + 1) % ft.eval_every_steps == 0 and main:
+                    logs |= {f"eval/{k}": v for k, v in on_eval(step + 1, student_core).items()}
+                accelerator.log(logs, step=step + 1)
+                if main:
+                    record = {"step": step + 1, **logs, **{f"lr/{k}": lrs[k] for k in optimizers},
+                              **problem.counts, "time_s": round(time.perf_counter() - t0, 3)}
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    bar.update(1)
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items()
+                                     if k in ("lower/ft", "upper/cu")}, refresh=False)
+                if (step + 1) % ft.ckpt_every_steps == 0 or step + 1 == method.total_steps:
+                    accelerator.wait_for_everyone()
+                    if main:
+                        last_good = str(checkpoint(step + 1))
+        except NonFiniteLoss as err:
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+            raise UserError(f"{err}; stopped, {where}; lower finetune.lr / finetune.upper_lr and resume with "
+                            "--resume (or start again)") from err
+        bar.close()
+
+        # 5. the result: the run folder becomes a saved pruned-UNet folder (EMA weights when enabled).
+        in_sync = _params_in_sync(accelerator, student_core)
+        if main:
+            _save_result(ema if ema is not None else student_core, student_dir, base_model, out)
+            world = accelerator.num_processes
+            summary = {"method": ft.method, "solver": ft.solver if ft.method == "bilevel" else None,
+                       "unlearn": ft.unlearn if unlearning is not None else None, "steps": method.total_steps,
+                       "upper_steps": method.upper_steps, "world_size": world, "params_in_sync": in_sync,
+                       "counts_per_process": problem.counts,
+                       "counts": {k: v * world for k, v in problem.counts.items()},
+                       "feature_blocks": [list(p) for p in pairs], "concepts": len(concepts),
+                       "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir)}
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        accelerator.wait_for_everyone()
+    return out
+
+
+def _method_name(ft: FinetuneConfig) -> str:
+    return f"bilevel/{ft.solver}" if ft.method == "bilevel" else ft.method
+
+
+@torch.no_grad()
+def _params_in_sync(accelerator, unet) -> bool:
+    """Whether every process ends with the same weights (DDP's promise; checked, not assumed)."""
+    if accelerator.num_processes == 1:
+        return True
+    checksum = torch.stack([p.detach().double().sum() for p in unet.parameters()]).sum().reshape(1)
+    gathered = accelerator.gather(checksum.to(accelerator.device))
+    return bool(torch.all(gathered == gathered[0]))
+
+
+def _save_result(unet, student_dir: Path, base_model: Path | None, out: Path) -> None:
+    """Make `out` a saved pruned-UNet folder: the student's plan and base config, the fine-tuned weights.
+
+    Written into a temporary folder inside `out`, then moved in with config.json last: `load_unet`
+    recognises the folder by config.json, so a crash never leaves a half-saved model that looks valid.
+    """
+    import os
+    import tempfile
+
+    from safeprune.models.io import load_plan, write_unet
+
+    plan = load_plan(student_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".result.", dir=out))
+    try:
+        write_unet(unet, tmp, plan, plan["base_config"], base_model)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,199 @@
+"""`safeprune prune`: prune a diffusers UNet (the shipped toy teacher by default) and save a loadable student.
+
+  --model DIR          a diffusers Stable Diffusion pipeline folder (or a plain UNet folder) with weights
+  --unet-config FILE   only a UNet config.json: the architecture is built on the meta device (no weights,
+                       seconds even at SD scale) to plan a pruning and read its parameter and MAC counts
+
+The output folder holds the saved form (see `safeprune.models.io`) plus `prune_report.json`: parameters,
+MACs of one UNet call and, when weights exist, the measured latency of one call, before and after. With
+`--unet-config` only `plan.json` and the report are written: there is nothing to load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from safeprune.config import Config, save_config
+from safeprune.errors import UserError, check
+from safeprune.utils import atomic_folder, resolve_device, seed_everything
+
+DEFAULT_TEXT_TOKENS = 77  # CLIP's context length: what SD's UNet cross-attends to
+
+
+@dataclass(frozen=True)
+class Source:
+    """The UNet to prune and where it came from."""
+
+    unet: torch.nn.Module
+    weights: bool  # False: built on the meta device from --unet-config
+    base_model: str | None  # teacher pipeline folder for safeprune.json (None = the shipped toy teacher)
+    pipeline_folder: Path | None  # where its VAE and text encoder live (taylor calibration)
+    text_tokens: int  # the tokenizer's context length (cross-attention cost)
+    label: str  # what was pruned, for the report
+
+
+def run(cfg: Config, args) -> int:
+    out = Path(args.out)
+    check(not (out.exists() and any(out.iterdir())),
+          f"output folder {str(out)!r} already exists and is not empty; pass a new path or delete it")
+    check(not (args.model and args.unet_config), "pass either --model or --unet-config, not both")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    source = _load_source(args, device)
+    calib = None
+    if cfg.prune.method == "channels" and cfg.prune.importance == "taylor" and source.weights:
+        calib = taylor_calibration(cfg, source.pipeline_folder, args.calib_data, device)
+
+    from safeprune.pruning import prune
+
+    unet = source.unet
+    before = _measure(unet, {}, cfg, source)
+    student, plan = prune(unet, cfg.prune.method, cfg.prune, calib)
+    after = _measure(student, plan, cfg, source)
+    report = _report(cfg, plan, source, before, after)
+
+    with atomic_folder(out) as tmp:
+        if source.weights:
+            from safeprune.models.io import write_unet
+
+            write_unet(student, tmp, plan, plan["base_config"], source.base_model)
+        else:  # a plan for an architecture, not a model: no config.json, so nothing here looks loadable
+            (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
+        (tmp / "prune_report.json").write_text(json.dumps(report, indent=1))
+        save_config(cfg, tmp)
+    print(json.dumps(report, indent=1))
+    print(f"wrote {out}/ ({'loadable with safeprune.load_unet / load_pipeline' if source.weights else 'plan only'})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _load_source(args, device) -> Source:
+    """--unet-config (meta device), --model, or the shipped toy teacher."""
+    if args.unet_config:
+        return _from_config(Path(args.unet_config))
+    from safeprune.models.io import load_plan, load_unet
+    from safeprune.models.shipped import teacher_path
+
+    folder = Path(args.model) if args.model else teacher_path()
+    check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")
+    check(load_plan(folder)["method"] == "none", f"{str(folder)!r} is already pruned; prune its base model instead")
+    is_pipeline = (folder / "model_index.json").is_file()
+    pipeline = folder if is_pipeline else (folder.parent if (folder.parent / "model_index.json").is_file() else None)
+    unet = load_unet(folder).to(device)
+    # base_model None = the shipped toy teacher (portable: no install path inside the saved folder)
+    base_model = str(pipeline.resolve()) if (pipeline and args.model) else None
+    return Source(unet, True, base_model, pipeline, _text_tokens(pipeline), str(folder))
+
+
+def _from_config(path: Path) -> Source:
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    check(path.is_file(), f"--unet-config {str(path)!r} not found; pass a UNet config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--unet-config {str(path)!r} is not valid JSON ({err})") from err
+    check(isinstance(config, dict) and config.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel",
+          f"--unet-config {str(path)!r} is not a UNet2DConditionModel config")
+    config = {k: v for k, v in config.items() if not k.startswith("_")}  # `_use_default_values` would undo edits
+    try:
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"--unet-config {str(path)!r} does not build a UNet ({type(err).__name__}: {err})") from err
+    return Source(unet, False, None, None, DEFAULT_TEXT_TOKENS, str(path))
+
+
+def _text_tokens(pipeline: Path | None) -> int:
+    """The tokenizer's context length (MACs and latency depend on it through cross-attention)."""
+    config = pipeline / "tokenizer" / "tokenizer_config.json" if pipeline else None
+    if config and config.is_file():
+        length = json.loads(config.read_text()).get("model_max_length")
+        if isinstance(length, int) and 0 < length < 100_000:
+            return length
+    return DEFAULT_TEXT_TOKENS
+
+
+def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: str | None, device):
+    """calib(unet, i) -> denoising loss (eq. 1, plain MSE) of calibration batch i of the teacher's training data.
+
+    Data: `--calib-data` (an image folder with metadata.jsonl) or the toy world's `pretrain` split (what
+    the toy teacher was trained on). Batch i depends only on (seed, i).
+    """
+    from diffusers import DDPMScheduler
+
+    from safeprune.data.datasets import encode_pool, open_image_captions
+    from safeprune.data.toyworld import ToyWorld
+    from safeprune.losses.denoising import DenoisingLoss
+    from safeprune.models.io import load_pipeline
+
+    check(pipeline_folder is not None, "importance 'taylor' needs the model's VAE and text encoder: pass --model as "
+                                       "a Stable Diffusion pipeline folder (model_index.json)")
+    pipe = load_pipeline(pipeline_folder, device=device)
+    p = cfg.prune
+    n = p.calibration_batches * p.calibration_batch_size
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = open_image_captions(calib_data, world=ToyWorld(cfg.toyworld, cfg.seed), split="pretrain", n_toy=n, size=size)
+    pool = encode_pool(data, n, pipe.vae, seed=cfg.seed, device=device)
+    tokens = pipe.tokenizer(pool.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        texts = pipe.text_encoder(tokens)[0]  # (N, L, D), one row per pool image
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    loss_fn = DenoisingLoss(scheduler, snr_gamma=0.0)  # Diff-Pruning's Taylor score uses the plain loss
+
+    def calib(unet, i: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+        idx, latents = pool.draw(gen, p.calibration_batch_size)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
+        pred = unet(scheduler.add_noise(latents, noise, t), t, texts[idx.to(device)]).sample
+        return loss_fn(pred, latents, noise, t).mean()
+
+    return calib
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _measure(unet, plan: dict, cfg: Config, source: Source) -> dict:
+    from safeprune.pruning.measure import count_macs, count_parameters, latency_ms
+
+    stored = count_parameters(unet)
+    m = {"params": stored - int(plan.get("zeroed", 0)), "params_stored": stored, **count_macs(unet, source.text_tokens)}
+    if source.weights:
+        m["latency_ms"] = latency_ms(unet, cfg.prune.latency_batch, cfg.prune.latency_runs, source.text_tokens)
+    return m
+
+
+def _report(cfg: Config, plan: dict, source: Source, before: dict, after: dict) -> dict:
+    method = plan["method"]
+    report = {"method": method, "source": source.label, "weights": source.weights}
+    if method == "blocks":
+        report["preset"] = plan["preset"]
+    if method in ("channels", "magnitude"):
+        report |= {"ratio": cfg.prune.ratio, "ratio_of": "total parameters"}
+    if method == "channels":
+        report["importance"] = plan["importance"]
+    for key in ("params", "macs", "macs_excl_attention", "latency_ms"):
+        if key in before:
+            report[f"{key}_before"], report[f"{key}_after"] = before[key], after[key]
+            report[f"{key}_ratio"] = round(after[key] / before[key], 4)
+    for key in ("latency_ms_before", "latency_ms_after"):
+        if key in report:
+            report[key] = round(report[key], 2)
+    report["removed_share"] = round(1 - after["params"] / before["params"], 4)
+    if method == "magnitude":
+        report["params_stored_after"] = after["params_stored"]  # the zeros are still stored (dense kernels)
+    if source.weights:
+        report |= {"latency_batch": cfg.prune.latency_batch, "latency_runs": cfg.prune.latency_runs,
+                   "device": str(next(source.unet.parameters()).device)}
+    report["text_tokens"] = source.text_tokens
+    return report

@@ -1,0 +1,104 @@
+import json
+
+import numpy as np
+import pytest
+
+from safeprune.cli import main
+from safeprune.recipes.demo import judge_claims
+from safeprune.recipes.report import aggregate, table, write_report
+
+
+def _row(leak, fd, valid=0.95, retention=0.9):
+    return {"valid": valid, "leakage": leak, "retention": retention, "adherence": 0.9, "fd": fd}
+
+
+def test_aggregate_mean_and_std():
+    agg = aggregate([_row(0.2, 10.0), _row(0.4, 14.0)])
+    assert agg["leakage"] == pytest.approx(0.3) and agg["fd"] == pytest.approx(12.0)
+    assert agg["leakage_std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert "leakage_std" not in aggregate([_row(0.2, 10.0)])
+
+
+def test_table_shows_mean_std_and_missing_values():
+    md = table({"teacher": _row(0.9, 5.0), "bilevel": aggregate([_row(0.0, 6.0), _row(0.1, 7.0)])})
+    lines = md.splitlines()
+    assert lines[0].startswith("| model | valid | leakage") and len(lines) == 4
+    assert "0.05 ± 0.07" in lines[3] and "| teacher |" in lines[2]
+
+
+def test_claims_follow_the_numbers():
+    rows = {"teacher": _row(0.9, 5.0), "distill": _row(0.8, 10.0), "two_stage": _row(0.2, 14.0),
+            "bilevel": _row(0.05, 10.5)}
+    checks, notes = judge_claims(rows)
+    assert all(checks.values()) and not any("WARNING" in n for n in notes)
+    rows["distill"] = _row(0.8, 10.0, valid=0.5)  # a student that draws nothing has not recovered
+    rows["bilevel"] = _row(0.3, 20.0)
+    checks, notes = judge_claims(rows)
+    assert not checks["students_recovered"] and not checks["bilevel_suppresses"] and "WARNING" in notes[0]
+
+
+def test_report_command_from_synthetic_results(tmp_path, capsys):
+    runs = []
+    for name, leak in (("distill", 0.7), ("bilevel", 0.05)):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "results.json").write_text(json.dumps({"metrics": _row(leak, 9.0)}))
+        (run / "summary.json").write_text(json.dumps({"wall_s": 12.0}))
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "eval/leakage": leak, "eval/fd": 9.0 + s})
+                                                     for s in (10, 20)) + "\n")
+        runs.append(str(run))
+    assert main(["report", *runs, "--out", str(tmp_path / "rep")]) == 0
+    results = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert results["methods"]["bilevel"]["leakage"] == 0.05 and results["methods"]["distill"]["train_s"] == 12.0
+    assert (tmp_path / "rep" / "curves.png").stat().st_size > 1000
+    assert "| bilevel |" in (tmp_path / "rep" / "report.md").read_text()
+    # a folder without results is a one-line user error, and no report folder is left behind
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "rep2")]) == 2
+    assert not (tmp_path / "rep2").exists()
+
+
+def test_write_report_without_grid(tmp_path):
+    path = write_report(tmp_path, {"teacher": _row(0.9, 5.0)}, {"teacher": []}, None, ["a note"])
+    text = path.read_text()
+    assert "a note" in text and "grid.png" not in text and not (tmp_path / "curves.png").exists()
+
+
+TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper_batch_size=2", "finetune.data_pool=8",
+        "finetune.concept_pool=4", "finetune.upper_every=2", "finetune.warmup_steps=1", "eval.seeds_per_prompt=1",
+        "eval.max_prompts=2", "eval.real_per_image=1", "eval.affinity_images=4", "eval.resurgence_steps=2",
+        "sample.steps=2", "demo.curve_every=2", "demo.curve_prompts=2", "prune.ratio=0.3"]
+
+
+@pytest.fixture
+def random_teacher(tmp_path_factory, monkeypatch):
+    """A random-weight toy teacher in the shipped teacher's place: the demo's plumbing, not its numbers."""
+    from safeprune.data.toyworld import ToyWorld
+    from safeprune.models import shipped, toy
+
+    folder = tmp_path_factory.mktemp("teacher")
+    toy.build_pipeline(folder / "tok", ToyWorld().vocabulary()).save_pretrained(folder / "pipe")
+    monkeypatch.setattr(shipped, "teacher_path", lambda: folder / "pipe")
+    return folder / "pipe"
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end(random_teacher, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *TINY]) == 0
+    for name in ("report.md", "results.json", "grid.png", "curves.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"teacher", "distill", "two_stage", "bilevel"}
+    for row in results["methods"].values():
+        assert all(k in row for k in ("valid", "leakage", "retention", "adherence", "fd"))
+    assert "resurgence_leakage" in results["methods"]["bilevel"]
+    assert "| bilevel |" in capsys.readouterr().out
+    # equal budgets by construction: two-stage's student passes equal bilevel's
+    per_seed = results["per_seed"]
+    assert per_seed["two_stage"][0]["student_passes"] == per_seed["bilevel"][0]["student_passes"]
+    # a second demo into the same folder replaces it; a foreign folder is refused
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path / "foreign"), *TINY]) == 2
+    assert (tmp_path / "foreign" / "x.txt").is_file()

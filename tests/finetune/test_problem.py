@@ -1,0 +1,87 @@
+"""The diffusion bilevel problem: batches pure in (seed, rank, step, stream), KD terms, NaN guard."""
+
+import copy
+
+import pytest
+import torch
+
+from safeprune.bilevel.problem import DiffusionProblem, NonFiniteLoss, Pools, step_generator
+from safeprune.config import FinetuneConfig
+from safeprune.data.datasets import LatentPool
+from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
+from safeprune.models import toy
+from safeprune.models.hooks import match_blocks
+from safeprune.unlearning import build_unlearning
+
+
+def _problem(student, teacher, unlearn="esd"):
+    g = torch.Generator().manual_seed(0)
+    pool = LatentPool(torch.randn(8, 4, 16, 16, generator=g), 0.1 * torch.rand(8, 4, 16, 16, generator=g),
+                      ["c"] * 8, [{}] * 8)
+    pools = Pools(lower=pool, lower_prompt=torch.arange(8) % 3, embeddings=torch.randn(5, 6, 64, generator=g),
+                  null_prompt=0, concept=pool, concept_target=torch.full((8,), 3), concept_anchor=torch.full((8,), 4))
+    sched = toy.build_schedulers()[0]
+    loss = LowerLevelLoss(DenoisingLoss(sched), FeatureKD(tuple(match_blocks(teacher, student))))
+    return DiffusionProblem(student=student, student_core=student, teacher=teacher, scheduler=sched, lower_loss=loss,
+                            pools=pools, unlearning=build_unlearning(unlearn, FinetuneConfig()), batch_size=2,
+                            upper_batch_size=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return toy.build_unet().eval().requires_grad_(False)
+
+
+def test_step_generators_depend_only_on_their_key():
+    draw = lambda *key: torch.randn(3, generator=step_generator(*key))
+    assert torch.equal(draw(0, 0, 5, "lower"), draw(0, 0, 5, "lower"))
+    for other in [(1, 0, 5, "lower"), (0, 1, 5, "lower"), (0, 0, 6, "lower"), (0, 0, 5, "outer")]:
+        assert not torch.equal(draw(0, 0, 5, "lower"), draw(*other))
+
+
+def test_a_teacher_copy_has_zero_kd_and_lower_value_replays_the_batch(teacher):
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    problem = _problem(student, teacher)
+    logs = problem.lower(3, stream="outer")
+    assert logs["out_kd"] == 0 and logs["feat_kd"] == 0 and logs["ft"] == pytest.approx(logs["diff"])
+    assert all(p.grad is not None for p in student.parameters())
+    assert problem.lower_value(3, stream="outer") == pytest.approx(logs["ft"], rel=1e-6)
+    assert problem.lower_value(4, stream="outer") != pytest.approx(logs["ft"], rel=1e-6)
+    assert problem.counts == {"student_fwd": 6, "student_bwd": 2, "teacher_fwd": 6}
+
+
+@pytest.mark.parametrize("unlearn", ["esd", "ablation"])
+def test_upper_step_is_zero_only_where_there_is_nothing_to_erase(teacher, unlearn):
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    problem = _problem(student, teacher, unlearn)
+    cu = problem.upper(0)["cu"]
+    assert cu > 0 and problem.counts["teacher_fwd"] == 2 * len(problem.unlearning.teacher_conditions)
+    # with target = anchor = null prompt, the teacher-equal student already predicts the target
+    problem.pools.concept_target = problem.pools.concept_anchor = torch.zeros(8, dtype=torch.long)
+    assert problem.upper(0)["cu"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_gradient_accumulation_averages_the_micro_batches(teacher):
+    student = toy.build_unet()
+    problem = _problem(student, teacher)
+    problem.grad_accum = 2
+    logs = problem.lower(0)
+    accumulated = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad(set_to_none=True)
+    gen = step_generator(0, 0, 0, "lower")  # the same two micro-batches, by hand
+    first, second = problem._lower_terms(gen, True)["ft"], problem._lower_terms(gen, True)["ft"]
+    ((first.mean() + second.mean()) / 2).backward()
+    assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7) for a, p in zip(accumulated, student.parameters()))
+    assert logs["ft"] == pytest.approx((first.mean().item() + second.mean().item()) / 2, rel=1e-5)
+    assert problem.counts["student_bwd"] == 4
+
+
+def test_non_finite_loss_is_caught_before_backward(teacher):
+    student = toy.build_unet()
+    with torch.no_grad():
+        student.conv_out.bias.fill_(float("nan"))
+    problem = _problem(student, teacher)
+    with pytest.raises(NonFiniteLoss, match="lower loss is not finite at step 8"):
+        problem.lower(7)
+    assert all(p.grad is None for p in student.parameters())  # nothing was back-propagated

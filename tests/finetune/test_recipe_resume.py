@@ -1,0 +1,62 @@
+"""Exact resume after a kill, and a diverging run that stops with its last good checkpoint kept."""
+
+import json
+
+import torch
+
+import safeprune.checkpoint
+from safeprune.models.io import load_unet
+
+# EMA and gradient accumulation on, so their state has to survive the restart too.
+RUN = ["--max-steps", "6", "--method", "bilevel", "finetune.ckpt_every_steps=3", "finetune.ema_decay=0.5",
+       "finetune.grad_accum=2"]
+
+
+def _rows(out):
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(finetune_cli, tmp_path, monkeypatch):
+    assert finetune_cli(tmp_path / "straight", *RUN)[0] == 0
+
+    real_save = safeprune.checkpoint.save_checkpoint
+
+    def save_then_die(*args, **kwargs):  # the process is killed right after the first checkpoint lands
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safeprune.checkpoint, "save_checkpoint", save_then_die)
+    out = tmp_path / "resumed"
+    assert finetune_cli(out, *RUN)[0] == 130
+    assert not (out / "config.json").exists() and len(_rows(out)) == 3  # no result yet, 3 steps logged
+    monkeypatch.setattr(safeprune.checkpoint, "save_checkpoint", real_save)
+    code, err = finetune_cli(out, *RUN, "--resume")
+    assert code == 0, err
+
+    straight, resumed = load_unet(tmp_path / "straight").state_dict(), load_unet(out).state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert _rows(out) == _rows(tmp_path / "straight")  # same losses, same pass counts, no duplicate lines
+    # the run is complete: resuming again is refused
+    code, err = finetune_cli(out, *RUN, "--resume")
+    assert code == 2 and "already complete" in err
+
+
+def test_resume_refuses_a_changed_configuration(finetune_cli, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert finetune_cli(out, "--max-steps", "2", "finetune.ckpt_every_steps=1")[0] == 0
+    code, err = finetune_cli(out, "--max-steps", "4", "--resume", "finetune.lambda_out=1.0")
+    assert code == 2 and "finetune.lambda_out was 2.0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(finetune_cli, tmp_path):
+    out = tmp_path / "run"
+    code, err = finetune_cli(out, "--max-steps", "6", "--method", "distill", "finetune.lr=1e30",
+                             "finetune.max_grad_norm=0", "finetune.ckpt_every_steps=1")
+    last = max((out / "checkpoints").iterdir())
+    message = err.strip().splitlines()[-1]  # after the training progress bar: one line
+    assert code == 2 and message.startswith("safeprune finetune: error: ") and err.count("error:") == 1, err
+    assert "not finite at step" in message and str(last) in message
+    step = json.loads((last / "state.json").read_text())["step"]
+    assert f"step {step + 1} " in err  # the checkpoint before the bad step is kept, none after it
+    assert not (out / "config.json").exists()  # no result that looks valid

@@ -59,7 +59,7 @@ class TeacherConfig:
 
 @dataclass
 class JudgeConfig:
-    steps: int = 1200  # training steps of the judge CNN (~3 min on one CPU thread; 600 already reach 100 %)
+    steps: int = 1200  # training steps of the judge CNN (~4 min on one busy CPU thread; 2000 gained nothing)
     batch_size: int = 64  # images per step (real toy images + negatives)
     lr: float = 2e-3  # AdamW learning rate
     negative_share: float = 0.25  # share of each batch that shows no object (noise, blank, broken)
@@ -122,7 +122,7 @@ class FinetuneConfig:
     lambda_feat: float = 0.1  # weight of feature distillation (eq. 4)
     snr_gamma: float = 5.0  # Min-SNR-gamma weighting of the denoising loss; 0 disables it
     esd_eta: float = 1.0  # negative-guidance strength of `esd`
-    data_pool: int = 2048  # lower-level images VAE-encoded once per run (the loop samples from this pool)
+    data_pool: int = 1024  # lower-level images VAE-encoded once per run (the loop samples from this pool)
     concept_pool: int = 256  # concept images VAE-encoded once per run
     grad_accum: int = 1  # gradient accumulation steps (lower level)
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)

@@ -31,6 +31,7 @@ def atomic_folder(folder: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    tmp.chmod(0o755)  # mkdtemp makes 0700 folders; a saved model should be as shareable as any other folder
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

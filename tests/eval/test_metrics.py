@@ -222,3 +222,14 @@ def test_shared_reference_cache_is_keyed_by_the_seeds(toy_pipe, judge):
         gens.append(ctx.generated("forget", reference=True))
         assert ctx.generated("forget", reference=True) is gens[-1]  # drawn once per seed
     assert len(cache) == 2 and gens[0].records[0]["seed"] != gens[1].records[0]["seed"]
+
+
+def test_a_model_evaluated_as_its_own_reference_fills_the_shared_cache(toy_pipe, judge):
+    cfg = load_config(None, ["eval.seeds_per_prompt=1", "eval.max_prompts=2", "eval.heldout=false",
+                             "eval.affinity_images=2", "sample.steps=1"])
+    world, cache = ToyWorld(cfg.toyworld, seed=0), {}
+    first = evaluate_model(toy_pipe, world, cfg, toy_pipe, judge, cache)  # the teacher, its own reference
+    assert first["eval_images"] == 4
+    ctx = EvalContext("student", world, cfg, judge, toy_pipe, cache)
+    assert ctx.generated("forget", reference=True) is ctx.reference_cache[next(k for k in cache if k[0] == "forget")]
+    assert ctx.n_generated == 0  # the reference's forget images were reused, not drawn again

@@ -85,3 +85,15 @@ def test_non_finite_loss_is_caught_before_backward(teacher):
     with pytest.raises(NonFiniteLoss, match="lower loss is not finite at step 8"):
         problem.lower(7)
     assert all(p.grad is None for p in student.parameters())  # nothing was back-propagated
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(teacher):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        student = toy.build_unet().train()
+        if checkpointing:
+            student.enable_gradient_checkpointing()
+        _problem(student, teacher).lower(0)
+        grads.append([p.grad for p in student.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))

@@ -49,8 +49,11 @@ def test_forget_prompts_and_image_folders(finetune_cli, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["finetune"]["concepts"] == concepts
 
 
-def test_derived_toy_concepts_are_recorded(finetune_cli, tmp_path):
+def test_bf16_run_with_derived_toy_concepts(finetune_cli, tmp_path):
+    """bf16 autocast for the student and a bf16 teacher, after fp32 runs in the same process."""
     out = tmp_path / "run"
-    assert finetune_cli(out, "--max-steps", "2")[0] == 0
+    code, err = finetune_cli(out, "--max-steps", "2", "finetune.mixed_precision=bf16", "finetune.teacher_dtype=bf16")
+    assert code == 0, err
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["upper/cu"] > 0
     concepts = json.loads((out / "concepts.json").read_text())
     assert concepts and all("striped" in c["target"] and "striped" not in c["anchor"] for c in concepts)

@@ -6,12 +6,15 @@ Bilevel problem (method notes, Sec. 3): min_theta L_CU(theta)  s.t.  theta in ar
 - `Alternating`  — the released code's first-order scheme: one set of weights, two optimisers; a lower
                    step every iteration and an upper (L_CU) step after every K-th iteration.
 - `Penalty`      — the paper's value-function penalty: K lower steps, then an outer step along
-                   grad L_CU + lambda grad L_ft (lambda constant or linearly scheduled). The constraint
-                   gap L_ft(theta_after) - L_ft(theta_before) of the outer step, on one batch, is logged:
-                   it is how far the outer step left the lower level's solution set.
+                   grad L_CU + lambda grad L_ft (lambda constant or linearly scheduled) with the upper
+                   optimiser. theta and vartheta share one space, so the K lower steps stand in for the
+                   inner problem (vartheta -> argmin L_ft) and the outer gradient has no vartheta term
+                   (method notes, Sec. 3). The constraint gap L_ft(theta_after) - L_ft(theta_before) of the outer step, on
+                   one batch, is logged: how far the outer step left the lower level's solution set.
 - `TwoStage`     — the baseline: `distill` for N iterations, then L_CU alone for M iterations
                    (M defaults to the bilevel methods' number of upper steps, so the budgets match).
 
+Upper and outer steps move only the parameters the unlearning loss selects (e.g. `esd_xattn`: cross-attention).
 Each method is a frozen dataclass called as `method(step, problem, update) -> logged scalars` and is a
 pure function of `step`, so a resumed run replays the same schedule. `problem` only accumulates
 gradients (see `Problem`); `update(which)` applies the `lower` or `upper` optimiser and clears them.

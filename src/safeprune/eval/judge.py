@@ -183,12 +183,27 @@ def _uniform(g: torch.Generator, n: int, lo: float, hi: float, *shape) -> torch.
     return lo + (hi - lo) * torch.rand(n, *shape, generator=g)
 
 
+def _wobble(x: torch.Tensor, g: torch.Generator, max_px: float) -> torch.Tensor:
+    """Warp each image by a smooth random displacement field of up to ~max_px pixels (wobbly edges)."""
+    n, _, h, w = x.shape
+    coarse = torch.randn(n, 2, 4, 4, generator=g) * _uniform(g, n, 0.0, max_px, 1, 1, 1) * (2.0 / h)
+    flow = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    base = F.affine_grid(torch.eye(2, 3).expand(n, 2, 3), (n, 3, h, w), align_corners=False)
+    return F.grid_sample(x, base + flow, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Mild degradations that keep the labels (blur, colour gain/offset, pixel noise): generated images are
-    never as crisp as the renderer's, and the judge must still read them."""
+    """Degradations that keep the labels: generated images are never as crisp as the renderer's. Seen on a
+    half-trained teacher's samples: wobbly edges, blur, colour shifts, washed-out objects, textured backgrounds."""
     n = len(x)
+    x = _wobble(x, g, 1.2)
     x = _gaussian_blur(x, _uniform(g, n, -0.6, 1.0))  # ~40 % unblurred
     x = x * _uniform(g, n, 0.9, 1.1, 3, 1, 1) + _uniform(g, n, -0.04, 0.04, 3, 1, 1)
+    faint = torch.rand(n, 1, 1, 1, generator=g) < 0.25  # washed-out objects: pulled towards the background
+    background = x[:, :, :1, :1]  # the corner pixel: white, or the night sky
+    x = torch.where(faint, background + _uniform(g, n, 0.45, 1.0, 1, 1, 1) * (x - background), x)
+    mottle = torch.rand(n, 1, 1, 1, generator=g) < 0.4  # coloured background texture on 40 % of images
+    x = x + mottle * (_smooth_noise(g, n, x.shape[-1], 16) - 0.5) * _uniform(g, n, 0.0, 0.35, 1, 1, 1)
     x = x + torch.randn(x.shape, generator=g) * _uniform(g, n, 0.0, 0.04, 1, 1, 1)
     return x.clamp(0, 1)
 
@@ -200,8 +215,8 @@ def _real(world: ToyWorld, g: torch.Generator, n: int) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
-def _smooth_noise(g: torch.Generator, n: int, size: int) -> torch.Tensor:
-    res = int(torch.randint(2, 9, (1,), generator=g))  # coarse noise upsampled: colour "mush"
+def _smooth_noise(g: torch.Generator, n: int, size: int, max_res: int = 8) -> torch.Tensor:
+    res = int(torch.randint(2, max_res + 1, (1,), generator=g))  # coarse noise upsampled: colour "mush"
     low = torch.rand(n, 3, res, res, generator=g)
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
@@ -235,6 +250,35 @@ def _neg_clutter(world, g, n, size):
                 mask = ((xx - cx).abs() <= rx) & ((yy - cy).abs() <= ry / 3)
             x[i, :, mask] = torch.rand(3, 1, generator=g)
     return x
+
+
+def _neg_scribble(world, g, n, size):
+    """3-8 thin random strokes in one toy colour: the broken outlines and stray lines of an undertrained model,
+    which a judge without this negative reads as "striped" or "outline"."""
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255.0
+    x = torch.ones(n, 3, size, size)
+    for i in range(n):
+        if torch.rand(1, generator=g) < 0.2:  # some on the night sky
+            x[i] = torch.tensor([18, 20, 48]).view(3, 1, 1) / 255.0
+        colour = palette[int(torch.randint(len(palette), (1,), generator=g))].view(3, 1)
+        for _ in range(int(torch.randint(3, 9, (1,), generator=g))):
+            (x0, y0), (x1, y1) = (torch.rand(2, 2, generator=g) * size * 0.8 + size * 0.1).tolist()
+            width = float(_uniform(g, 1, 0.6, 1.6))
+            dx, dy = x1 - x0, y1 - y0
+            t = (((xx - x0) * dx + (yy - y0) * dy) / max(dx * dx + dy * dy, 1e-6)).clamp(0, 1)
+            mask = (xx - x0 - t * dx) ** 2 + (yy - y0 - t * dy) ** 2 <= width**2
+            x[i, :, mask] = colour
+    return x
+
+
+def _neg_fragmented(world, g, n, size):
+    """Real images with 40-70 % of their 4x4-pixel blocks wiped to the background: an object in pieces."""
+    x = _real(world, g, n)
+    keep = torch.rand(n, 1, size // 4, size // 4, generator=g) >= _uniform(g, n, 0.4, 0.7, 1, 1, 1)
+    keep = F.interpolate(keep.float(), size=(size, size), mode="nearest")
+    background = x[:, :, :1, :1]  # the corner pixel: white, or the night sky
+    return x * keep + background * (1 - keep)
 
 
 def _neg_shuffled(world, g, n, size):
@@ -278,6 +322,8 @@ NEGATIVES = {  # name -> fn(world, generator, n, size) -> (n, 3, S, S); each a k
     "smooth_noise": _neg_smooth_noise,
     "constant": _neg_constant,
     "clutter": _neg_clutter,
+    "scribble": _neg_scribble,
+    "fragmented": _neg_fragmented,
     "shuffled": _neg_shuffled,
     "erased": _neg_erased,
     "half_denoised": _neg_half_denoised,

@@ -158,7 +158,7 @@ class EvalContext:
         self.pipe, self.world, self.cfg, self.judge = pipe, world, cfg, judge
         self.reference_pipe = reference_pipe
         self._cache: dict = {}
-        self._reference_cache = reference_cache if reference_cache is not None else {}
+        self.reference_cache = reference_cache if reference_cache is not None else {}
         self.progress = progress
         self.n_generated = 0
 
@@ -174,17 +174,28 @@ class EvalContext:
         return [{**p, "seed": base + j * len(prompts) + i}
                 for j in range(ec.seeds_per_prompt) for i, p in enumerate(prompts)]
 
+    def _key(self, set_name: str, reference: bool):
+        """Cache key. A model that is its own reference (the teacher) files its images as the reference's, so
+        later calls sharing `reference_cache` reuse them. The shared cache outlives this context: its keys hold
+        everything that decides the images."""
+        if not (reference or self.reference_pipe is self.pipe):
+            return self._cache, set_name
+        sc, ec = self.cfg.sample, self.cfg.eval
+        return self.reference_cache, (set_name, self.cfg.seed, ec.max_prompts, ec.seeds_per_prompt, sc.steps,
+                                       sc.guidance, sc.precision)
+
+    def drawn(self, set_name: str) -> Generated | None:
+        """The model's images of a set if they have been generated already (no sampling)."""
+        cache, key = self._key(set_name, reference=False)
+        return cache.get(key)
+
     def generated(self, set_name: str, reference: bool = False) -> Generated:
         from safeprune.recipes.generate import generate_images
 
-        reference = reference and self.reference_pipe is not self.pipe  # a model is its own reference: draw once
-        cache = self._reference_cache if reference else self._cache
-        sc: SampleConfig = self.cfg.sample
-        # The shared reference cache outlives this context: key it by everything that decides the images.
-        key = (set_name, self.cfg.seed, self.cfg.eval.max_prompts, self.cfg.eval.seeds_per_prompt, sc.steps,
-               sc.guidance, sc.precision) if reference else set_name
+        cache, key = self._key(set_name, reference)
         if key not in cache:
             pipe = self.reference_pipe if reference else self.pipe
+            sc: SampleConfig = self.cfg.sample
             records = self.records(set_name)
             images = generate_images(pipe, [r["prompt"] for r in records], [r["seed"] for r in records], sc.steps,
                                      sc.guidance, sc.batch_size, progress=self.progress, precision=sc.precision)
@@ -317,18 +328,20 @@ def _concept_prob(judged: dict, kind: str, value: str, i: int) -> float:
 
 @dataclass(frozen=True)
 class ConceptAffinity:
-    """Sampling-free concept knowledge: see `concept_affinity`; the reference model's value beside it."""
+    """Sampling-free concept knowledge (see `concept_affinity`), with the reference model's value beside it."""
 
     def __call__(self, ctx: EvalContext) -> dict:
-        n = ctx.cfg.eval.affinity_images
-        out = {"concept_affinity": concept_affinity(ctx.pipe, ctx.world, n, ctx.cfg.seed)}
+        n, seed = ctx.cfg.eval.affinity_images, ctx.cfg.seed
+        key = ("concept_affinity", n, seed)  # the reference's value, shared like its images
         if ctx.reference_pipe is ctx.pipe:
-            out["reference_concept_affinity"] = out["concept_affinity"]
-        elif ctx.reference_pipe is not None:
-            key = ("concept_affinity", n, ctx.cfg.seed)
-            if key not in ctx._reference_cache:
-                ctx._reference_cache[key] = concept_affinity(ctx.reference_pipe, ctx.world, n, ctx.cfg.seed)
-            out["reference_concept_affinity"] = ctx._reference_cache[key]
+            if key not in ctx.reference_cache:
+                ctx.reference_cache[key] = concept_affinity(ctx.pipe, ctx.world, n, seed)
+            return {"concept_affinity": ctx.reference_cache[key], "reference_concept_affinity": ctx.reference_cache[key]}
+        out = {"concept_affinity": concept_affinity(ctx.pipe, ctx.world, n, seed)}
+        if ctx.reference_pipe is not None:
+            if key not in ctx.reference_cache:
+                ctx.reference_cache[key] = concept_affinity(ctx.reference_pipe, ctx.world, n, seed)
+            out["reference_concept_affinity"] = ctx.reference_cache[key]
         return out
 
 

@@ -2,9 +2,10 @@
 
 A saved UNet folder (written atomically, no pickles):
 
-  config.json                          the BASE UNet config, except for `blocks` (and `none` / `magnitude`):
-                                       there it is the model's own config, a stock diffusers architecture,
-                                       so plain `UNet2DConditionModel.from_pretrained(folder)` works too
+  config.json                          the BASE UNet config; for `blocks` the pruned model's own config.
+                                       Whenever the architecture is a stock diffusers config (`blocks`,
+                                       `magnitude`, `none`) plain `UNet2DConditionModel.from_pretrained`
+                                       loads the folder too; `channels` widths need `load_unet`
   plan.json                            the pruning plan, with the base config under "base_config"
   diffusion_pytorch_model.safetensors  the weights (state dict of the pruned UNet)
   safeprune.json                       {"base_model": teacher pipeline folder it came from, or null = the shipped

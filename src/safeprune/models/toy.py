@@ -9,6 +9,7 @@ GroupNorm with 8 groups so every width stays prunable.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -46,29 +47,52 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
                         beta_end=0.012, steps_offset=1, clip_sample=False)
 
 
-def build_tokenizer(words: list[str], folder: str | Path):
-    """Train a CLIP-format BPE (vocab.json + merges.txt) on the toy vocabulary and load it as CLIPTokenizer.
+def _bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges that make every word one token, in CLIP's format (word ends carry `</w>`).
 
-    Uses the `tokenizers` trainer with CLIP's end-of-word suffix, so every toy word becomes one token while
-    unseen words still split into characters instead of failing.
+    Hand-written: `tokenizers`' BpeTrainer breaks frequency ties in hash order, so two builds of the same
+    word list gave different ids (a resumed run would no longer match its text encoder). Here ties break
+    lexicographically, so the vocabulary is a pure function of the word list.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted(set(words))]
+    merges = []
+    while True:
+        counts = Counter(pair for seq in seqs for pair in zip(seq, seq[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for k, seq in enumerate(seqs):
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[k] = out
+
+
+def build_tokenizer(words: list[str], folder: str | Path):
+    """Write a CLIP-format BPE (vocab.json + merges.txt) for the toy vocabulary and load it as CLIPTokenizer.
+
+    Every toy word is one token; an unseen word still splits into characters instead of failing.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merges = _bpe_merges(words)
+    tokens = list(SPECIAL) + list(ALPHABET) + [ch + "</w>" for ch in ALPHABET] + ["".join(m) for m in merges]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return load_tokenizer(folder)
+
+
+def load_tokenizer(folder: str | Path):
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=SPECIAL[1]))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=1, special_tokens=list(SPECIAL),
-                                  initial_alphabet=list(ALPHABET), end_of_word_suffix="</w>", show_progress=False)
-    bpe.train_from_iterator([" ".join(words)] * 4 + list(ALPHABET), trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab = dict(model["vocab"])
-    for ch in ALPHABET:  # CLIP's byte-level fallback needs every single character as a word end too
-        vocab.setdefault(ch + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS,
                          pad_token=SPECIAL[1])
 

@@ -26,7 +26,7 @@ def _grid(ctx: EvalContext, path) -> None:
 
     rows, labels = [], []
     for name in ("forget", "retain"):
-        gen = ctx._cache.get(name)
+        gen = ctx.drawn(name)
         if gen is not None:
             rows.append(list(gen.images[:12]))
             labels.append(name)

@@ -365,6 +365,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     last_good = str(resume_from) if resume_from else None
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:  # closes the log file and the bar, then ends training (DDP too)
+        stack.callback(_forget_accelerate_settings)
         stack.callback(accelerator.end_training)
         bar = stack.enter_context(tqdm(total=method.total_steps, initial=start, desc=f"finetune {_method_name(ft)}",
                                        unit="it", disable=not main, dynamic_ncols=True))
@@ -414,6 +415,15 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     return out
 
 
+def _forget_accelerate_settings() -> None:
+    """Accelerate keeps one process-wide state; clear it so a later run in this process may use another
+    mixed precision (the demo and the tests run several fine-tunings in one process)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 def _method_name(ft: FinetuneConfig) -> str:
     return f"bilevel/{ft.solver}" if ft.method == "bilevel" else ft.method
 
@@ -444,6 +454,7 @@ def _save_result(unet, student_dir: Path, base_model: Path | None, out: Path) ->
     try:
         write_unet(unet, tmp, plan, plan["base_config"], base_model)
         for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            path.chmod(0o644)  # safetensors writes 0600; a saved model should be as shareable as its folder
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

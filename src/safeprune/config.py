@@ -73,7 +73,7 @@ class JudgeConfig:
 class PruneConfig:
     method: str = "channels"  # registry key: blocks | channels | magnitude | none
     preset: str = "base"  # `blocks` preset: base | small | tiny (BK-SDM's three students)
-    ratio: float = 0.5  # share of the UNet's TOTAL parameters removed (`channels`) or zeroed (`magnitude`)
+    ratio: float = 0.3  # share of the UNet's TOTAL parameters removed (`channels`) or zeroed (`magnitude`)
     importance: str = "magnitude"  # `channels` importance: magnitude (L_p norm) | taylor (|w * dL/dw|)
     magnitude_p: int = 2  # p of the L_p norm behind `magnitude` importance: 1 or 2
     channel_multiple: int = 16  # `channels`: kept ResNet/FFN widths are multiples of this where possible (AVX-512: 16)
@@ -105,12 +105,12 @@ class FinetuneConfig:
     solver: str = "alternating"  # bilevel solver: alternating | penalty
     unlearn: str = "esd"  # upper-level loss: esd | esd_xattn | ablation (see safeprune.unlearning)
     concepts: list[Concept] = field(default_factory=list)  # [] = derived from the concept images' captions
-    max_steps: int = 600  # lower-level iterations (two_stage: fine-tune part; see unlearn_steps)
+    max_steps: int = 300  # lower-level iterations (two_stage: fine-tune part; see unlearn_steps)
     unlearn_steps: int = -1  # two_stage unlearning steps; -1 = bilevel's upper-step count (equal budget)
     batch_size: int = 16  # lower-level images per micro-batch per process (x grad_accum x processes per step)
     upper_batch_size: int = 16  # concept images per upper step (per process)
     lr: float = 5e-4  # lower-level AdamW learning rate
-    upper_lr: float = 5e-4  # upper-level AdamW learning rate (also the penalty solver's outer step)
+    upper_lr: float = 1e-3  # upper-level AdamW learning rate (also the penalty solver's outer step)
     warmup_steps: int = 50  # linear warm-up of the lower-level learning rate
     weight_decay: float = 1e-2  # AdamW weight decay of both optimisers
     max_grad_norm: float = 1.0  # gradient-norm clip before every optimiser step; 0 disables it

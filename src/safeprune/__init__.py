@@ -12,6 +12,9 @@ _EXPORTS = {
     "load_judge": "safeprune.eval.judge",
     "load_unet": "safeprune.models.io",
     "load_pipeline": "safeprune.models.io",
+    "save_unet": "safeprune.models.io",
+    "prune": "safeprune.pruning",
+    "finetune": "safeprune.recipes.finetune",
 }
 
 

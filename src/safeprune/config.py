@@ -288,6 +288,9 @@ def parse_override(text: str) -> tuple[list[str], object]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    # YAML 1.1 reads yes/no/on/off as booleans; here they are words (mixed_precision=no), as in YAML 1.2.
+    if raw.strip().lower() in ("yes", "no", "on", "off", "y", "n"):
+        value = raw.strip()
     # YAML reads 1e-4 as a string (it wants 1.0e-4); numbers people type should still be numbers.
     if isinstance(value, str):
         try:

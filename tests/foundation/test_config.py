@@ -37,6 +37,11 @@ def test_nested_dataclass_lists():
         load_config(None, ['finetune.concepts=[{anchor: "x"}]'])
 
 
+def test_yes_no_stay_words():
+    assert load_config(None, ["finetune.mixed_precision=no"]).finetune.mixed_precision == "no"
+    assert load_config(None, ["finetune.gradient_checkpointing=true"]).finetune.gradient_checkpointing is True
+
+
 def test_parse_override_requires_equals():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     with pytest.raises(UserError):

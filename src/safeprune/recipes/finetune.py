@@ -9,9 +9,13 @@ One loop, top to bottom:
      and atomic checkpoints every `finetune.ckpt_every_steps`;
   4. save the student so the run folder is itself a pruned-UNet folder that `safeprune.load_pipeline` loads.
 
-Run folder: the saved student (weights + base config + plan.json), config.yaml, metrics.jsonl (one line per
-step: loss terms, learning rates, student/teacher forward and backward passes counted in images),
-summary.json, concepts.json, checkpoints/step_NNNNNNN/, logs/ (TensorBoard).
+Run folder: the saved student (config.json, plan.json, safeprune.json, diffusion_pytorch_model.safetensors),
+config.yaml, concepts.json ([{target, anchor}] suppressed), summary.json (method, steps, upper_steps,
+world_size, pass counts, matched feature blocks, wall time), checkpoints/step_NNNNNNN/, logs/ (TensorBoard),
+and metrics.jsonl, one line per iteration with the keys present that step:
+  step; lower/diff, lower/out_kd, lower/feat_kd, lower/ft (batch means of eq. 1, 3, 4, 8); upper/cu (L_CU);
+  outer/ft, outer/lambda, outer/gap (penalty outer steps); lr/lower, lr/upper; student_fwd, student_bwd,
+  teacher_fwd (cumulative passes of this process, counted in images); time_s (since this process started).
 Exact resume: a step's randomness depends only on (seed, rank, step), and checkpoints hold the weights,
 both optimisers and the pass counters, so `--resume` continues bit-for-bit on CPU.
 """

@@ -71,15 +71,12 @@ TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper_batch_s
 
 
 @pytest.fixture
-def random_teacher(tmp_path_factory, monkeypatch):
+def random_teacher(random_teacher_dir, monkeypatch):
     """A random-weight toy teacher in the shipped teacher's place: the demo's plumbing, not its numbers."""
-    from safeprune.data.toyworld import ToyWorld
-    from safeprune.models import shipped, toy
+    from safeprune.models import shipped
 
-    folder = tmp_path_factory.mktemp("teacher")
-    toy.build_pipeline(folder / "tok", ToyWorld().vocabulary()).save_pretrained(folder / "pipe")
-    monkeypatch.setattr(shipped, "teacher_path", lambda: folder / "pipe")
-    return folder / "pipe"
+    monkeypatch.setattr(shipped, "teacher_path", lambda: random_teacher_dir)
+    return random_teacher_dir
 
 
 @pytest.mark.slow

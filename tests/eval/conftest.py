@@ -6,15 +6,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def toy_pipe_dir(tmp_path_factory):
-    """A randomly initialised toy StableDiffusionPipeline saved with save_pretrained (no download, ~1 s)."""
-    from safeprune.data.toyworld import ToyWorld
-    from safeprune.models import toy
-
-    root = tmp_path_factory.mktemp("toy_pipe")
-    pipe = toy.build_pipeline(root / "tokenizer_src", ToyWorld().vocabulary(), seed=0)
-    pipe.save_pretrained(root / "pipe")
-    return root / "pipe"
+def toy_pipe_dir(random_teacher_dir):
+    """A randomly initialised toy StableDiffusionPipeline folder (the root conftest's)."""
+    return random_teacher_dir
 
 
 @pytest.fixture(scope="session")

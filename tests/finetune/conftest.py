@@ -16,15 +16,9 @@ def fast_flags():
 
 
 @pytest.fixture(scope="session")
-def toy_teacher(tmp_path_factory):
+def toy_teacher(random_teacher_dir):
     """A stock diffusers StableDiffusionPipeline folder with the toy architecture (random weights)."""
-    from safeprune.data.toyworld import ToyWorld
-    from safeprune.models import toy
-
-    root = tmp_path_factory.mktemp("teacher")
-    pipe = toy.build_pipeline(root / "tokenizer-src", ToyWorld().vocabulary(), seed=0)
-    pipe.save_pretrained(root / "pipe")
-    return root / "pipe"
+    return random_teacher_dir
 
 
 @pytest.fixture(scope="session")

@@ -16,19 +16,13 @@ def tiny_sd_unet():
 
 
 @pytest.fixture(scope="session")
-def toy_teacher_dir(tmp_path_factory) -> Path:
+def toy_teacher_dir(random_teacher_dir) -> Path:
     """The shipped toy teacher when it exists, else a random-weight pipeline of the same architecture."""
     from safeprune.models.shipped import ASSETS as SHIPPED
 
     if (SHIPPED / "teacher" / "model_index.json").is_file():
         return SHIPPED / "teacher"
-    from safeprune.data.toyworld import ToyWorld
-    from safeprune.models import toy
-
-    folder = tmp_path_factory.mktemp("toy_teacher")
-    pipe = toy.build_pipeline(folder / "tok", ToyWorld().vocabulary(), seed=0)
-    pipe.save_pretrained(folder / "pipe")
-    return folder / "pipe"
+    return random_teacher_dir
 
 
 @pytest.fixture(scope="session")

@@ -67,9 +67,11 @@ class Distill:
 
 
 @dataclass(frozen=True)
-class Alternating:
+class _EveryK:
+    """A solver with one upper (outer) step per `every` lower steps, over `max_steps` lower steps."""
+
     max_steps: int
-    every: int  # K: an upper step after every K-th lower step
+    every: int  # K
 
     @property
     def total_steps(self) -> int:
@@ -78,6 +80,11 @@ class Alternating:
     @property
     def upper_steps(self) -> int:
         return self.max_steps // self.every
+
+
+@dataclass(frozen=True)
+class Alternating(_EveryK):
+    """K = an upper step after every K-th lower step."""
 
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         logs = _prefixed("lower", problem.lower(step))
@@ -89,19 +96,11 @@ class Alternating:
 
 
 @dataclass(frozen=True)
-class Penalty:
-    max_steps: int
-    every: int  # K inner (lower) steps per outer step
+class Penalty(_EveryK):
+    """K inner (lower) steps per outer step."""
+
     penalty: float  # lambda at step 0
     penalty_end: float  # lambda at the last step (linear schedule); equal to `penalty` for a constant
-
-    @property
-    def total_steps(self) -> int:
-        return self.max_steps
-
-    @property
-    def upper_steps(self) -> int:
-        return self.max_steps // self.every
 
     def penalty_at(self, step: int) -> float:
         frac = step / max(self.max_steps - 1, 1)

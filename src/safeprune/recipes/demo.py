@@ -69,8 +69,6 @@ def _curve_eval(teacher_pipe, world, cfg: Config, judge):
 
 
 def demo(cfg: Config, out: Path) -> dict:
-    import torch
-
     from safeprune.data.toyworld import ToyWorld
     from safeprune.eval.judge import load_judge
     from safeprune.eval.metrics import evaluate_model
@@ -126,7 +124,6 @@ def demo(cfg: Config, out: Path) -> dict:
                 if "eval/leakage" in rec:
                     curves[method].append(rec)
             del pipe
-            torch.manual_seed(seed)  # keep the next method's start independent of this one's sampling
 
     rows = {"teacher": teacher_row} | {m: aggregate(per_seed[m]) for m in METHODS}
     grid = model_grid({"teacher": teacher} | {m: load_pipeline(out / f"seed{cfg.seed}" / m) for m in METHODS},

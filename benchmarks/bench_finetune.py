@@ -118,6 +118,7 @@ def build(arch: str, device: str, mixed_precision: str, batch: int | None, seed:
     from safeprune.data.datasets import LatentPool
     from safeprune.models.toy import SCHEDULER_CONFIG
     from safeprune.pruning import prune
+    from safeprune.pruning.measure import count_parameters
     from safeprune.recipes.finetune import build_training, match_features
     from safeprune.unlearning import build_unlearning
 
@@ -153,9 +154,8 @@ def build(arch: str, device: str, mixed_precision: str, batch: int | None, seed:
         "two_stage_distill_phase": TwoStage(huge, huge),
         "two_stage_unlearn_phase": TwoStage(0, huge),
     }
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    info = {"arch": arch, "batch": batch, "teacher_params_m": round(count(teacher) / 1e6, 2),
-            "student_params_m": round(count(student) / 1e6, 2), "student": f"{prune_method} {prune_overrides}",
+    info = {"arch": arch, "batch": batch, "teacher_params_m": round(count_parameters(teacher) / 1e6, 2),
+            "student_params_m": round(count_parameters(student) / 1e6, 2), "student": f"{prune_method} {prune_overrides}",
             "feature_blocks": len(pairs), "latent": [c, size, size], "text_tokens": [tokens, width]}
     return training, methods, info
 

@@ -12,12 +12,14 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import yaml
 
 # Model hubs are unreachable by design: fail fast instead of retrying for ~25 s (platform notes).
+# `model.allow_download=true` lifts this default (not a user's own HF_HUB_OFFLINE) before any hub import.
+_OFFLINE_BY_DEFAULT = "HF_HUB_OFFLINE" not in os.environ
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,6 +30,7 @@ class Command:
     help: str  # one line for `safeprune --help`
     arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's own flags
     target: str  # "module:function" run as function(cfg, args); imported lazily so --help stays fast
+    describe: str = ""  # "module:function" -> text printed after the resolved config by --dry-run (derived figures)
 
 
 def _toyworld_args(p):
@@ -54,7 +57,11 @@ def _prune_args(p):
     p.add_argument("--ratio", dest="prune.ratio",
                    help="share of the UNet's total parameters removed (channels) or zeroed (magnitude), in [0, 1)")
     p.add_argument("--importance", dest="prune.importance", help="channels importance: magnitude | taylor")
-    p.add_argument("--model", default=None, help="diffusers Stable Diffusion folder (default: the toy teacher)")
+    p.add_argument("--model", default=None,
+                   help="diffusers Stable Diffusion folder or hub id in the HF cache (default: model.teacher, else the toy "
+                        "teacher)")
+    p.add_argument("--allow-download", dest="model.allow_download", action="store_const", const=True, default=None,
+                   help="fetch a hub-id --model that is not in the local Hugging Face cache")
     p.add_argument("--unet-config", default=None, help="prune a UNet config.json on the meta device (no weights)")
     p.add_argument("--calib-data", default=None,
                    help="taylor importance: image folder with metadata.jsonl (default: the toy pretrain split)")
@@ -62,17 +69,23 @@ def _prune_args(p):
 
 
 def _finetune_args(p):
-    p.add_argument("--student", required=True, help="pruned UNet folder written by `safeprune prune`")
-    p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the toy teacher)")
+    p.add_argument("--student", default=None, help="pruned UNet folder written by `safeprune prune` (required)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher pipeline: a local diffusers folder or a hub id in the HF cache (default: model.teacher, "
+                        "else the toy teacher)")
+    p.add_argument("--allow-download", dest="model.allow_download", action="store_const", const=True, default=None,
+                   help="fetch a hub-id teacher that is not in the local Hugging Face cache")
     p.add_argument("--method", dest="finetune.method", help="distill | two_stage | bilevel")
     p.add_argument("--solver", dest="finetune.solver", help="bilevel solver: alternating | penalty")
     p.add_argument("--unlearn", dest="finetune.unlearn", help="upper-level loss (esd | ablation | ...)")
     p.add_argument("--forget", action="append", default=None,
                    help='concept prompt to suppress; repeatable; "TARGET=>ANCHOR" sets an anchor')
     p.add_argument("--max-steps", dest="finetune.max_steps", help="lower-level iterations")
-    p.add_argument("--data", default=None, help="image folder with metadata.jsonl or a local HF dataset (default: toy finetune split)")
+    p.add_argument("--data", default=None,
+                   help="image folder with metadata.jsonl, a HF dataset folder, parquet/arrow files, or webdataset "
+                        "shards such as 'shards/{000..099}.tar' (default: toy finetune split; see finetune.data_mode)")
     p.add_argument("--concept-data", default=None, help="concept images folder (default: toy concept split)")
-    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--out", default=None, help="run folder (required)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
 
 
@@ -114,7 +127,7 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command("train the embedded toy teacher or judge", _pretrain_args, "safeprune.recipes.pretrain:run"),
     "prune": Command("prune a diffusers UNet and save it so it loads back", _prune_args, "safeprune.recipes.prune:run"),
     "finetune": Command("distill a pruned student and suppress concepts (bilevel)", _finetune_args,
-                        "safeprune.recipes.finetune:run"),
+                        "safeprune.recipes.finetune:run", "safeprune.recipes.launch:describe_finetune"),
     "concept-images": Command("draw concept images with the teacher (upper-level data)", _concept_images_args,
                               "safeprune.recipes.generate:run_concept_images"),
     "generate": Command("sample images for prompts, one seed per image", _generate_args,
@@ -127,7 +140,9 @@ COMMANDS: dict[str, Command] = {
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML preset (file path or a name in configs/, e.g. toy)")
+    p.add_argument("--config", action="append", default=None,
+                   help="YAML preset (file path or a name in configs/, e.g. toy); repeatable, later files win; "
+                        "a bare FILE.yaml word after the command does the same")
     p.add_argument("--seed", dest="seed", help="master seed")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -171,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     # trailing variadic positional with sub-commands and options, so they are collected here).
     args, extra = parser.parse_known_args(argv)
     args.overrides = [word for word in extra if "=" in word and not word.startswith("-")]
-    unknown = [word for word in extra if word not in args.overrides]
+    presets = [word for word in extra if word.endswith((".yaml", ".yml")) and word not in args.overrides]
+    args.config = [*presets, *(args.config or [])] or None  # `safeprune finetune configs/sd21.yaml` = --config
+    unknown = [word for word in extra if word not in args.overrides and word not in presets]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
@@ -180,8 +197,14 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cfg = resolve(args)
+            if cfg.model.allow_download and _OFFLINE_BY_DEFAULT:  # the user asked for the network: lift our default
+                os.environ.pop("HF_HUB_OFFLINE", None)
+                os.environ.pop("TRANSFORMERS_OFFLINE", None)
             if args.dry_run:
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+                if COMMANDS[args.command].describe:
+                    module, func = COMMANDS[args.command].describe.split(":")
+                    print(getattr(importlib.import_module(module), func)(cfg, args))
                 return 0
             module, func = COMMANDS[args.command].target.split(":")
             result = getattr(importlib.import_module(module), func)(cfg, args)

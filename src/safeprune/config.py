@@ -103,7 +103,7 @@ class Concept:
 class FinetuneConfig:
     method: str = "bilevel"  # distill | two_stage | bilevel
     solver: str = "alternating"  # bilevel solver: alternating | penalty
-    unlearn: str = "esd"  # upper-level loss: esd | esd_xattn | ablation (see safeprune.unlearning)
+    unlearn: str = "esd"  # upper-level loss: esd | esd_xattn | esd_anchor | ablation (see safeprune.unlearning)
     concepts: list[Concept] = field(default_factory=list)  # [] = derived from the concept images' captions
     max_steps: int = 300  # lower-level iterations (two_stage: fine-tune part; see unlearn_steps)
     unlearn_steps: int = -1  # two_stage unlearning steps; -1 = bilevel's upper-step count (equal budget)
@@ -124,9 +124,22 @@ class FinetuneConfig:
     esd_eta: float = 1.0  # negative-guidance strength of `esd`
     data_pool: int = 1024  # lower-level images VAE-encoded once per run (the loop samples from this pool)
     concept_pool: int = 256  # concept images VAE-encoded once per run
+    # Data at scale (safeprune.data.stream). pool = VAE-encode `data_pool` images once (exact resume, fast at
+    # toy scale); stream = DataLoader workers feed fresh images that are VAE-encoded every step (real data
+    # sets); auto = stream for webdataset shards and `streaming` sources, pool otherwise.
+    data_mode: str = "auto"  # auto | pool | stream
+    random_crop: bool = True  # stream: random crop after the shorter side is resized (False: centre crop)
+    random_flip: bool = True  # stream: horizontal flip with probability 1/2
+    num_workers: int = 4  # stream: DataLoader worker processes decoding images (0 = in the training process)
+    shuffle_buffer: int = 1000  # shards / streaming sources: samples in each reader's shuffle buffer (0 = in order)
+    streaming: bool = False  # read `datasets` sources (parquet, arrow, hub) lazily as an IterableDataset
+    hub_data: bool = False  # let --data name a Hugging Face hub dataset id (downloads); offline by default
+    text_cache: str = ""  # stream: folder caching caption embeddings (safetensors per caption); "" = no cache
     grad_accum: int = 1  # gradient accumulation steps (lower level)
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the frozen teacher's forward passes
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, `pip install safeprune[bnb]`): both optimisers
+    resolution: int = 0  # fine-tuning image side in pixels; 0 = the teacher UNet's sample_size x VAE scale
     ema_decay: float = 0.0  # EMA of student weights (saved as the result); 0 disables it
     gradient_checkpointing: bool = False  # trade compute for memory on large UNets
     ckpt_every_steps: int = 200  # atomic checkpoint period
@@ -141,6 +154,9 @@ class FinetuneConfig:
               f"finetune.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
         check(self.teacher_dtype in ("fp32", "bf16", "fp16"),
               f"finetune.teacher_dtype={self.teacher_dtype!r}; choose fp32, bf16 or fp16")
+        check(self.optimizer in ("adamw", "adamw8bit"), f"finetune.optimizer={self.optimizer!r}; choose adamw or adamw8bit")
+        check(self.resolution >= 0 and self.resolution % 8 == 0,
+              f"finetune.resolution={self.resolution} must be a multiple of 8 (0 = the teacher's own size)")
         check(0.0 <= self.ema_decay < 1.0, "finetune.ema_decay must lie in [0, 1)")
         check(self.unlearn_steps >= -1, "finetune.unlearn_steps must be >= 0, or -1 for bilevel's upper-step count")
         check(self.lr > 0 and self.upper_lr > 0, "finetune.lr and finetune.upper_lr must be > 0")
@@ -152,6 +168,10 @@ class FinetuneConfig:
               "finetune.lambda_diff, lambda_out and lambda_feat must be >= 0")
         check(self.snr_gamma >= 0, "finetune.snr_gamma must be >= 0 (0 disables Min-SNR weighting)")
         check(self.data_pool > 0 and self.concept_pool > 0, "finetune.data_pool and concept_pool must be > 0")
+        check(self.data_mode in ("auto", "pool", "stream"),
+              f"finetune.data_mode={self.data_mode!r}; choose auto, pool or stream")
+        check(self.num_workers >= 0 and self.shuffle_buffer >= 0,
+              "finetune.num_workers and finetune.shuffle_buffer must be >= 0")
         check(self.grad_accum >= 1, "finetune.grad_accum must be >= 1")
         check(self.ckpt_every_steps > 0 and self.keep_checkpoints >= 1,
               "finetune.ckpt_every_steps and keep_checkpoints must be >= 1")
@@ -205,9 +225,24 @@ class DemoConfig:
 
 
 @dataclass
+class ModelConfig:
+    # the teacher pipeline: a local diffusers folder, or a Hugging Face hub id such as
+    # stabilityai/stable-diffusion-2-1 (read from the local HF cache); "" = the shipped toy teacher
+    teacher: str = ""
+    revision: str = ""  # hub revision (branch, tag or commit) of a hub-id teacher; "" = the default branch
+    allow_download: bool = False  # fetch a hub-id teacher missing from the HF cache (default: offline, an error)
+    prediction_type: str = ""  # epsilon | v_prediction: checked against the teacher's scheduler; "" = the teacher's
+
+    def __post_init__(self):
+        check(self.prediction_type in ("", "epsilon", "v_prediction"),
+              f"model.prediction_type={self.prediction_type!r}; choose epsilon, v_prediction or '' (the teacher's)")
+
+
+@dataclass
 class Config:
     seed: int = 0  # master seed: data order, noise, per-image sampling seeds
     device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -310,14 +345,22 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         raise UserError(f"config file {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from err
     check(isinstance(data, dict), f"config file {str(path)!r} must hold a mapping of sections")
-    return data
+    # `include: [other.yaml, ...]` (paths relative to this file) are merged first, so a preset holds only
+    # what it changes (sd15.yaml = sd21.yaml with another teacher; sd21.yaml includes a concept set).
+    includes = data.pop("include", [])
+    check(isinstance(includes, list), f"{str(path)!r}: `include` must be a list of YAML paths")
+    base = {}
+    for name in includes:
+        base = _merge(base, read_yaml(path.parent / name))
+    return _merge(base, data)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Defaults <- `base` <- YAML preset at `path` <- `overrides` ('section.field=value'), strictly checked."""
+def load_config(path: str | Path | list | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- `base` <- YAML preset(s) at `path` (a list merges left to right) <- `overrides`
+    ('section.field=value'), strictly checked."""
     data = _merge({}, base or {})
-    if path:
-        data = _merge(data, read_yaml(path))
+    for one in path if isinstance(path, (list, tuple)) else [path] if path else []:
+        data = _merge(data, read_yaml(one))
     for text in overrides:
         keys, value = parse_override(text)
         node = data

@@ -3,45 +3,35 @@
 `torchrun --nproc_per_node 2` starts two real DDP ranks; the recipe's Accelerator(cpu=True) joins them over
 gloo. The ranks draw different batches (the step seed includes the rank), so equal final weights on both
 ranks show that gradients were all-reduced rather than that the ranks happened to agree.
+
+The run is the two-optimiser bilevel step (alternating, an upper step after every 2nd of 6 lower steps):
+the summary's `optimizer_states_in_sync` compares a digest of every AdamW moment (exp_avg, exp_avg_sq, step)
+of BOTH optimisers across the ranks, so an upper step whose gradients were not all-reduced would show.
 """
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 import torch
+from launch_helpers import launch, launcher
 
 from safeprune.models.io import load_unet
 from safeprune.pruning import sparsity_masks
 
 
 def test_two_cpu_processes_train_one_model(tmp_path, toy_teacher, magnitude_student, fast_flags):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed beside this Python")
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safeprune.cli", "finetune",
+    cmd = [launcher("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "safeprune.cli", "finetune",
            "--student", str(magnitude_student), "--teacher", str(toy_teacher), "--out", str(out),
-           "--max-steps", "4", *fast_flags]
-    # A session of its own, so a hang kills the launcher AND both ranks (not just torchrun).
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+           "--method", "bilevel", "--solver", "alternating", "--max-steps", "6", *fast_flags,
+           "finetune.upper_every=2"]
+    launch(cmd)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_in_sync"] is True
+    assert summary["upper_steps"] == 3 and summary["optimizer_states_in_sync"] is True  # lower AND upper AdamW
     assert summary["counts"]["student_bwd"] == 2 * summary["counts_per_process"]["student_bwd"]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # only rank 0 logs
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and sum("upper/cu" in line for line in lines) == 3  # only rank 0 logs
+    ckpt = out / "checkpoints" / "step_0000006"
+    assert (ckpt / "lower.optim.safetensors").is_file() and (ckpt / "upper.optim.safetensors").is_file()
     tuned, masks = load_unet(out).state_dict(), sparsity_masks(load_unet(magnitude_student))
     assert all(torch.all(tuned[name][~mask] == 0) for name, mask in masks.items())  # masks hold under DDP

@@ -28,7 +28,7 @@ CASES = {
     "missing teacher": (["--teacher", "{tmp}/nope"], "is not a diffusers pipeline"),
     "mismatched student": (["--student", "{mismatched}"], "student and teacher do not match"),
     "empty dataset": (["--data", "{empty}"], "is empty"),
-    "missing data": (["--data", "{tmp}/nope"], "data folder"),
+    "missing data": (["--data", "{tmp}/nope"], "data source"),
     "bad forget": (["--forget", "=>a painting"], "empty target"),
     "bad config": (["finetune.batch_size=0"], "batch sizes must be > 0"),
     "resume without checkpoint": (["--resume"], "no checkpoint"),

@@ -16,10 +16,10 @@ def _eps(seed):
 
 
 def test_registry_and_unknown_name():
-    assert set(UNLEARNING) == {"esd", "esd_xattn", "ablation"}
+    assert set(UNLEARNING) == {"esd", "esd_xattn", "esd_anchor", "ablation"}
     esd = build_unlearning("esd", FinetuneConfig(esd_eta=2.0))
     assert esd.eta == 2.0 and esd.params == "all" and build_unlearning("esd_xattn", FinetuneConfig()).params == "xattn"
-    with pytest.raises(UserError, match="choose one of: ablation, esd, esd_xattn"):
+    with pytest.raises(UserError, match="choose one of: ablation, esd, esd_anchor, esd_xattn"):
         build_unlearning("uce", FinetuneConfig())
 
 
@@ -37,6 +37,15 @@ def test_esd_target_is_negative_guidance_and_gradient_moves_away_from_concept():
     assert (stepped - cond).norm() > 0 and torch.sum((stepped - cond) * (cond - null)) < 0
     # nothing to erase when the teacher ignores the concept: a teacher-equal student has zero loss
     assert torch.all(esd(null.clone(), esd.target({"target": null, "null": null})) == 0)
+
+
+def test_esd_anchor_guides_away_relative_to_the_anchor_not_the_empty_prompt():
+    esd = build_unlearning("esd_anchor", FinetuneConfig(esd_eta=1.5))
+    cond, anchor = _eps(0), _eps(1)
+    assert esd.teacher_conditions == ("target", "anchor") and esd.params == "all"
+    assert torch.allclose(esd.target({"target": cond, "anchor": anchor}), anchor - 1.5 * (cond - anchor))
+    # what the anchor shares with the target (the object) is kept: if the concept adds nothing, target = anchor
+    assert torch.equal(esd.target({"target": anchor, "anchor": anchor}), anchor)
 
 
 def test_ablation_maps_the_concept_to_the_anchor():

@@ -5,8 +5,7 @@ import pytest
 from PIL import Image
 
 from safeprune.config import ToyWorldConfig
-from safeprune.data.toyworld import (COLOURS, HELDOUT_TEMPLATES, SHAPES, STYLES, TRAIN_TEMPLATES, Labels, ToyWorld,
-                                     draw)
+from safeprune.data.toyworld import COLOURS, HELDOUT_TEMPLATES, SHAPES, STYLES, TRAIN_TEMPLATES, Labels, ToyWorld, draw
 from safeprune.errors import UserError
 
 

@@ -1,4 +1,5 @@
-"""Bilevel fine-tuning: the per-iteration methods (solvers.py) and the diffusion problem they solve (problem.py)."""
+"""Bilevel fine-tuning: the per-iteration methods (solvers.py), the diffusion problem they solve (problem.py),
+and what data-parallel and sharded training change in the two-optimiser step (distributed.py)."""
 
 from safeprune.bilevel.solvers import (
     METHODS,

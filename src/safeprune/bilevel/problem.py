@@ -60,7 +60,7 @@ def step_generator(seed: int, rank: int, step: int, stream: str) -> torch.Genera
 @dataclass(eq=False)
 class DiffusionProblem:
     student: torch.nn.Module  # what the loop calls (may be wrapped by DDP / autocast)
-    student_core: torch.nn.Module  # the unwrapped UNet (hooks, no-grad evaluation)
+    student_core: torch.nn.Module  # the unwrapped UNet (hooks; no-grad evaluation unless sharded)
     teacher: torch.nn.Module  # frozen, eval mode
     scheduler: object  # training noise scheduler (add_noise, alphas_cumprod, prediction type)
     lower_loss: LowerLevelLoss
@@ -74,6 +74,7 @@ class DiffusionProblem:
     teacher_dtype: torch.dtype = torch.float32
     backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward()  # accelerator.backward
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # DDP: skip all-reduce
+    sharded: bool = False  # FSDP: student_core holds only shards, so every forward goes through `student`
     counts: dict = field(default_factory=lambda: {"student_fwd": 0, "student_bwd": 0, "teacher_fwd": 0})
 
     def __post_init__(self):
@@ -100,7 +101,8 @@ class DiffusionProblem:
         emb = self.pools.embeddings[self.pools.lower_prompt[idx].to(self.device)]  # (B, L, D)
         with torch.no_grad(), capture_features(self.teacher, self.teacher_blocks) as teacher_feats:
             teacher_out = self._teacher(x_t, timesteps, emb)
-        student = self.student if train else self.student_core  # no DDP bookkeeping without a backward
+        # No DDP bookkeeping without a backward; FSDP must gather the shards in its wrapper's forward.
+        student = self.student if train or self.sharded else self.student_core
         with capture_features(self.student_core, self.student_blocks) as student_feats:
             student_out = student(x_t, timesteps, encoder_hidden_states=emb).sample
         self.counts["student_fwd"] += x_t.shape[0]

@@ -1,30 +1,44 @@
-"""Image-caption datasets for fine-tuning, and the fixed latent/embedding pools the training loop samples from.
+"""Image-caption sources for fine-tuning, and the fixed latent/embedding pools the training loop samples from.
 
-Sources (`open_image_captions`):
-  - the toy world's `finetune` / `concept` splits, streamed (image i is a pure function of (seed, split, i));
-  - any image folder with a diffusers-style `metadata.jsonl` (`file_name`, `text`, optional label columns),
+Sources (`open_source` / `open_image_captions`), chosen by what `--data` points at:
+  - the toy world's `finetune` / `concept` splits (image i is a pure function of (seed, split, i));
+  - an image folder with a diffusers-style `metadata.jsonl` (`file_name`, `text`, optional label columns),
     e.g. one written by `safeprune toyworld export` or `safeprune concept-images`;
-  - a Hugging Face `datasets` folder written by `save_to_disk` (needs the optional `datasets` package).
+  - Hugging Face `datasets`: a folder written by `save_to_disk`, or parquet/arrow files (one file, a folder
+    of them, or a glob) read with `load_dataset("parquet"|"arrow", data_files=...)`; with
+    `finetune.streaming=true` they are read lazily as an `IterableDataset`; a hub dataset id only with
+    `finetune.hub_data=true` (offline by default);
+  - webdataset tar shards of image + caption (`shards/{000..009}.tar`, a folder of .tar files): see shards.py.
 
-The loop never decodes images: `encode_pool` VAE-encodes a fixed pool once per run and keeps the latent
-Gaussian (mean, std), so every step draws a fresh latent sample z = mean + std * n exactly as
-`vae.encode(x).latent_dist.sample()` would, at the cost of one randn. Captions are embedded once per
-unique text by the frozen text encoder (`embed_prompts`).
+Map-style sources (toy, folder, datasets) expose `record(i)`; iterable ones (shards, streaming datasets)
+expose `records(...)` (shards.py). A record is {"image": PIL RGB, "text": str, "labels": dict, "key": str}.
+Two consumers:
+  - pool mode (the default at toy scale): `encode_pool` VAE-encodes a fixed pool once and keeps the latent
+    Gaussian (mean, std), so every step draws a fresh latent z = mean + std * n exactly as
+    `vae.encode(x).latent_dist.sample()` would, at the cost of one randn; captions are embedded once per
+    unique text (`embed_prompts`). Iterable sources contribute their first `n` samples to a pool;
+  - stream mode (real data sets): stream.py decodes, augments and VAE-encodes fresh images every step.
 """
 
 from __future__ import annotations
 
+import glob
+import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from safeprune.data.transforms import pil_to_tensor
 from safeprune.errors import UserError, check
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 LABEL_COLUMNS = ("shape", "colour", "style")
+TABLE_SUFFIXES = (".parquet", ".arrow")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, as on huggingface.co/datasets/owner/name
 
 
 def to_model_image(image, size: int) -> torch.Tensor:
@@ -38,12 +52,46 @@ def to_model_image(image, size: int) -> torch.Tensor:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (S, S, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return pil_to_tensor(image)
 
 
-class ToySplit(torch.utils.data.Dataset):
-    """The first `n` images of a toy-world split; items {"image", "text", "labels"}."""
+def to_pil(value, where: str):
+    """An image cell as PIL RGB: a PIL image, encoded bytes, or a datasets {"bytes", "path"} dict."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, dict):  # an Image column read without its feature type (e.g. a foreign parquet)
+        value = value.get("bytes") or Path(value.get("path") or "").read_bytes()
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value).convert("RGB")
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(value)) as image:
+                return image.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(f"{where}: the image cannot be decoded ({err}); re-encode or drop that sample") from err
+    check(hasattr(value, "convert"), f"{where}: the image column holds {type(value).__name__}, not an image")
+    return value.convert("RGB")
+
+
+def caption_column(columns, where: str) -> str:
+    """The caption column among `columns`, or a one-line error naming what is there."""
+    found = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    check(found is not None, f"{where} has no caption column ({', '.join(CAPTION_COLUMNS)}); it has {sorted(columns)}")
+    return found
+
+
+class _Resized(torch.utils.data.Dataset):
+    """Items {"image": (3, size, size) in [-1, 1], "text", "labels"} of a source with `record(i)`."""
+
+    size: int
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.record(i)
+        return {"image": to_model_image(record["image"], self.size), "text": record["text"], "labels": record["labels"]}
+
+
+class ToySplit(_Resized):
+    """The first `n` images of a toy-world split."""
 
     def __init__(self, world, split: str, n: int, size: int):
         self.world, self.split, self.n, self.size = world, split, n, size
@@ -51,12 +99,14 @@ class ToySplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> dict:
+    def record(self, i: int) -> dict:
+        from PIL import Image
+
         image, caption, labels = self.world.sample(self.split, i)
-        return {"image": to_model_image(image, self.size), "text": caption, "labels": labels.as_dict()}
+        return {"image": Image.fromarray(image), "text": caption, "labels": labels.as_dict(), "key": str(i)}
 
 
-class ImageFolder(torch.utils.data.Dataset):
+class ImageFolder(_Resized):
     """A folder of images with `metadata.jsonl` lines {"file_name": ..., "text": ..., [label columns]}."""
 
     def __init__(self, folder: str | Path, size: int):
@@ -84,60 +134,148 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
-        from PIL import Image
-
+    def record(self, i: int) -> dict:
         record = self.records[i]
         path = self.folder / record["file_name"]
         check(path.is_file(), f"image {str(path)!r} listed in metadata.jsonl is missing")
-        with Image.open(path) as image:
-            return {"image": to_model_image(image, self.size), "text": record["text"], "labels": record["labels"]}
+        return {"image": to_pil(path.read_bytes(), str(path)), "text": record["text"], "labels": record["labels"],
+                "key": record["file_name"]}
 
 
-class HFImageCaptions(torch.utils.data.Dataset):
-    """A `datasets.Dataset` saved with `save_to_disk`: an `image` column and a caption column."""
+class HFImageCaptions(_Resized):
+    """A map-style `datasets.Dataset` (save_to_disk folder, parquet/arrow files): `image` + a caption column."""
 
-    def __init__(self, folder: str | Path, size: int):
-        try:
-            import datasets
-        except ImportError as err:
-            raise UserError(f"{str(folder)!r} is a Hugging Face dataset folder; install the optional `datasets` "
-                            "package, or export the data as an image folder with metadata.jsonl") from err
-        data = datasets.load_from_disk(str(folder))
-        if isinstance(data, datasets.DatasetDict):
-            check("train" in data, f"dataset {str(folder)!r} has splits {list(data)} but no 'train' split")
-            data = data["train"]
-        self.caption = next((c for c in CAPTION_COLUMNS if c in data.column_names), None)
-        check("image" in data.column_names and self.caption is not None,
-              f"dataset {str(folder)!r} needs an `image` column and one of {', '.join(CAPTION_COLUMNS)}; "
-              f"it has {data.column_names}")
-        self.data, self.size = data, size
+    def __init__(self, data, name: str, size: int | None):
+        self.caption = caption_column(data.column_names, f"dataset {name!r}")
+        check("image" in data.column_names, f"dataset {name!r} has no `image` column; it has {data.column_names}")
+        self.data, self.name, self.size = data, name, size
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> dict:
+    def record(self, i: int) -> dict:
         row = self.data[int(i)]
-        labels = {k: row[k] for k in LABEL_COLUMNS if k in row}
-        return {"image": to_model_image(row["image"], self.size), "text": row[self.caption], "labels": labels}
+        return {"image": to_pil(row["image"], f"{self.name} row {i}"), "text": row[self.caption],
+                "labels": {k: row[k] for k in LABEL_COLUMNS if k in row}, "key": str(i)}
 
 
-def open_image_captions(source: str | Path | None, *, world, split: str, n_toy: int, size: int):
-    """The dataset at `source` (image folder or HF dataset folder), or the toy `split` when `source` is None."""
+def _import_datasets(what: str):
+    try:
+        import datasets
+    except ImportError as err:
+        raise UserError(f"{what} needs the optional `datasets` package: pip install 'safeprune[data]'") from err
+    return datasets
+
+
+def _table_files(source: str) -> tuple[str, list[str]]:
+    """("parquet" | "arrow", files) for a file, a folder of them (recursively) or a glob pattern."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES)
+    else:
+        files = sorted(glob.glob(source)) if any(ch in source for ch in "*?[") else [source]
+    check(bool(files) and all(Path(f).is_file() for f in files),
+          f"no parquet/arrow files at {source!r}; pass a .parquet/.arrow file, a folder of them or a glob")
+    return ("arrow" if files[0].endswith(".arrow") else "parquet"), files
+
+
+def _open_hf(source: str, *, streaming: bool, hub: bool):
+    """A `datasets` source: HFImageCaptions (map-style) or shards.HFStream (streaming=True)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise UserError(f"data source {source!r} needs the optional `datasets` package: "
+                        "pip install 'safeprune[data]'") from err
+    path = Path(source)
+    try:
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                check("train" in data, f"dataset {source!r} has splits {list(data)} but no 'train' split")
+                data = data["train"]
+            data = data.to_iterable_dataset() if streaming else data
+        elif hub:
+            data = datasets.load_dataset(source, split="train", streaming=streaming)
+        else:
+            kind, files = _table_files(source)
+            data = datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types (OSError, ValueError, its own); the user needs one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        check("corresponds to no data" not in first,  # what `datasets` says of a table with no rows
+              f"dataset {source!r} is empty; it needs at least one captioned image")
+        raise UserError(f"cannot read dataset {source!r}: {first}") from err
+    if streaming:
+        from safeprune.data.shards import HFStream
+
+        return HFStream(data, source)
+    check(len(data) > 0, f"dataset {source!r} is empty; it needs at least one captioned image")
+    return HFImageCaptions(data, source, None)
+
+
+def is_shards(source: str) -> bool:
+    """Whether `source` names webdataset shards: a .tar path or pattern, or a folder of .tar files."""
+    path = Path(source)
+    return source.endswith(".tar") or (path.is_dir() and any(path.glob("*.tar")))
+
+
+def open_source(source: str | Path, *, streaming: bool = False, hub: bool = False):
+    """The records behind `--data`: map-style (`record(i)`, len) or iterable (`records(...)`, see shards.py)."""
+    text, path = str(source), Path(source)
+    if is_shards(text):
+        from safeprune.data.shards import ShardStream
+
+        return ShardStream(text)
+    if (path / "metadata.jsonl").is_file():
+        return ImageFolder(path, None)
+    tables = path.suffix in TABLE_SUFFIXES or any(ch in text for ch in "*?[")
+    if tables or any((path / n).is_file() for n in ("dataset_info.json", "dataset_dict.json")) \
+            or any(p.suffix in TABLE_SUFFIXES for p in path.rglob("*") if path.is_dir()):
+        return _open_hf(text, streaming=streaming, hub=False)
+    check(not path.is_dir(), f"{text!r} is neither an image folder with metadata.jsonl, a Hugging Face dataset "
+                             "folder (dataset_info.json), parquet/arrow files nor webdataset .tar shards; "
+                             "point --data at one of those")
+    if HUB_ID.match(text):
+        check(hub, f"--data {text!r} is not a local path; if it is a Hugging Face hub dataset id, set "
+                   "finetune.hub_data=true to download it (needs network), else fix the path")
+        return _open_hf(text, streaming=streaming, hub=True)
+    raise UserError(f"data source {text!r} not found; pass an image folder with metadata.jsonl, a Hugging Face "
+                    "dataset folder, parquet/arrow files or webdataset shards (e.g. shards/{000..009}.tar)")
+
+
+class _Items(torch.utils.data.Dataset):
+    """The first `n` records of an iterable source, held in memory and resized (a pool's worth of images)."""
+
+    def __init__(self, stream, n: int, size: int):
+        self.items = []
+        for record in stream.records(seed=0, epoch=0, rank=0, world=1, shuffle_buffer=0):
+            if len(self.items) == n:
+                break
+            self.items.append({"image": to_model_image(record["image"], size), "text": record["text"],
+                               "labels": record["labels"]})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def open_image_captions(source: str | Path | None, *, world, split: str, n_toy: int, size: int,
+                        streaming: bool = False, hub: bool = False):
+    """Items {"image": (3, size, size), "text", "labels"} of `source`, or of the toy `split` when it is None.
+
+    `n_toy` is the number of toy items, and the most an iterable source (shards, streaming) contributes.
+    """
     if source is None:
         return ToySplit(world, split, n_toy, size)
-    path = Path(source)
-    check(path.is_dir(), f"data folder {str(path)!r} not found; pass an image folder with metadata.jsonl "
-                         "or a Hugging Face dataset saved with save_to_disk")
-    if (path / "metadata.jsonl").is_file():
-        dataset = ImageFolder(path, size)
-    elif (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-        dataset = HFImageCaptions(path, size)
-    else:
-        raise UserError(f"{str(path)!r} is neither an image folder with metadata.jsonl nor a Hugging Face "
-                        "dataset folder (dataset_info.json); point --data/--concept-data at one of those")
-    check(len(dataset) > 0, f"dataset {str(path)!r} is empty; it needs at least one captioned image")
-    return dataset
+    data = open_source(source, streaming=streaming, hub=hub)
+    if not hasattr(data, "record"):  # iterable (shards, streaming): its first n samples
+        data = _Items(data, n_toy, size)
+    data.size = size
+    check(len(data) > 0, f"dataset {str(source)!r} is empty; it needs at least one captioned image")
+    return data
 
 
 # ----------------------------------------------------------------------------- pools
@@ -174,20 +312,26 @@ def pool_indices(length: int, n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
+def latent_gaussian(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) float, each (B, C, h, w), of the scaled latent of images (B, 3, H, W) in [-1, 1]."""
+    dist = vae.encode(images.to(vae.dtype)).latent_dist
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    # z = (sample - shift) * scale, so mean and std transform the same way (std only by the scale).
+    return ((dist.mean - shift) * scale).float(), (dist.std * scale).float()
+
+
+@torch.no_grad()
 def encode_pool(dataset, n: int, vae, *, seed: int = 0, batch_size: int = 64, device="cpu") -> LatentPool:
     """VAE-encode up to `n` items of `dataset` once; keep the latent Gaussian (mean, std) of each."""
     indices = pool_indices(len(dataset), n, seed)
     check(bool(indices), "the dataset is empty; it needs at least one captioned image")
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     means, stds, captions, labels = [], [], [], []
     for start in range(0, len(indices), batch_size):
         items = [dataset[i] for i in indices[start:start + batch_size]]
-        images = torch.stack([it["image"] for it in items]).to(device, vae.dtype)  # (b, 3, H, W) in [-1, 1]
-        dist = vae.encode(images).latent_dist
-        # z = (sample - shift) * scale, so mean and std transform the same way (std only by the scale).
-        means.append(((dist.mean - shift) * scale).float())
-        stds.append((dist.std * scale).float())
+        mean, std = latent_gaussian(vae, torch.stack([it["image"] for it in items]).to(device))
+        means.append(mean)
+        stds.append(std)
         captions += [it["text"] for it in items]
         labels += [it["labels"] for it in items]
     return LatentPool(torch.cat(means), torch.cat(stds), captions, labels)

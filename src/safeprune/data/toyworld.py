@@ -232,13 +232,12 @@ class ToyWorld:
         from safeprune.utils import atomic_folder
 
         check(n > 0, f"--n {n}: export at least one image")
-        with atomic_folder(folder) as tmp:
-            with open(tmp / "metadata.jsonl", "w") as meta:
-                for i in range(n):
-                    image, caption, labels = self.sample(split, i)
-                    name = f"{i:06d}.png"
-                    Image.fromarray(image).save(tmp / name)
-                    meta.write(json.dumps({"file_name": name, "text": caption, **labels.as_dict()}) + "\n")
+        with atomic_folder(folder) as tmp, open(tmp / "metadata.jsonl", "w") as meta:
+            for i in range(n):
+                image, caption, labels = self.sample(split, i)
+                name = f"{i:06d}.png"
+                Image.fromarray(image).save(tmp / name)
+                meta.write(json.dumps({"file_name": name, "text": caption, **labels.as_dict()}) + "\n")
         return Path(folder)
 
     def vocabulary(self) -> list[str]:

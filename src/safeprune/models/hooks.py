@@ -7,13 +7,38 @@ that always removes its hooks, so a crashed step never leaves a hook behind that
 BK-SDM-style block removal (`blocks` pruning, presets `small`/`tiny`) drops the mid block and/or the
 innermost stage; `match_blocks` pairs what survives by position from the image side (down blocks from
 the input, up blocks from the output), so a missing block is left out instead of shifting every pair.
+
+Block names are those of the plain UNet. Distributed wrappers insert path segments (DDP `module.`, FSDP
+`_fsdp_wrapped_module.`, activation checkpointing `_checkpoint_wrapped_module.`, torch.compile `_orig_mod.`);
+`capture_features` strips them, so the same names work on a plain, a DDP- or an FSDP-wrapped UNet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
+
+# Path segments that wrappers insert between a module and its children (never a diffusers module name).
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def canonical_name(name: str) -> str:
+    """A module or parameter name without wrapper segments: DDP's leading `module.`, FSDP's, checkpointing's."""
+    parts = name.split(".") if name else []
+    while parts and parts[0] == "module":  # DDP (also DDP around a compiled module)
+        parts.pop(0)
+    return ".".join(p for p in parts if p not in WRAPPER_SEGMENTS)
+
+
+def named_blocks(unet) -> dict[str, torch.nn.Module]:
+    """{canonical name: module}; where a wrapper and the module it wraps share a name, the outer one (its
+    output is the block's output, and it is what the parent calls)."""
+    modules: dict[str, torch.nn.Module] = {}
+    for name, module in unet.named_modules():
+        modules.setdefault(canonical_name(name), module)
+    return modules
 
 
 def feature_blocks(unet) -> list[str]:
@@ -50,10 +75,11 @@ def capture_features(unet, names: list[str] | tuple[str, ...]):
     The hooks are removed on exit, also when the forward pass raises.
     """
     features: dict[str, torch.Tensor] = {}
-    modules = dict(unet.named_modules())
+    modules = named_blocks(unet)
     missing = [n for n in names if n not in modules]
     if missing:
-        raise KeyError(f"the UNet has no block(s) {missing}; available: {feature_blocks(unet)}")
+        blocks = [n for n in modules if re.fullmatch(r"(down|up)_blocks\.\d+|mid_block", n)]
+        raise KeyError(f"the UNet has no block(s) {missing}; available: {blocks}")
 
     def hook_for(name):
         def hook(_module, _inputs, output):

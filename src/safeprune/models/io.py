@@ -15,11 +15,18 @@ A saved UNet folder (written atomically, no pickles):
 teacher weights, no random init: seconds even at SD scale), then loads the weights strictly with
 `assign=True`. Channel-pruned widths cannot be written as a diffusers config (platform notes), which is
 why the plan, not config.json, is the source of truth.
+
+Teachers (base models) are named the way diffusers users expect: a local pipeline folder, or a hub id such
+as `stabilityai/stable-diffusion-2-1`. A hub id resolves OFFLINE to its snapshot folder in the local Hugging
+Face cache (`pretrained_folder`); only `model.allow_download=true` / `--allow-download` lets diffusers fetch it.
+Safetensors only, never `trust_remote_code`. safeprune.json keeps a hub id as the id (portable), a local
+base model as its absolute path.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +38,48 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHARD_INDEX = WEIGHTS + ".index.json"
 PLAN = "plan.json"
 META = "safeprune.json"
+# owner/name as the hub spells repository ids; anything else (absolute, ./relative, deeper) is a local path
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """Whether `name` names a hub repository rather than a local path (an existing path always wins)."""
+    return not Path(name).expanduser().exists() and bool(HUB_ID.match(str(name)))
+
+
+def pretrained_folder(name: str | Path, revision: str = "", allow_download: bool = False) -> Path:
+    """The local folder of a diffusers model: `name` itself, or a hub id's snapshot in the HF cache.
+
+    A hub id is looked up with `local_files_only=not allow_download` (safetensors only), so nothing is fetched
+    unless the user asked for it; a miss is a one-line UserError that says how to get the files.
+    """
+    if not is_hub_id(name):
+        return Path(name).expanduser()
+    from diffusers import DiffusionPipeline
+
+    try:
+        folder = DiffusionPipeline.download(str(name), revision=revision or None, local_files_only=not allow_download,
+                                            use_safetensors=True)
+    except (OSError, ValueError) as err:
+        if not allow_download:
+            raise UserError(f"{name} is not a local folder and is not in the Hugging Face cache; download it "
+                            f"(hf download {name}) or pass --allow-download / model.allow_download=true") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot download {name} from the Hugging Face hub ({first[:200]}); check the id, the "
+                        "network and HF_HUB_OFFLINE, or download it yourself (hf download ID)") from err
+    return Path(folder)
+
+
+def check_prediction_type(scheduler_config, expected: str, name: str | Path) -> None:
+    """A preset that names the prediction type (sd21.yaml: v_prediction) must get a teacher that has it.
+
+    Training a v-prediction teacher's student on the epsilon target (or back) silently ruins it; the usual
+    cause is a look-alike checkpoint (stable-diffusion-2-1-base is epsilon, stable-diffusion-2-1 is v).
+    """
+    actual = scheduler_config.get("prediction_type", "epsilon")
+    check(not expected or actual == expected,
+          f"teacher {str(name)!r} predicts {actual!r} (its scheduler config) but model.prediction_type={expected!r}; "
+          f"pass the intended checkpoint or set model.prediction_type={actual} (or '' to accept the teacher's)")
 
 
 def save_unet(unet, folder: str | Path, plan: dict | None, base_config: dict | None = None,
@@ -63,7 +112,9 @@ def write_unet(unet, folder: Path, plan: dict | None, base_config: dict | None, 
     header = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers.__version__}
     (folder / "config.json").write_text(json.dumps({**header, **own}, indent=2))
     (folder / PLAN).write_text(json.dumps(plan, indent=1))
-    (folder / META).write_text(json.dumps({"base_model": str(Path(base_model).resolve()) if base_model else None}))
+    if base_model and not is_hub_id(base_model):
+        base_model = str(Path(base_model).resolve())
+    (folder / META).write_text(json.dumps({"base_model": str(base_model) if base_model else None}))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
     check(not any(t.is_meta for t in tensors.values()), "cannot save a UNet without weights (meta device)")
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
@@ -140,19 +191,19 @@ def load_pipeline(folder: str | Path, base_model: str | Path | None = None, devi
 
     from safeprune.models.shipped import teacher_path
 
-    folder = Path(folder)
+    folder = pretrained_folder(folder)  # a hub id: its snapshot in the HF cache (offline)
     check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a pipeline or saved UNet folder")
     components = {}
     if not (folder / "model_index.json").is_file():
         components["unet"] = load_unet(folder)
-        base_model = base_model or base_model_of(folder) or teacher_path()
+        base_model = pretrained_folder(base_model or base_model_of(folder) or teacher_path())
         check((Path(base_model) / "model_index.json").is_file(),
               f"base model {str(base_model)!r} is not a diffusers pipeline folder (no model_index.json); "
               "pass base_model= the teacher pipeline the UNet was pruned from")
         folder = Path(base_model)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True, **components)
+                                                       local_files_only=True, use_safetensors=True, **components)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         raise UserError(f"cannot load a Stable Diffusion pipeline from {str(folder)!r}: "
                         f"{str(err).strip().splitlines()[0]}") from err

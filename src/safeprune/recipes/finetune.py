@@ -11,13 +11,16 @@ One loop, top to bottom:
 
 Run folder: the saved student (config.json, plan.json, safeprune.json, diffusion_pytorch_model.safetensors),
 config.yaml, concepts.json ([{target, anchor}] suppressed), summary.json (method, steps, upper_steps,
-world_size, pass counts, matched feature blocks, wall time), checkpoints/step_NNNNNNN/, logs/ (TensorBoard),
+world_size, params_in_sync / optimizer_states_in_sync (bit-identical on every DDP rank; null under FSDP),
+pass counts, matched feature blocks, wall time), checkpoints/step_NNNNNNN/, logs/ (TensorBoard),
 and metrics.jsonl, one line per iteration with the keys present that step:
   step; lower/diff, lower/out_kd, lower/feat_kd, lower/ft (batch means of eq. 1, 3, 4, 8); upper/cu (L_CU);
   outer/ft, outer/lambda, outer/gap (penalty outer steps); lr/lower, lr/upper; student_fwd, student_bwd,
   teacher_fwd (cumulative passes of this process, counted in images); time_s (since this process started).
 Exact resume: a step's randomness depends only on (seed, rank, step), and checkpoints hold the weights,
 both optimisers and the pass counters, so `--resume` continues bit-for-bit on CPU.
+Multi-GPU: `accelerate launch` with configs/accelerate/*.yaml (DDP or FSDP); what sharding changes in the
+two-optimiser step (evaluation through the wrapper, clipping, gathered checkpoints) is in safeprune.bilevel.distributed.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ RESUMABLE_CHANGES = {f"finetune.{k}" for k in ("max_steps", "ckpt_every_steps", 
 
 def run(cfg: Config, args) -> int:
     """CLI target of `safeprune finetune` (flags: see cli._finetune_args)."""
+    check(bool(args.student) and bool(args.out), "safeprune finetune needs --student DIR (from `safeprune prune`) "
+                                                 "and --out DIR (the run folder)")
     out = finetune(cfg, student=args.student, out=args.out, teacher=args.teacher, data=args.data,
                    concept_data=args.concept_data, forget=args.forget, resume=args.resume)
     print(out)
@@ -132,7 +137,8 @@ def _load_teacher(path: Path):
     try:
         with _no_loading_bars():
             return StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None,
-                                                           requires_safety_checker=False, local_files_only=True)
+                                                           requires_safety_checker=False, local_files_only=True,
+                                                           use_safetensors=True)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         raise UserError(f"cannot load the teacher pipeline from {str(path)!r}: {str(err).splitlines()[0]}") from err
 
@@ -174,21 +180,30 @@ def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
     """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed)."""
     from safeprune.bilevel.problem import Pools
     from safeprune.data.datasets import embed_prompts, encode_pool, open_image_captions
+    from safeprune.data.stream import data_mode, open_stream_pool
     from safeprune.data.toyworld import ToyWorld
     from safeprune.unlearning.concepts import derive_concepts, pair_images
 
     ft = cfg.finetune
     world = ToyWorld(cfg.toyworld, cfg.seed)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = pipe.unet.config.sample_size * vae_scale  # image side the VAE maps onto the UNet's latent size
+    # finetune.resolution, else the image side the VAE maps onto the UNet's native latent size
+    size = ft.resolution or pipe.unet.config.sample_size * vae_scale
     vae = pipe.vae.to(device).eval()
 
-    lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data_pool, size=size)
-    lower = encode_pool(lower_set, ft.data_pool, vae, seed=cfg.seed, device=device)
+    sources = {"streaming": ft.streaming, "hub": ft.hub_data}
+    if data_mode(ft, data) == "stream":  # fresh images every step, VAE-encoded per batch (safeprune.data.stream)
+        lower = open_stream_pool(data, ft, world=world, vae=vae, tokenizer=pipe.tokenizer,
+                                 text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
+                                 dtype=DTYPES[ft.teacher_dtype])
+    else:
+        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data_pool, size=size, **sources)
+        lower = encode_pool(lower_set, ft.data_pool, vae, seed=cfg.seed, device=device)
 
     concepts, concept, pairing = [], None, []
     if unlearning is not None:
-        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.concept_pool, size=size)
+        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.concept_pool, size=size,
+                                          **sources)
         concept = encode_pool(concept_set, ft.concept_pool, vae, seed=cfg.seed + 1, device=device)
         concepts = list(ft.concepts)
         if concepts:
@@ -199,7 +214,10 @@ def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
     prompts = list(dict.fromkeys(["", *lower.captions, *(c.target for c in concepts), *(c.anchor for c in concepts)]))
     row = {p: i for i, p in enumerate(prompts)}
     embeddings = embed_prompts(prompts, pipe.tokenizer, pipe.text_encoder.to(device).eval(), device=device)
-    pools = Pools(lower=lower, lower_prompt=torch.tensor([row[c] for c in lower.captions]), embeddings=embeddings,
+    lower_prompt = torch.tensor([row[c] for c in lower.captions], dtype=torch.long)
+    if hasattr(lower, "attach"):  # stream: rows that each draw fills with its own captions' embeddings
+        embeddings, lower_prompt = lower.attach(embeddings)
+    pools = Pools(lower=lower, lower_prompt=lower_prompt, embeddings=embeddings,
                   null_prompt=row[""])
     if concept is not None:
         pools.concept = concept
@@ -225,11 +243,12 @@ class Training:
     def update(self, which: str) -> None:
         """Clip, step one optimiser, clear EVERY gradient (an upper step's gradients outside its parameter
         set must not leak into the next lower step), keep pruned weights at zero, update the EMA."""
+        from safeprune.bilevel.distributed import clip_grad_norm_
         from safeprune.pruning import reapply_masks
 
         student, opt = self.problem.student_core, self.optimizers[which]
-        if self.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.max_grad_norm)
+        if self.max_grad_norm > 0:  # the norm of this optimiser's parameters only (FSDP: over all shards)
+            clip_grad_norm_(self.accelerator, [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm)
         opt.step()
         student.zero_grad(set_to_none=True)
         reapply_masks(student)
@@ -237,29 +256,69 @@ class Training:
             torch._foreach_lerp_(list(self.ema.parameters()), list(student.parameters()), 1.0 - self.ema_decay)
 
     def modules(self) -> dict:
+        """What checkpoints hold; under FSDP views that gather / scatter full weights (see bilevel.distributed)."""
+        from safeprune.bilevel.distributed import StateDictView
+
+        if self.problem.sharded:
+            return {"student": StateDictView(self.accelerator, self.problem.student)}
         return {"student": self.problem.student_core} | ({"ema": self.ema} if self.ema is not None else {})
 
     def raw_optimizers(self) -> dict:
-        return {k: o.optimizer for k, o in self.optimizers.items()}  # unwrapped from Accelerate, for state dicts
+        """The optimisers unwrapped from Accelerate, for state dicts (FSDP: full-state views, as `modules`)."""
+        from safeprune.bilevel.distributed import StateDictView
+
+        if self.problem.sharded:
+            return {k: StateDictView(self.accelerator, self.problem.student, o.optimizer)
+                    for k, o in self.optimizers.items()}
+        return {k: o.optimizer for k, o in self.optimizers.items()}
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """(modules, optimisers) ready for `save_checkpoint`. A collective under FSDP: call it on every rank."""
+        modules, optimizers = self.modules(), self.raw_optimizers()
+        for item in [*modules.values(), *optimizers.values()]:
+            if hasattr(item, "gather"):
+                item.gather()
+        return modules, optimizers
+
+    def result(self):
+        """What the run folder saves: the EMA copy, else the student. A collective under FSDP (every rank)."""
+        from safeprune.bilevel.distributed import StateDictView
+
+        if self.problem.sharded:
+            return StateDictView(self.accelerator, self.problem.student).gather()
+        return self.ema if self.ema is not None else self.problem.student_core
+
+    def in_sync(self) -> dict:
+        """{"params_in_sync", "optimizer_states_in_sync"}: whether every rank holds bit-identical weights and
+        moments of both optimisers (DDP's promise, checked; None under FSDP, where ranks hold shards)."""
+        from safeprune.bilevel.distributed import in_sync, optimizer_tensors
+
+        moments = [t for o in self.optimizers.values() for t in optimizer_tensors(o.optimizer)]
+        return {"params_in_sync": in_sync(self.accelerator, list(self.problem.student_core.parameters())),
+                "optimizer_states_in_sync": in_sync(self.accelerator, moments)}
 
 
 def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning) -> Training:
     """Optimisers and the diffusion problem for a loaded student/teacher pair and its pools."""
+    from safeprune.bilevel.distributed import check_shardable, is_sharded
     from safeprune.bilevel.problem import DiffusionProblem
     from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
+    from safeprune.optim import build_optimizer
     from safeprune.unlearning import select_parameters
 
     ft = cfg.finetune
+    check_shardable(accelerator, student_core, ft.ema_decay)
     if ft.gradient_checkpointing:
         student_core.enable_gradient_checkpointing()
     # The lower level moves every weight; the upper level those its unlearning loss selects.
-    # Fused AdamW: one kernel per step instead of a Python loop over tensors (3.5x faster on the toy UNet).
+    # finetune.optimizer: fused AdamW (default) or 8-bit AdamW, for both levels (safeprune.optim).
     params = [p for p in student_core.parameters() if p.requires_grad]
-    optimizers = {"lower": torch.optim.AdamW(params, lr=ft.lr, weight_decay=ft.weight_decay, fused=True)}
+    optimizers = {"lower": build_optimizer(ft.optimizer, params, ft.lr, ft.weight_decay)}
     if unlearning is not None:
-        optimizers["upper"] = torch.optim.AdamW(select_parameters(student_core, unlearning.params), lr=ft.upper_lr,
-                                                weight_decay=ft.weight_decay, fused=True)
+        optimizers["upper"] = build_optimizer(ft.optimizer, select_parameters(student_core, unlearning.params),
+                                              ft.upper_lr, ft.weight_decay)
     names = list(optimizers)
+    # One call for the student and BOTH optimisers: Accelerate wraps each, and FSDP re-points their params.
     student, *prepared = accelerator.prepare(student_core, *optimizers.values())
     ema = copy.deepcopy(student_core).requires_grad_(False) if ft.ema_decay > 0 else None
     problem = DiffusionProblem(
@@ -269,7 +328,7 @@ def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, p
         pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper_batch_size,
         grad_accum=ft.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
         teacher_dtype=DTYPES[ft.teacher_dtype], backward=accelerator.backward,
-        no_sync=lambda: accelerator.no_sync(student))
+        no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator))
     return Training(accelerator, problem, dict(zip(names, prepared)), ema, ft.max_grad_norm, ft.ema_decay)
 
 
@@ -298,15 +357,22 @@ def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str 
     check(ft.eval_every_steps == 0 or on_eval is not None,
           "finetune.eval_every_steps needs an evaluation callback (Python API: finetune(..., on_eval=...)); "
           "set it to 0 and evaluate the run folder with `safeprune evaluate`")
-    check(teacher is None or (Path(teacher) / "model_index.json").is_file(),
-          f"teacher folder {str(teacher)!r} is not a diffusers pipeline (no model_index.json); pass --teacher PATH "
-          "to a Stable Diffusion pipeline folder")
-    # The run folder names its base pipeline for load_pipeline; None = the shipped toy teacher (portable).
-    base_model = Path(teacher) if teacher is not None else None
+    from safeprune.models.io import pretrained_folder
+
+    teacher = str(teacher or cfg.model.teacher) or None  # --teacher / the argument win over model.teacher
+    if teacher is not None:  # the resolved config (config.yaml, checkpoints) names the teacher used
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=teacher))
+    # A local folder, or a hub id's snapshot in the HF cache (fetched only with model.allow_download).
+    teacher_dir = pretrained_folder(teacher, cfg.model.revision, cfg.model.allow_download) if teacher else None
+    check(teacher_dir is None or (teacher_dir / "model_index.json").is_file(),
+          f"teacher folder {teacher!r} is not a diffusers pipeline (no model_index.json); pass --teacher PATH "
+          "to a Stable Diffusion pipeline folder or a hub id")
+    # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
+    base_model = teacher
     if forget:  # the resolved config (config.yaml, checkpoints) records what is suppressed
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(ft, concepts=forget))
     resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps)
-    return _train(cfg, method, unlearning, student, base_model or teacher_path(), base_model, out, data,
+    return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
                   concept_data, resume_from, on_eval)
 
 
@@ -319,7 +385,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     from safeprune.bilevel.problem import NonFiniteLoss
     from safeprune.checkpoint import load_checkpoint, save_checkpoint
-    from safeprune.models.io import load_unet
+    from safeprune.models.io import check_prediction_type, load_unet
     from safeprune.utils import resolve_device, seed_everything
 
     ft = cfg.finetune
@@ -331,6 +397,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     # 1. models: the frozen teacher (eval, no grad, optionally low precision) and the trainable student.
     pipe = _load_teacher(teacher_dir)
+    check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
     student_core = load_unet(student_dir).to(device).train()
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
     if ft.teacher_dtype != "fp32":
@@ -344,16 +411,18 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     # 3. optimisers, the problem and the update rule (shared with benchmarks/bench_finetune.py).
     training = build_training(cfg, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning)
-    problem, optimizers, ema = training.problem, training.optimizers, training.ema
+    problem, optimizers = training.problem, training.optimizers
     start = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, training.modules(), training.raw_optimizers())
         start, problem.counts = state["step"], state["counts"]
+        if "data" in state:  # stream mode: continue after the images already drawn
+            pools.lower.load_state_dict(state["data"])
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int, modules: dict, optims: dict) -> Path:
         folder = out / CHECKPOINTS / f"step_{step:07d}"
-        save_checkpoint(folder, step, training.modules(), training.raw_optimizers(),
-                        extra={"counts": problem.counts, "config": to_dict(cfg)})
+        data = {"data": pools.lower.state_dict()} if hasattr(pools.lower, "state_dict") else {}
+        save_checkpoint(folder, step, modules, optims, extra={"counts": problem.counts, "config": to_dict(cfg), **data})
         for old in _checkpoints(out)[:-ft.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return folder
@@ -381,7 +450,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                     for group in opt.param_groups:
                         group["lr"] = lrs[which]
                 logs = method(step, problem, training.update)
-                if on_eval is not None and ft.eval_every_steps and (step + 1) % ft.eval_every_steps == 0 and main:
+                # The last step too: two_stage's unlearning phase may end between two evaluation steps.
+                at_eval = (step + 1) % max(ft.eval_every_steps, 1) == 0 or step + 1 == method.total_steps
+                if on_eval is not None and ft.eval_every_steps and at_eval and main:
                     logs |= {f"eval/{k}": v for k, v in on_eval(step + 1, student_core).items()}
                 accelerator.log(logs, step=step + 1)
                 if main:
@@ -394,8 +465,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                                      if k in ("lower/ft", "upper/cu")}, refresh=False)
                 if (step + 1) % ft.ckpt_every_steps == 0 or step + 1 == method.total_steps:
                     accelerator.wait_for_everyone()
+                    state = training.checkpoint_state()  # every rank: FSDP gathers the shards here
                     if main:
-                        last_good = str(checkpoint(step + 1))
+                        last_good = str(checkpoint(step + 1, *state))
         except NonFiniteLoss as err:
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
             raise UserError(f"{err}; stopped, {where}; lower finetune.lr / finetune.upper_lr and resume with "
@@ -403,13 +475,13 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         bar.close()
 
         # 5. the result: the run folder becomes a saved pruned-UNet folder (EMA weights when enabled).
-        in_sync = _params_in_sync(accelerator, student_core)
+        in_sync, result = training.in_sync(), training.result()  # collectives: every rank
         if main:
-            _save_result(ema if ema is not None else student_core, student_dir, base_model, out)
+            _save_result(result, student_dir, base_model, out)
             world = accelerator.num_processes
             summary = {"method": ft.method, "solver": ft.solver if ft.method == "bilevel" else None,
                        "unlearn": ft.unlearn if unlearning is not None else None, "steps": method.total_steps,
-                       "upper_steps": method.upper_steps, "world_size": world, "params_in_sync": in_sync,
+                       "upper_steps": method.upper_steps, "world_size": world, **in_sync,
                        "counts_per_process": problem.counts,
                        "counts": {k: v * world for k, v in problem.counts.items()},
                        "feature_blocks": [list(p) for p in pairs], "concepts": len(concepts),
@@ -430,16 +502,6 @@ def _forget_accelerate_settings() -> None:
 
 def _method_name(ft: FinetuneConfig) -> str:
     return f"bilevel/{ft.solver}" if ft.method == "bilevel" else ft.method
-
-
-@torch.no_grad()
-def _params_in_sync(accelerator, unet) -> bool:
-    """Whether every process ends with the same weights (DDP's promise; checked, not assumed)."""
-    if accelerator.num_processes == 1:
-        return True
-    checksum = torch.stack([p.detach().double().sum() for p in unet.parameters()]).sum().reshape(1)
-    gathered = accelerator.gather(checksum.to(accelerator.device))
-    return bool(torch.all(gathered == gathered[0]))
 
 
 def _save_result(unet, student_dir: Path, base_model: Path | None, out: Path) -> None:

@@ -1,6 +1,7 @@
 """`safeprune prune`: prune a diffusers UNet (the shipped toy teacher by default) and save a loadable student.
 
-  --model DIR          a diffusers Stable Diffusion pipeline folder (or a plain UNet folder) with weights
+  --model DIR|HUB_ID   a diffusers Stable Diffusion pipeline folder (or a plain UNet folder) with weights, or a
+                       hub id read from the local Hugging Face cache (default: model.teacher, else the toy teacher)
   --unet-config FILE   only a UNet config.json: the architecture is built on the meta device (no weights,
                        seconds even at SD scale) to plan a pruning and read its parameter and MAC counts
 
@@ -43,7 +44,7 @@ def run(cfg: Config, args) -> int:
     check(not (args.model and args.unet_config), "pass either --model or --unet-config, not both")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    source = _load_source(args, device)
+    source = _load_source(cfg, args, device)
     calib = None
     if cfg.prune.method == "channels" and cfg.prune.importance == "taylor" and source.weights:
         calib = taylor_calibration(cfg, source.pipeline_folder, args.calib_data, device)
@@ -73,21 +74,23 @@ def run(cfg: Config, args) -> int:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _load_source(args, device) -> Source:
-    """--unet-config (meta device), --model, or the shipped toy teacher."""
+def _load_source(cfg: Config, args, device) -> Source:
+    """--unet-config (meta device), --model (or model.teacher), or the shipped toy teacher."""
     if args.unet_config:
         return _from_config(Path(args.unet_config))
-    from safeprune.models.io import load_plan, load_unet
+    from safeprune.models.io import is_hub_id, load_plan, load_unet, pretrained_folder
     from safeprune.models.shipped import teacher_path
 
-    folder = Path(args.model) if args.model else teacher_path()
+    model = args.model or cfg.model.teacher
+    folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else teacher_path()
     check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")
     check(load_plan(folder)["method"] == "none", f"{str(folder)!r} is already pruned; prune its base model instead")
     is_pipeline = (folder / "model_index.json").is_file()
     pipeline = folder if is_pipeline else (folder.parent if (folder.parent / "model_index.json").is_file() else None)
     unet = load_unet(folder).to(device)
-    # base_model None = the shipped toy teacher (portable: no install path inside the saved folder)
-    base_model = str(pipeline.resolve()) if (pipeline and args.model) else None
+    # base_model None = the shipped toy teacher (portable: no install path inside the saved folder); a hub id
+    # stays an id (its cache path is machine-specific)
+    base_model = (model if is_hub_id(model) else str(pipeline.resolve())) if (pipeline and model) else None
     return Source(unet, True, base_model, pipeline, _text_tokens(pipeline), str(folder))
 
 

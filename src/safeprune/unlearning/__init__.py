@@ -33,6 +33,7 @@ class Unlearning(Protocol):
 UNLEARNING: dict[str, Callable[..., Unlearning]] = {
     "esd": lambda cfg: ESD(eta=cfg.esd_eta),
     "esd_xattn": lambda cfg: ESD(eta=cfg.esd_eta, params="xattn"),
+    "esd_anchor": lambda cfg: ESD(eta=cfg.esd_eta, reference="anchor"),
     "ablation": lambda cfg: Ablation(),
 }
 

@@ -7,6 +7,12 @@ x_t are noised latents of concept images, as in the released bilevel code (not E
 `esd` moves every student parameter (ESD-u-like); `esd_xattn` moves only the cross-attention layers
 (ESD's "ESD-x", which its authors use for artistic styles): a prompt-specific edit with less collateral
 damage to prompts that do not name the concept.
+
+`esd_anchor` guides away from the concept relative to its ANCHOR prompt instead of the empty prompt:
+  target = eps_T(x_t, t, c') - eta (eps_T(x_t, t, c) - eps_T(x_t, t, c')).
+When the target prompt c names a whole scene ("a striped red circle"), eps_T(c) - eps_T(null) points away
+from the object as well as the concept, so plain ESD also teaches "draw nothing here"; with the anchor
+c' = "a red circle" the difference isolates the concept itself (measured on the toy world, see README).
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ from safeprune.losses.base import mse_per_sample
 class ESD:
     eta: float = 1.0  # negative-guidance strength
     params: str = "all"  # which student parameters the upper step moves: all | xattn
-    teacher_conditions: tuple[str, ...] = ("target", "null")  # prompts the teacher is evaluated with
+    reference: str = "null"  # the prompt guidance pushes away from the concept relative to: null | anchor
+
+    @property
+    def teacher_conditions(self) -> tuple[str, ...]:  # prompts the teacher is evaluated with
+        return ("target", self.reference)
 
     def target(self, teacher_eps: dict[str, torch.Tensor]) -> torch.Tensor:
         """The negatively guided teacher prediction, (B, C, H, W)."""
-        null, cond = teacher_eps["null"], teacher_eps["target"]
-        return null - self.eta * (cond - null)
+        ref, cond = teacher_eps[self.reference], teacher_eps["target"]
+        return ref - self.eta * (cond - ref)
 
     def __call__(self, student_eps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return mse_per_sample(student_eps, target.detach())  # (B,)

@@ -103,7 +103,10 @@ class Concept:
 class FinetuneConfig:
     method: str = "bilevel"  # distill | two_stage | bilevel
     solver: str = "alternating"  # bilevel solver: alternating | penalty
-    unlearn: str = "esd"  # upper-level loss: esd | esd_xattn | esd_anchor | ablation (see safeprune.unlearning)
+    # upper-level loss: esd | esd_xattn | esd_anchor | ablation (see safeprune.unlearning). The toy default is
+    # esd_anchor at eta 2: toy concept prompts name whole scenes, so guidance relative to the empty prompt also
+    # erases the object (docs/demo/tuning.md); the SD presets use the paper's esd at eta 1.
+    unlearn: str = "esd_anchor"
     concepts: list[Concept] = field(default_factory=list)  # [] = derived from the concept images' captions
     max_steps: int = 300  # lower-level iterations (two_stage: fine-tune part; see unlearn_steps)
     unlearn_steps: int = -1  # two_stage unlearning steps; -1 = bilevel's upper-step count (equal budget)
@@ -121,7 +124,7 @@ class FinetuneConfig:
     lambda_out: float = 2.0  # weight of output distillation (eq. 3)
     lambda_feat: float = 0.1  # weight of feature distillation (eq. 4)
     snr_gamma: float = 5.0  # Min-SNR-gamma weighting of the denoising loss; 0 disables it
-    esd_eta: float = 1.0  # negative-guidance strength of `esd`
+    esd_eta: float = 2.0  # negative-guidance strength eta of the esd losses (the paper: 1.0, see unlearn)
     data_pool: int = 1024  # lower-level images VAE-encoded once per run (the loop samples from this pool)
     concept_pool: int = 256  # concept images VAE-encoded once per run
     # Data at scale (safeprune.data.stream). pool = VAE-encode `data_pool` images once (exact resume, fast at

@@ -36,7 +36,7 @@ def _pipe_with(teacher_pipe, unet):
     """The teacher pipeline's parts around another UNet (no copies)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(**{**teacher_pipe.components, "unet": unet})
+    pipe = StableDiffusionPipeline(**{**teacher_pipe.components, "unet": unet}, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

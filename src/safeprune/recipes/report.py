@@ -73,11 +73,13 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
     for ax, (key, title) in zip(axes, CURVES):
-        for name, points in curves.items():
+        for i, (name, points) in enumerate(curves.items()):
             pts = [(p["step"], p[key]) for p in points if key in p]
             if pts:
                 steps = sorted({s for s, _ in pts})
-                ax.plot(steps, [np.mean([v for s, v in pts if s == st]) for st in steps], marker="o", label=name)
+                # Earlier lines drawn wider: two_stage's first phase IS distill and would hide its line.
+                ax.plot(steps, [np.mean([v for s, v in pts if s == st]) for st in steps], marker="o", label=name,
+                        linewidth=1.5 + 2.5 * (len(curves) - 1 - i), markersize=5 + 3 * (len(curves) - 1 - i))
         ax.set_xlabel("training step")
         ax.set_title(title)
         ax.grid(alpha=0.3)

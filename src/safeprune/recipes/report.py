@@ -36,11 +36,15 @@ CURVES = (("eval/fd", "fd (judge space)"), ("eval/leakage", "leakage"))
 
 
 def aggregate(runs: list[dict]) -> dict:
-    """Mean of every numeric key over runs (seeds), with `<key>_std` siblings when there are several."""
-    keys = [k for k in runs[0] if all(isinstance(r.get(k), (int, float)) for r in runs)]
-    out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
-    if len(runs) > 1:
-        out |= {f"{k}_std": float(np.std([r[k] for r in runs], ddof=1)) for k in keys}
+    """Mean of every numeric key over the runs (seeds) that have it, with `<key>_std` siblings where several do
+    (the demo times sampling on the first seed only)."""
+    values: dict[str, list[float]] = {}
+    for run in runs:
+        for k, v in run.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                values.setdefault(k, []).append(v)
+    out = {k: float(np.mean(v)) for k, v in values.items()}
+    out |= {f"{k}_std": float(np.std(v, ddof=1)) for k, v in values.items() if len(v) > 1}
     return out
 
 

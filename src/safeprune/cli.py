@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import yaml
 
 # Model hubs are unreachable by design: fail fast instead of retrying for ~25 s (platform notes).
-# `model.allow_download=true` lifts this default (not a user's own HF_HUB_OFFLINE) before any hub import.
+# `model.allow_download=true` / `finetune.hub_data=true` lift this default (not a user's own HF_HUB_OFFLINE)
+# before any hub import.
 _OFFLINE_BY_DEFAULT = "HF_HUB_OFFLINE" not in os.environ
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -180,6 +181,24 @@ def resolve(args: argparse.Namespace):
     return load_config(args.config, flags + list(args.overrides))
 
 
+def _in_given_order(argv: list[str], presets: list[str], flagged: list[str]) -> list[str]:
+    """Config files as they appear on the command line, whether bare FILE.yaml words or --config values
+    (`--config sd21 configs/concepts/nudity.yaml` must let nudity.yaml win, as the presets' comments say)."""
+    ordered, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--config" and i + 1 < len(argv):
+            ordered.append(argv[i + 1])
+            i += 1
+        elif word.startswith("--config="):
+            ordered.append(word.split("=", 1)[1])
+        elif word in presets:
+            ordered.append(word)
+        i += 1
+    # anything argparse read differently (e.g. an abbreviated flag): bare words first, as before
+    return ordered if sorted(ordered) == sorted([*presets, *flagged]) else [*presets, *flagged]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides are free-standing `key=value` words anywhere after the command (argparse cannot mix a
@@ -187,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     args.overrides = [word for word in extra if "=" in word and not word.startswith("-")]
     presets = [word for word in extra if word.endswith((".yaml", ".yml")) and word not in args.overrides]
-    args.config = [*presets, *(args.config or [])] or None  # `safeprune finetune configs/sd21.yaml` = --config
+    # `safeprune finetune configs/sd21.yaml` = --config; later files win, in command-line order
+    args.config = _in_given_order(sys.argv[1:] if argv is None else list(argv), presets, args.config or []) or None
     unknown = [word for word in extra if word not in args.overrides and word not in presets]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -197,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cfg = resolve(args)
-            if cfg.model.allow_download and _OFFLINE_BY_DEFAULT:  # the user asked for the network: lift our default
+            # the user asked for the network (a hub-id teacher or a hub data set): lift our default
+            if (cfg.model.allow_download or cfg.finetune.hub_data) and _OFFLINE_BY_DEFAULT:
                 os.environ.pop("HF_HUB_OFFLINE", None)
                 os.environ.pop("TRANSFORMERS_OFFLINE", None)
             if args.dry_run:

@@ -89,3 +89,30 @@ def test_shipped_accelerate_configs_load():
     assert configs["ddp_4gpu"].num_processes == 4 and configs["cpu_2proc"].num_processes == 2
     fsdp = configs["fsdp_4gpu"].fsdp_config
     assert fsdp["fsdp_version"] == 1 and fsdp["fsdp_use_orig_params"] is True  # two optimisers over one set
+
+
+def test_fp16_clipping_unscales_shared_gradients_once(monkeypatch):
+    """Lower and upper optimisers share parameters: clipping before the lower step must unscale each
+    gradient once (accelerate's clip_grad_norm_ unscales through every prepared optimiser)."""
+    from accelerate import Accelerator
+
+    from safeprune.bilevel.distributed import clip_grad_norm_
+    from safeprune.recipes.finetune import _forget_accelerate_settings
+
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), torch.randn(3, 4)
+    try:
+        accelerator = Accelerator(cpu=True)
+        # fp16 loss scaling as on a GPU (Accelerate only builds a scaler there): a CPU GradScaler
+        monkeypatch.setattr(type(accelerator), "mixed_precision", property(lambda self: "fp16"))
+        accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=1024.0)
+        lower = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        upper = torch.optim.AdamW(net[1].parameters(), lr=1e-2)  # a subset, as the unlearning loss selects
+        net, lower, upper = accelerator.prepare(net, lower, upper)
+        accelerator.backward(net(x).square().mean())  # gradients x 1024
+        true_grads = [p.grad / 1024.0 for p in net.parameters()]
+        clip_grad_norm_(accelerator, list(net.parameters()), 1e6, optimizer=lower)  # a norm that never clips
+        for got, want in zip((p.grad for p in net.parameters()), true_grads):
+            torch.testing.assert_close(got, want)
+    finally:
+        _forget_accelerate_settings()

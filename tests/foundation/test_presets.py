@@ -1,6 +1,9 @@
 """The Stable Diffusion presets: the paper's recipe, composition of concept sets, the dry run, hub ids offline."""
 
+import os
+
 import pytest
+import yaml
 
 from safeprune.cli import main
 from safeprune.config import CONFIG_DIR, load_config
@@ -56,3 +59,28 @@ def test_hub_id_offline_is_a_one_line_error(capsys, tmp_path):
     code = main(["finetune", "--student", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--teacher", "safeprune-tests/no-such-model"])
     assert code == 2 and "model.allow_download=true" in capsys.readouterr().err
+
+
+def test_presets_merge_in_command_line_order(capsys):
+    """`--config sd21 concepts/nudity.yaml` (the nudity experiment) must end with nudity, not the artists."""
+    nudity = str(CONFIG_DIR / "concepts" / "nudity.yaml")
+    orders = {"nudity": (["--config", "sd21", nudity], ["--config=sd21", nudity], [str(CONFIG_DIR / "sd21.yaml"), nudity]),
+              "a painting in the style of Van Gogh": ([nudity, "--config", "sd21"],)}
+    for first_target, argvs in orders.items():
+        for argv in argvs:  # `prune --dry-run` prints the whole resolved config, without the finetune estimate
+            assert main(["prune", "--out", "x", *argv, "--dry-run"]) == 0
+            concepts = yaml.safe_load(capsys.readouterr().out)["finetune"]["concepts"]
+            assert concepts[0]["target"] == first_target, argv
+
+
+@pytest.mark.parametrize("flag", ["model.allow_download=true", "finetune.hub_data=true"])
+def test_asking_for_the_hub_lifts_the_offline_default(monkeypatch, capsys, flag):
+    """finetune.hub_data=true must be able to download (its error message says so), as --allow-download can."""
+    import safeprune.cli
+
+    monkeypatch.setattr(safeprune.cli, "_OFFLINE_BY_DEFAULT", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # monkeypatch restores both afterwards
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert main(["prune", "--out", "x", flag, "--dry-run"]) == 0
+    capsys.readouterr()
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ

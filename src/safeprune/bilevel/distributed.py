@@ -62,11 +62,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the gradients of `params` to a global L2 norm of `max_norm`; returns the norm before clipping."""
-    if not is_sharded(accelerator):
-        return accelerator.clip_grad_norm_(params, max_norm)  # DDP: gradients are already all-reduced
-    accelerator.unscale_gradients()  # fp16: the norm of the true gradients
+def clip_grad_norm_(accelerator, params: list[torch.nn.Parameter], max_norm: float, optimizer=None) -> torch.Tensor:
+    """Clip the gradients of `params` (those of `optimizer`, the one about to step) to a global L2 norm of
+    `max_norm`; returns the norm before clipping.
+
+    fp16: only `optimizer`'s gradients are unscaled. `accelerator.clip_grad_norm_` unscales through EVERY
+    prepared optimiser, and the lower and upper ones share parameters, so the shared gradients would be
+    divided by the loss scale twice (and the step, not knowing, would not undo it).
+    """
+    accelerator.unscale_gradients(optimizer)  # fp16: the norm of the true gradients; a no-op otherwise
+    if not is_sharded(accelerator):  # DDP: gradients are already all-reduced
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [_local(p.grad) for p in params if p.grad is not None]
     squares = torch.zeros((), device=accelerator.device, dtype=torch.float32)
     for g in grads:

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -189,6 +190,11 @@ def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     # finetune.resolution, else the image side the VAE maps onto the UNet's native latent size
     size = ft.resolution or pipe.unet.config.sample_size * vae_scale
+    missing = [flag for flag, given, needed in (("--data", data, True), ("--concept-data", concept_data,
+                                                unlearning is not None)) if needed and given is None]
+    if missing and size != cfg.toyworld.size:  # legal, but a teacher of another image size is surely not a toy
+        warnings.warn(f"no {' / '.join(missing)} given: fine-tuning a {size} px teacher on the toy world's "
+                      f"{cfg.toyworld.size} px images; pass your own image folder or dataset", stacklevel=1)
     vae = pipe.vae.to(device).eval()
 
     sources = {"streaming": ft.streaming, "hub": ft.hub_data}
@@ -248,7 +254,8 @@ class Training:
 
         student, opt = self.problem.student_core, self.optimizers[which]
         if self.max_grad_norm > 0:  # the norm of this optimiser's parameters only (FSDP: over all shards)
-            clip_grad_norm_(self.accelerator, [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm)
+            clip_grad_norm_(self.accelerator, [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm,
+                            optimizer=opt)
         opt.step()
         student.zero_grad(set_to_none=True)
         reapply_masks(student)

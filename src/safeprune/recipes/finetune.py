@@ -66,6 +66,12 @@ def lower_lr(cfg: FinetuneConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
+def _due(step: int, every: int, total: int) -> bool:
+    """Whether iteration `step` (0-based) ends a period of `every` iterations, or ends the run: checkpoints and
+    evaluations also happen at the last step (two_stage's unlearning may end between two periods)."""
+    return (step + 1) % every == 0 or step + 1 == total
+
+
 # ----------------------------------------------------------------------------- run folder
 
 
@@ -457,9 +463,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                     for group in opt.param_groups:
                         group["lr"] = lrs[which]
                 logs = method(step, problem, training.update)
-                # The last step too: two_stage's unlearning phase may end between two evaluation steps.
-                at_eval = (step + 1) % max(ft.eval_every_steps, 1) == 0 or step + 1 == method.total_steps
-                if on_eval is not None and ft.eval_every_steps and at_eval and main:
+                if on_eval is not None and ft.eval_every_steps and main \
+                        and _due(step, ft.eval_every_steps, method.total_steps):
                     logs |= {f"eval/{k}": v for k, v in on_eval(step + 1, student_core).items()}
                 accelerator.log(logs, step=step + 1)
                 if main:
@@ -470,7 +475,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                     bar.update(1)
                     bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items()
                                      if k in ("lower/ft", "upper/cu")}, refresh=False)
-                if (step + 1) % ft.ckpt_every_steps == 0 or step + 1 == method.total_steps:
+                if _due(step, ft.ckpt_every_steps, method.total_steps):
                     accelerator.wait_for_everyone()
                     state = training.checkpoint_state()  # every rank: FSDP gathers the shards here
                     if main:

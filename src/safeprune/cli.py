@@ -78,7 +78,9 @@ def _finetune_args(p):
                    help="fetch a hub-id teacher that is not in the local Hugging Face cache")
     p.add_argument("--method", dest="finetune.method", help="distill | two_stage | bilevel")
     p.add_argument("--solver", dest="finetune.solver", help="bilevel solver: alternating | penalty")
-    p.add_argument("--unlearn", dest="finetune.unlearn", help="upper-level loss (esd | ablation | ...)")
+    p.add_argument("--unlearn", dest="finetune.unlearn",
+                   help="upper-level loss (esd | esd_xattn | esd_anchor | ablation); with two_stage also an erasure "
+                        "method run after distilling (uce | conceptprune | esd_paper, settings in unlearn.*)")
     p.add_argument("--forget", action="append", default=None,
                    help='concept prompt to suppress; repeatable; "TARGET=>ANCHOR" sets an anchor')
     p.add_argument("--max-steps", dest="finetune.max_steps", help="lower-level iterations")
@@ -88,6 +90,22 @@ def _finetune_args(p):
     p.add_argument("--concept-data", default=None, help="concept images folder (default: toy concept split)")
     p.add_argument("--out", default=None, help="run folder (required)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
+
+
+def _unlearn_args(p):
+    from safeprune.erasure import ERASURE
+
+    p.add_argument("--model", default=None,
+                   help="diffusers pipeline folder, or a UNet folder from prune / finetune / unlearn (default: the toy "
+                        "teacher)")
+    p.add_argument("--method", dest="unlearn.method", choices=sorted(ERASURE), metavar="NAME",
+                   help=f"erasure method: {' | '.join(ERASURE)} (default unlearn.method)")
+    p.add_argument("--forget", action="append", default=None,
+                   help='concept prompt to erase; repeatable; "TARGET=>ANCHOR" sets an anchor (default: unlearn.concepts, '
+                        "finetune.concepts, else the toy world's concept captions)")
+    p.add_argument("--concept-data", default=None,
+                   help="concept images of the loss-based methods (esd, esd_anchor, ...; default: toy concept split)")
+    p.add_argument("--out", default=None, help="output folder: the erased model (required)")
 
 
 def _concept_images_args(p):
@@ -129,6 +147,8 @@ COMMANDS: dict[str, Command] = {
     "prune": Command("prune a diffusers UNet and save it so it loads back", _prune_args, "safeprune.recipes.prune:run"),
     "finetune": Command("distill a pruned student and suppress concepts (bilevel)", _finetune_args,
                         "safeprune.recipes.finetune:run", "safeprune.recipes.launch:describe_finetune"),
+    "unlearn": Command("erase concepts from a model (ESD, UCE, ConceptPrune, the upper-level losses)", _unlearn_args,
+                       "safeprune.recipes.unlearn:run"),
     "concept-images": Command("draw concept images with the teacher (upper-level data)", _concept_images_args,
                               "safeprune.recipes.generate:run_concept_images"),
     "generate": Command("sample images for prompts, one seed per image", _generate_args,

@@ -58,14 +58,17 @@ def reapply_masks(unet) -> None:
 
 
 def restore_masks(unet, plan: dict) -> None:
-    """After loading saved weights: re-register the masks of a `magnitude` plan (no-op for other plans)."""
-    if plan.get("method") != "magnitude":
-        return
-    masks = {name: unet.get_submodule(name).weight != 0 for name in plan["layers"]}
+    """After loading saved weights: re-register the masks of a `magnitude` plan and of the plan's
+    `masked_layers` (zeros an erasure method such as ConceptPrune keeps, safeprune.erasure); else a no-op."""
+    names = list(plan["layers"]) if plan.get("method") == "magnitude" else []
+    masks = {name: unet.get_submodule(name).weight != 0 for name in names}
     zeros = sum(int((~m).sum()) for m in masks.values())
-    check(zeros >= plan["zeroed"], f"the weights hold {zeros} zeros but the magnitude plan pruned {plan['zeroed']}: "
-                                   "the fine-tuning loop did not call safeprune.pruning.reapply_masks after each step")
-    register_masks(unet, masks)
+    check(not names or zeros >= plan["zeroed"],
+          f"the weights hold {zeros} zeros but the magnitude plan pruned {plan.get('zeroed')}: "
+          "the fine-tuning loop did not call safeprune.pruning.reapply_masks after each step")
+    masks |= {name: unet.get_submodule(name).weight != 0 for name in plan.get("masked_layers", [])}
+    if masks:
+        register_masks(unet, masks)
 
 
 @dataclass(frozen=True)

@@ -361,10 +361,21 @@ def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str 
     from safeprune.unlearning import build_unlearning
     from safeprune.unlearning.concepts import parse_forget
 
+    from safeprune.bilevel.solvers import Distill
+    from safeprune.erasure import WHOLE_MODEL
+
     ft = cfg.finetune
     forget = parse_forget(forget) if forget else None  # CLI concepts replace finetune.concepts
     out, student = Path(out), Path(student)
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
+    # two_stage with a whole-model erasure method (uce, conceptprune, esd_paper): distil, then erase the result
+    erasure = ft.unlearn if ft.method == "two_stage" and ft.unlearn in WHOLE_MODEL else None
+    if erasure is not None:
+        from safeprune.erasure import build_erasure
+        from safeprune.recipes.unlearn import matched_budget
+
+        build_erasure(matched_budget(cfg), erasure)  # its settings and budget are checked now, not after distilling
+        method = Distill(ft.max_steps)
     unlearning = build_unlearning(ft.unlearn, ft) if uses_upper(method) else None
     check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
     check(ft.eval_every_steps == 0 or on_eval is not None,
@@ -385,8 +396,29 @@ def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str 
     if forget:  # the resolved config (config.yaml, checkpoints) records what is suppressed
         cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(ft, concepts=forget))
     resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps)
-    return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
-                  concept_data, resume_from, on_eval)
+    _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
+           concept_data, resume_from, on_eval)
+    if erasure is not None:
+        _second_stage(cfg, out, concept_data)
+    return out
+
+
+def _second_stage(cfg: Config, out: Path, concept_data) -> None:
+    """two_stage's erasure stage on the distilled student in `out`; summary.json records it and its passes."""
+    from safeprune.recipes.unlearn import erase_run_folder
+
+    t0 = time.perf_counter()
+    report = erase_run_folder(cfg, out, concept_data=concept_data)
+    summary = json.loads((out / "summary.json").read_text())
+    counts = dict(summary["counts"])
+    for key, value in report.get("counts", {}).items():  # the erasure's own student passes (esd_paper)
+        if key.startswith("student"):
+            counts[key] = counts.get(key, 0) + value
+    report.pop("masked_layers", None)
+    summary |= {"method": "two_stage", "unlearn": cfg.finetune.unlearn, "erasure": report, "counts": counts,
+                "upper_steps": report.get("steps", 0), "steps": summary["steps"] + report.get("steps", 0),
+                "wall_s": round(summary["wall_s"] + time.perf_counter() - t0, 2)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, data, concept_data, resume_from,

@@ -122,7 +122,7 @@ class ESDPaper:
             reapply_masks(unet)  # a magnitude / ConceptPrune student keeps its zeros
             counts["student_fwd"] += self.batch_size
             counts["student_bwd"] += self.batch_size
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         unet.requires_grad_(True).eval()
         tail = losses[-max(1, len(losses) // 10):]
         return {"steps": self.steps, "batch_size": self.batch_size, "params": self.params,

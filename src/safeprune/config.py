@@ -193,13 +193,15 @@ class EsdPaperConfig:
     eta: float = 1.0  # negative guidance (the paper: 1)
     params: str = "xattn"  # xattn = ESD-x (cross-attention; the authors' choice for styles) | noxattn = ESD-u | full
     batch_size: int = 1  # self-sampled x_t per iteration (the paper: 1)
-    sample_steps: int = 50  # DDIM steps of the schedule x_t is partially sampled on (the paper: 50)
+    # DDIM steps of the schedule x_t is partially sampled on; 0 = sample.steps, the model's own sampler (the paper
+    # used SD's 50; configs/sd21.yaml sets 50)
+    sample_steps: int = 0
     start_guidance: float = 3.0  # classifier-free guidance while sampling x_t (the paper: 3)
     reference: str = "null"  # null = the paper's guidance relative to the empty prompt | anchor = the concept's anchor
 
     def __post_init__(self):
-        check(self.steps > 0 and self.batch_size > 0 and self.sample_steps >= 2,
-              "unlearn.esd_paper.steps and batch_size must be > 0 and sample_steps >= 2")
+        check(self.steps > 0 and self.batch_size > 0 and (self.sample_steps >= 2 or self.sample_steps == 0),
+              "unlearn.esd_paper.steps and batch_size must be > 0, sample_steps >= 2 (or 0 = sample.steps)")
         check(self.lr > 0 and self.eta >= 0 and self.start_guidance >= 0,
               "unlearn.esd_paper.lr must be > 0, eta and start_guidance >= 0")
         check(self.params in ("xattn", "noxattn", "full"),
@@ -311,6 +313,12 @@ class EvalConfig:
 @dataclass
 class DemoConfig:
     seeds: int = 1  # repeat fine-tuning + evaluation with this many seeds; mean +- std when > 1
+    # erasure methods (safeprune.erasure) applied to the distilled student, one "distill+NAME" row each: the
+    # paper's two-stage baselines (settings: unlearn.*; training-based ones at bilevel's upper budget)
+    baselines: list[str] = field(default_factory=lambda: ["esd_paper", "uce", "conceptprune"])
+    # section.field=value overrides for the distill+bilevel_loss (two_stage) row only: its upper-level settings
+    # share finetune.* keys with bilevel, and the tuning sweep may choose other values (docs/demo/tuning.md)
+    two_stage_overrides: list[str] = field(default_factory=list)
     curve_every: int = 100  # evaluate leakage and fd every N fine-tuning steps (curves.png)
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
 

@@ -67,13 +67,16 @@ class ESDPaper:
     eta: float = 1.0
     params: str = "xattn"
     batch_size: int = 1
-    sample_steps: int = 50
+    sample_steps: int = 0  # 0 = sample.steps
     start_guidance: float = 3.0
     reference: str = "null"
 
     @classmethod
     def from_config(cls, c) -> ESDPaper:
         return cls(c.steps, c.lr, c.eta, c.params, c.batch_size, c.sample_steps, c.start_guidance, c.reference)
+
+    def schedule_length(self, ctx) -> int:
+        return self.sample_steps or ctx.cfg.sample.steps  # 0 = the model's own sampler (sample.steps)
 
     def __call__(self, unet, ctx) -> dict:
         import time
@@ -95,7 +98,8 @@ class ESDPaper:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=self.lr)  # the authors' optimiser (no weight decay)
         scheduler = DDIMScheduler.from_config(ctx.pipe.scheduler.config)
-        scheduler.set_timesteps(self.sample_steps)
+        n_steps = self.schedule_length(ctx)
+        scheduler.set_timesteps(n_steps)
         targets = ctx.embed([c.target for c in ctx.concepts])  # (P, L, D)
         refs = ctx.embed([c.anchor if self.reference == "anchor" else "" for c in ctx.concepts])
         null = ctx.embed([""])
@@ -105,7 +109,7 @@ class ESDPaper:
         for step in tqdm(range(self.steps), desc="unlearn esd_paper", unit="it", disable=not ctx.progress,
                          dynamic_ncols=True):
             gen = step_generator(ctx.cfg.seed, 0, step, "esd_paper")
-            stop = int(torch.randint(self.sample_steps, (1,), generator=gen))
+            stop = int(torch.randint(n_steps, (1,), generator=gen))
             idx = torch.randint(len(ctx.concepts), (self.batch_size,), generator=gen)
             emb_c, emb_r = targets[idx], refs[idx]
             x_t, t = sample_xt(unet, scheduler, emb_c, null, stop, self.start_guidance, gen)
@@ -125,7 +129,7 @@ class ESDPaper:
             losses.append(float(loss.detach()))
         unet.requires_grad_(True).eval()
         tail = losses[-max(1, len(losses) // 10):]
-        return {"steps": self.steps, "batch_size": self.batch_size, "params": self.params,
+        return {"steps": self.steps, "batch_size": self.batch_size, "params": self.params, "sample_steps": n_steps,
                 "trained_params": sum(p.numel() for p in params), "loss_first": losses[0],
                 "loss_last10pct": sum(tail) / len(tail), "counts": counts,
                 "seconds": round(time.perf_counter() - start, 2)}

@@ -102,7 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
     from safeprune.eval.judge import load_judge
     from safeprune.eval.metrics import evaluate_model
     from safeprune.models.io import load_pipeline
-    from safeprune.models.shipped import load_teacher
     from safeprune.recipes import prune as prune_recipe
     from safeprune.recipes.finetune import finetune
     from safeprune.recipes.unlearn import matched_budget, unlearn
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     student = root / "student"
     if not student.exists():  # every configuration starts from the same pruned student
         prune_recipe.run(base, argparse.Namespace(model=None, unet_config=None, out=str(student), calib_data=None))
-    judge, teacher = load_judge(), load_teacher()
+    judge = load_judge()
     results = root / "results.jsonl"
 
     def evaluate(folder: Path, cfg, seed: int) -> dict:

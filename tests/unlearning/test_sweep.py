@@ -18,8 +18,13 @@ def _sweep():
 
 def test_development_prompts_are_new_sentences_in_the_toy_vocabulary():
     from safeprune.config import Config
-    from safeprune.data.toyworld import (HELDOUT_TEMPLATES, HELDOUT_TEMPLATES_NO_STYLE, TRAIN_TEMPLATES,
-                                         TRAIN_TEMPLATES_NO_STYLE, ToyWorld)
+    from safeprune.data.toyworld import (
+        HELDOUT_TEMPLATES,
+        HELDOUT_TEMPLATES_NO_STYLE,
+        TRAIN_TEMPLATES,
+        TRAIN_TEMPLATES_NO_STYLE,
+        ToyWorld,
+    )
 
     sweep = _sweep()
     reported = set(TRAIN_TEMPLATES + TRAIN_TEMPLATES_NO_STYLE + HELDOUT_TEMPLATES + HELDOUT_TEMPLATES_NO_STYLE)

@@ -357,12 +357,11 @@ def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str 
     main process and its numbers are logged with the step's metrics.
     """
     from safeprune.bilevel import build_method, uses_upper
+    from safeprune.bilevel.solvers import Distill
+    from safeprune.erasure import WHOLE_MODEL
     from safeprune.models.shipped import teacher_path
     from safeprune.unlearning import build_unlearning
     from safeprune.unlearning.concepts import parse_forget
-
-    from safeprune.bilevel.solvers import Distill
-    from safeprune.erasure import WHOLE_MODEL
 
     ft = cfg.finetune
     forget = parse_forget(forget) if forget else None  # CLI concepts replace finetune.concepts

@@ -114,12 +114,13 @@ def build(arch: str, device: str, mixed_precision: str, batch: int | None, seed:
 
     from safeprune.bilevel import Alternating, Distill, Penalty, TwoStage
     from safeprune.bilevel.problem import Pools
+    from safeprune.bilevel.training import build_training
     from safeprune.config import PruneConfig, load_config
     from safeprune.data.datasets import LatentPool
+    from safeprune.models.hooks import match_features
     from safeprune.models.toy import SCHEDULER_CONFIG
     from safeprune.pruning import prune
     from safeprune.pruning.measure import count_parameters
-    from safeprune.recipes.finetune import build_training, match_features
     from safeprune.unlearning import build_unlearning
 
     config_fn, tokens, default_batch, prune_method, prune_overrides = ARCHS[arch]

@@ -5,7 +5,7 @@ Three rows from ONE run over the same models (issue 7, part 5):
   bilevel_alternating  — a lower step every iteration and an ESD upper step after every K = 10th (method notes
                          Sec. 3, the released code's solver), two AdamW optimisers over one set of weights;
   unlearn_phase        — the upper level alone (two_stage's second stage): one ESD step per iteration.
-Each row runs the recipe's own code: `safeprune.recipes.finetune.build_training` (optimisers, Accelerate,
+Each row runs the recipe's own code: `safeprune.bilevel.training.build_training` (optimisers, Accelerate,
 `DiffusionProblem` with `safeprune.losses` and `safeprune.unlearning.esd`) stepped by the solvers of
 `safeprune.bilevel`; nothing is re-implemented here.
 
@@ -59,13 +59,15 @@ def build(args) -> tuple[object, dict]:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from safeprune.bilevel.problem import Pools
+    from safeprune.bilevel.training import build_training
     from safeprune.config import PruneConfig, load_config
     from safeprune.data.datasets import LatentPool
+    from safeprune.models.hooks import match_features
     from safeprune.models.toy import SCHEDULER_CONFIG
     from safeprune.pruning import prune
     from safeprune.pruning.measure import count_parameters
-    from safeprune.recipes.finetune import DTYPES, build_training, match_features
     from safeprune.unlearning import build_unlearning
+    from safeprune.utils import DTYPES
 
     cfg = load_config(base={"seed": 0, "device": args.device, "finetune": {
         "batch_size": args.batch, "upper_batch_size": args.batch, "upper_every": K, "unlearn": "esd",

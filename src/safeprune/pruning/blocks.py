@@ -17,8 +17,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
-from safeprune.errors import UserError, check
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
+
+from safeprune.errors import UserError, check, choose
+from safeprune.pruning.base import Method
 from safeprune.pruning.measure import unet_config
 
 PRESETS = ("base", "small", "tiny")
@@ -74,9 +79,6 @@ def plan_blocks(config: dict, preset: str) -> tuple[dict, list[list[str]]]:
 
 def build_from(base_unet, config: dict, renames) -> object:
     """A UNet with `config` whose weights are copies of `base_unet`'s kept blocks (meta stays meta)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
     renames = [tuple(r) for r in renames]
     old = base_unet.state_dict()
     with init_empty_weights():
@@ -94,7 +96,16 @@ def build_from(base_unet, config: dict, renames) -> object:
 
 
 @dataclass(frozen=True)
-class Blocks:
+class Blocks(Method):
+    options: ClassVar[tuple[str, ...]] = ("preset",)
+    report_keys: ClassVar[tuple[str, ...]] = ("preset",)
+
+    def check_config(self, cfg):
+        choose("blocks preset", cfg.preset, dict.fromkeys(PRESETS))
+
+    def saved_config(self, plan):
+        return plan["config"]  # the pruned architecture is itself a stock diffusers config
+
     def __call__(self, unet, cfg, calib):
         config, renames = plan_blocks(unet_config(unet), cfg.preset)
         student = build_from(unet, config, renames)

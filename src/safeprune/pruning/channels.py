@@ -12,8 +12,9 @@ allows, so kept widths stay multiples of the SIMD / tensor-core width: a 24-chan
 a 32-channel one on an AVX-512 CPU (measured), so unaligned widths shed parameters but not latency.
 Block inputs and outputs (the residual streams) are never touched, so every block's feature map keeps the
 teacher's shape and feature distillation (seed eq. 4) compares like with like. The dependency graph finds
-each unit's coupled layers; a group that would reach past its block is refused (platform notes: pruning
-the residual streams of a tiny UNet destroyed it).
+each unit's coupled layers; a group that would reach past its block is refused (torch-pruning's
+MetaPruner, which also cuts the residual streams, left a tiny UNet that drew nothing, even after 300
+fine-tuning steps; inner widths alone kept it drawing).
 
 The target `ratio` is a share of the UNet's TOTAL parameters and a budget, as in eq. 2: at least that
 share goes. Every prunable site loses about the same fraction of its units (Diff-Pruning's uniform
@@ -32,11 +33,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch_pruning as tp
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from safeprune.errors import UserError, check
+from safeprune.errors import UserError, check, choose
+from safeprune.pruning.base import Method
+from safeprune.pruning.measure import example_inputs
 
 IMPORTANCES = ("magnitude", "taylor")
 
@@ -61,7 +69,7 @@ class Kind:
         return 1
 
     def resync(self, block, base_unit: int) -> None:
-        """torch-pruning reshapes the layers; attributes that cache widths must follow (platform notes)."""
+        """torch-pruning reshapes the layers; attributes that cache widths (read by diffusers' forward) must follow."""
 
     def width(self, block) -> int:
         root = self.root(block)
@@ -126,10 +134,6 @@ KINDS = {k.name: k for k in (ResnetChannels(), AttentionHeads(), FeedForwardUnit
 
 def find_sites(unet) -> list[tuple[str, Kind, nn.Module]]:
     """(block name, kind, block) for every prunable site, in module order."""
-    from diffusers.models.attention import FeedForward
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import ResnetBlock2D
-
     sites = []
     for name, block in unet.named_modules():
         if isinstance(block, ResnetBlock2D) and isinstance(block.norm2, nn.GroupNorm):
@@ -147,10 +151,6 @@ def find_sites(unet) -> list[tuple[str, Kind, nn.Module]]:
 
 def build_graph(unet):
     """torch-pruning's DependencyGraph of `unet`, traced with a tiny input on the UNet's own device."""
-    import torch_pruning as tp
-
-    from safeprune.pruning.measure import example_inputs
-
     cfg = unet.config
     check(cfg.addition_embed_type is None and cfg.class_embed_type is None and cfg.num_class_embeds is None,
           "`channels` pruning supports text-conditioned SD 1.x/2.x-style UNets (no class or added embeddings); "
@@ -192,8 +192,6 @@ def coupled_group(graph, name: str, kind: Kind, block, idxs: list[int]):
 
 def params_per_channel(group) -> float:
     """Parameters removed per root channel of a (full-width) group: exact, since pruning is linear."""
-    import torch_pruning as tp
-
     n_root, total = len(group[0].idxs), 0
     for dep, idxs in group:
         layer = dep.target.module
@@ -245,8 +243,6 @@ def allocate_units(sites: list[dict], target: float, total: int) -> list[int]:
 
 def unit_scores(group, unit: int, importance: str, p: int) -> torch.Tensor:
     """(n_units,) importance of each unit: torch-pruning's per-channel group importance, summed per unit."""
-    import torch_pruning as tp
-
     scorer = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None) if importance == "taylor" \
         else tp.importance.GroupMagnitudeImportance(p=p, group_reduction="sum", normalizer=None)
     per_channel = scorer(group).float()  # (width,)
@@ -290,7 +286,17 @@ def apply_groups(unet, graph, groups: list[dict]) -> None:
 
 
 @dataclass(frozen=True)
-class Channels:
+class Channels(Method):
+    options: ClassVar[tuple[str, ...]] = ("ratio", "importance", "magnitude_p", "channel_multiple",
+                                          "calibration_batches", "calibration_batch_size")
+    report_keys: ClassVar[tuple[str, ...]] = ("ratio", "ratio_of", "importance")
+
+    def check_config(self, cfg):
+        choose("channels importance", cfg.importance, dict.fromkeys(IMPORTANCES))
+
+    def needs_calibration(self, cfg):
+        return cfg.importance == "taylor"  # first-order Taylor scores need gradients of a data loss
+
     def __call__(self, unet, cfg, calib):
         on_meta = next(unet.parameters()).is_meta
         graph = build_graph(unet)

@@ -8,7 +8,7 @@ process's resident-set high-water mark, reset per block; GPU: torch's peak alloc
 in interleaved, rotated rounds; the median wall time and the minimum CPU time of this process are kept,
 which damps noise from other processes on the machine (on a shared CPU the CPU-time ratio decides).
 
-Floor (issue 5): bilevel alternating <= 1.15x distill per iteration (the paper: about the cost of plain
+Floor: bilevel alternating <= 1.15x distill per iteration (the paper: about the cost of plain
 fine-tuning); aim 1.10x. Architectures: `toy` (the toy teacher, `channels`-pruned student), `sd-mini`
 (the SD-1.5 block layout at reduced width, 32x32 latents, 77 x 768 text tokens, BK-SDM `base` student),
 `sd15` (the real SD-1.5 UNet config, 64x64 latents; for a GPU, e.g. --device cuda --mixed-precision bf16).

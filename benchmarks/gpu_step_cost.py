@@ -1,9 +1,9 @@
 """Step cost of the fine-tuning methods at Stable Diffusion 1.5 scale: iterations/s and peak GPU memory.
 
-Three rows from ONE run over the same models (issue 7, part 5):
+Three rows from ONE run over the same models:
   distill              — the lower level only: L_ft = L_diff + 2 L_outKD + 0.1 L_featKD (eq. 1, 3, 4, 8);
-  bilevel_alternating  — a lower step every iteration and an ESD upper step after every K = 10th (method notes
-                         Sec. 3, the released code's solver), two AdamW optimisers over one set of weights;
+  bilevel_alternating  — a lower step every iteration and an ESD upper step after every K = 10th (seed paper
+                         Sec. 4, the released code's solver), two AdamW optimisers over one set of weights;
   unlearn_phase        — the upper level alone (two_stage's second stage): one ESD step per iteration.
 Each row runs the recipe's own code: `safeprune.bilevel.training.build_training` (optimisers, Accelerate,
 `DiffusionProblem` with `safeprune.losses` and `safeprune.unlearning.esd`) stepped by the solvers of

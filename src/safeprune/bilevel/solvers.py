@@ -1,6 +1,6 @@
 """The fine-tuning methods as per-iteration step functions: distill, two-stage, and the bilevel solvers.
 
-Bilevel problem (seed paper Sec. 3, eq. 9): min_theta L_CU(theta)  s.t.  theta in argmin L_ft(theta).
+Bilevel problem (seed paper Sec. 4): min_theta L_CU(theta)  s.t.  theta in argmin L_ft(theta).
 
 - `Distill`      — the lower level only: one L_ft step per iteration.
 - `Alternating`  — the released code's first-order scheme: one set of weights, two optimisers; a lower
@@ -9,7 +9,7 @@ Bilevel problem (seed paper Sec. 3, eq. 9): min_theta L_CU(theta)  s.t.  theta i
                    grad L_CU + lambda grad L_ft (lambda constant or linearly scheduled) with the upper
                    optimiser. theta and vartheta share one space, so the K lower steps stand in for the
                    inner problem (vartheta -> argmin L_ft) and the outer gradient has no vartheta term
-                   (seed paper Sec. 3). The constraint gap L_ft(theta_after) - L_ft(theta_before) of the outer step, on
+                   (seed paper Sec. 4). The constraint gap L_ft(theta_after) - L_ft(theta_before) of the outer step, on
                    one batch, is logged: how far the outer step left the lower level's solution set.
 - `TwoStage`     — the baseline: `distill` for N iterations, then L_CU alone for M iterations
                    (M defaults to the bilevel methods' number of upper steps, so the budgets match).

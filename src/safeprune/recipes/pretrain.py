@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from safeprune.checkpoint import load_checkpoint, save_checkpoint
 from safeprune.config import Config, save_config
 from safeprune.data.toyworld import COLOURS, SHAPES, STYLES, ToyWorld
-from safeprune.errors import check
+from safeprune.errors import UserError, check
 from safeprune.losses.denoising import denoising_target
 from safeprune.models import toy
 from safeprune.utils import atomic_folder, torch_rng, warmup_cosine
@@ -198,7 +198,6 @@ def train_teacher(cfg: Config, out: Path, resume: bool = False) -> Path:
 
 def report_quality(pipe, world: ToyWorld, cfg: Config, out: Path) -> dict | None:
     """The judge's per-style shape/colour/style accuracy on generated images -> quality.json."""
-    from safeprune.errors import UserError
     from safeprune.eval.judge import load_judge
     from safeprune.eval.metrics import teacher_quality
 

@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safeprune.config import Config, save_config
 from safeprune.data.datasets import encode_pool, open_image_captions
 from safeprune.data.toyworld import ToyWorld
-from safeprune.errors import UserError, check
+from safeprune.errors import UserError, check, choose
 from safeprune.losses.denoising import DenoisingLoss
 from safeprune.models.io import is_hub_id, load_pipeline, load_plan, load_unet, pretrained_folder, write_unet
 from safeprune.models.shipped import teacher_path
@@ -55,7 +55,7 @@ def run(cfg: Config, args) -> int:
     device = resolve_device(cfg.device)
     source = _load_source(cfg, args, device)
     calib = None
-    if source.weights and METHODS[cfg.prune.method].needs_calibration(cfg.prune):
+    if source.weights and choose("pruning method", cfg.prune.method, METHODS).needs_calibration(cfg.prune):
         calib = taylor_calibration(cfg, source.pipeline_folder, args.calib_data, device)
 
     unet = source.unet

@@ -8,13 +8,14 @@ import pytest
 from test_solvers import Quadratic, solve
 
 from safeprune.bilevel import METHODS, SOLVERS, build_method, uses_upper
-from safeprune.config import FinetuneConfig
+from safeprune.config import FinetuneConfig, SolverConfig, UpperConfig
 
 CASES = [(m, s) for m in sorted(METHODS) for s in (sorted(SOLVERS) if m == "bilevel" else [None])]
 
 
 def _method(name, solver):
-    cfg = FinetuneConfig(method=name, max_steps=40, upper_every=5, **({"solver": solver} if solver else {}))
+    cfg = FinetuneConfig(method=name, max_steps=40, upper=UpperConfig(every=5),
+                         **({"solver": SolverConfig(solver)} if solver else {}))
     return build_method(cfg)
 
 

@@ -5,7 +5,6 @@ target, and names teacher conditions and a parameter set the upper step knows.""
 import pytest
 import torch
 
-from safeprune.config import FinetuneConfig
 from safeprune.unlearning import PARAMETER_SETS, UNLEARNING, build_unlearning
 
 NAMES = sorted(UNLEARNING)
@@ -19,7 +18,7 @@ def _teacher_eps(loss, batch=3):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_at_its_target_with_one_value_per_sample(name):
-    loss = build_unlearning(name, FinetuneConfig())
+    loss = build_unlearning(name)
     target = loss.target(_teacher_eps(loss))
     assert target.shape == (3, 4, 8, 8)
     at_target = loss(target.detach().clone(), target)
@@ -30,7 +29,7 @@ def test_zero_at_its_target_with_one_value_per_sample(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_target_is_detached(name):
-    loss = build_unlearning(name, FinetuneConfig())
+    loss = build_unlearning(name)
     teacher = _teacher_eps(loss)
     student = torch.randn(3, 4, 8, 8, requires_grad=True)
     loss(student, loss.target(teacher)).sum().backward()
@@ -40,6 +39,6 @@ def test_the_target_is_detached(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_conditions_and_parameter_set_are_known(name):
-    loss = build_unlearning(name, FinetuneConfig())
+    loss = build_unlearning(name)
     assert loss.teacher_conditions and set(loss.teacher_conditions) <= set(CONDITIONS)
     assert loss.params in PARAMETER_SETS

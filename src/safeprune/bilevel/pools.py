@@ -35,20 +35,20 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
                       f"{cfg.toyworld.size} px images; pass your own image folder or dataset", stacklevel=1)
     vae = pipe.vae.to(device).eval()
 
-    sources = {"streaming": ft.streaming, "hub": ft.hub_data}
+    sources = {"streaming": ft.data.streaming, "hub": ft.data.hub_data}
     if data_mode(ft, data) == "stream":  # fresh images every step, VAE-encoded per batch (safeprune.data.stream)
         lower = open_stream_pool(data, ft, world=world, vae=vae, tokenizer=pipe.tokenizer,
                                  text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
                                  dtype=DTYPES[ft.teacher_dtype])
     else:
-        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data_pool, size=size, **sources)
-        lower = encode_pool(lower_set, ft.data_pool, vae, rng=numpy_rng(cfg.seed), device=device)
+        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data.pool, size=size, **sources)
+        lower = encode_pool(lower_set, ft.data.pool, vae, rng=numpy_rng(cfg.seed), device=device)
 
     concepts, concept, pairing = [], None, []
     if unlearning is not None:
-        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.concept_pool, size=size,
-                                          **sources)
-        concept = encode_pool(concept_set, ft.concept_pool, vae, rng=numpy_rng(cfg.seed, "concept"), device=device)
+        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.data.concept_pool,
+                                          size=size, **sources)
+        concept = encode_pool(concept_set, ft.data.concept_pool, vae, rng=numpy_rng(cfg.seed, "concept"), device=device)
         concepts = list(ft.concepts)
         if concepts:
             pairing = pair_images(concepts, concept.captions)

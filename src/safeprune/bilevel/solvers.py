@@ -102,7 +102,7 @@ class Alternating(_EveryK):
 
     @classmethod
     def from_config(cls, cfg) -> Alternating:
-        return cls(cfg.max_steps, cfg.upper_every)
+        return cls(cfg.max_steps, cfg.upper.every)
 
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         logs = _prefixed("lower", problem.lower(step))
@@ -125,8 +125,9 @@ class Penalty(_EveryK):
 
     @classmethod
     def from_config(cls, cfg) -> Penalty:
-        end = cfg.penalty_lambda if cfg.penalty_lambda_end < 0 else cfg.penalty_lambda_end
-        return cls(cfg.max_steps, cfg.upper_every, cfg.penalty_lambda, end)
+        solver = cfg.solver
+        end = solver.penalty_lambda if solver.penalty_lambda_end < 0 else solver.penalty_lambda_end
+        return cls(cfg.max_steps, cfg.upper.every, solver.penalty_lambda, end)
 
     def penalty_at(self, step: int) -> float:
         frac = step / max(self.max_steps - 1, 1)
@@ -156,9 +157,11 @@ class TwoStage:
     @classmethod
     def from_config(cls, cfg) -> TwoStage:
         # Equal budget by default: as many unlearning steps as bilevel makes upper steps.
-        unlearn = cfg.unlearn_steps if cfg.unlearn_steps >= 0 else cfg.max_steps // cfg.upper_every
+        steps = cfg.two_stage.unlearn_steps
+        unlearn = steps if steps >= 0 else cfg.max_steps // cfg.upper.every
         check(unlearn > 0, f"two_stage has no unlearning steps (finetune.max_steps={cfg.max_steps} < "
-                           f"finetune.upper_every={cfg.upper_every}); raise max_steps or set finetune.unlearn_steps")
+                           f"finetune.upper.every={cfg.upper.every}); raise max_steps or set "
+                           "finetune.two_stage.unlearn_steps")
         return cls(cfg.max_steps, unlearn)
 
     @property
@@ -184,7 +187,7 @@ SOLVERS: dict[str, Callable] = {"alternating": Alternating.from_config, "penalty
 
 def _bilevel(cfg):
     """`bilevel`: the solver named by `finetune.solver`."""
-    return choose("bilevel solver", cfg.solver, SOLVERS)(cfg)
+    return choose("bilevel solver", cfg.solver.name, SOLVERS)(cfg)
 
 
 METHODS: dict[str, Callable] = {"distill": Distill.from_config, "two_stage": TwoStage.from_config, "bilevel": _bilevel}

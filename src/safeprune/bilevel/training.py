@@ -101,7 +101,7 @@ def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, p
     optimizers = {"lower": build_optimizer(ft.optimizer, params, ft.lr, ft.weight_decay)}
     if unlearning is not None:
         optimizers["upper"] = build_optimizer(ft.optimizer, select_parameters(student_core, unlearning.params),
-                                              ft.upper_lr, ft.weight_decay)
+                                              ft.upper.lr, ft.weight_decay)
     names = list(optimizers)
     # One call for the student and BOTH optimisers: Accelerate wraps each, and FSDP re-points their params.
     student, *prepared = accelerator.prepare(student_core, *optimizers.values())
@@ -110,7 +110,7 @@ def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, p
         student=student, student_core=student_core, teacher=teacher, scheduler=scheduler,
         lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, ft.snr_gamma), FeatureKD(tuple(pairs)),
                                   ft.lambda_diff, ft.lambda_out, ft.lambda_feat),
-        pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper_batch_size,
+        pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper.batch_size,
         grad_accum=ft.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
         teacher_dtype=DTYPES[ft.teacher_dtype], backward=accelerator.backward,
         no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator))

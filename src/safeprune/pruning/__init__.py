@@ -81,7 +81,7 @@ def prune(unet, method: str, cfg: PruneConfig, calib: Calibration | None = None)
 
     `cfg` supplies the method's options (`METHODS[method].options`). `calib` is only needed where
     `METHODS[method].needs_calibration(cfg)` (`channels` with `importance: taylor`): a callable
-    `calib(unet, i) -> loss` that runs `unet` on calibration batch i (i = 0 .. cfg.calibration_batches - 1;
+    `calib(unet, i) -> loss` that runs `unet` on calibration batch i (i = 0 .. cfg.channels.calibration_batches - 1;
     the batch must depend only on i, e.g. noised latents of the teacher's training images with their
     captions) and returns a scalar loss, e.g. the denoising loss of eq. 1. Gradients of that loss,
     accumulated over the batches, give the first-order Taylor importance |w * dL/dw| (as Diff-Pruning).

@@ -24,7 +24,7 @@ Calibration = Callable[[torch.nn.Module, int], torch.Tensor]
 class Method:
     """Defaults; a method overrides `__call__`, `replay` and whatever else differs."""
 
-    options: ClassVar[tuple[str, ...]] = ()  # the `prune` config fields the method reads
+    options: ClassVar[tuple[str, ...]] = ()  # the `prune` config fields (or sub-sections) the method reads
     report_keys: ClassVar[tuple[str, ...]] = ()  # plan fields copied into prune_report.json
     prunes: ClassVar[bool] = True  # False only for the identity: its output is the unpruned model
 

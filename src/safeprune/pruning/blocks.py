@@ -97,19 +97,19 @@ def build_from(base_unet, config: dict, renames) -> object:
 
 @dataclass(frozen=True)
 class Blocks(Method):
-    options: ClassVar[tuple[str, ...]] = ("preset",)
+    options: ClassVar[tuple[str, ...]] = ("blocks",)
     report_keys: ClassVar[tuple[str, ...]] = ("preset",)
 
     def check_config(self, cfg):
-        choose("blocks preset", cfg.preset, dict.fromkeys(PRESETS))
+        choose("blocks preset", cfg.blocks.preset, dict.fromkeys(PRESETS))
 
     def saved_config(self, plan):
         return plan["config"]  # the pruned architecture is itself a stock diffusers config
 
     def __call__(self, unet, cfg, calib):
-        config, renames = plan_blocks(unet_config(unet), cfg.preset)
+        config, renames = plan_blocks(unet_config(unet), cfg.blocks.preset)
         student = build_from(unet, config, renames)
-        return student, {"preset": cfg.preset, "config": config, "weights_from": [list(r) for r in renames]}
+        return student, {"preset": cfg.blocks.preset, "config": config, "weights_from": [list(r) for r in renames]}
 
     def replay(self, unet, plan):
         for key in ("config", "weights_from"):

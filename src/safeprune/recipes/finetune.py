@@ -44,16 +44,12 @@ METRICS = "metrics.jsonl"
 # Config keys that may change when a run is resumed (e.g. a lower lr after a divergence, more steps);
 # any other difference would make the resumed run a different run.
 RESUMABLE_CHANGES = {f"finetune.{k}" for k in ("max_steps", "ckpt_every_steps", "keep_checkpoints",
-                                               "eval_every_steps", "lr", "upper_lr")}
+                                               "eval_every_steps", "lr", "upper.lr")} | {"paths.out"}
 
 
 def run(cfg: Config, args) -> int:
-    """CLI target of `safeprune finetune` (flags: see cli._finetune_args)."""
-    check(bool(args.student) and bool(args.out), "safeprune finetune needs --student DIR (from `safeprune prune`) "
-                                                 "and --out DIR (the run folder)")
-    out = finetune(cfg, student=args.student, out=args.out, teacher=args.teacher, data=args.data,
-                   concept_data=args.concept_data, forget=args.forget, resume=args.resume)
-    print(out)
+    """CLI target of `safeprune finetune`: its flags fill cfg.paths, cfg.model.teacher and finetune.concepts."""
+    print(finetune(cfg, resume=args.resume))
     return 0
 
 
@@ -111,33 +107,31 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str | Path | None = None,
-             data: str | Path | None = None, concept_data: str | Path | None = None, forget: list[str] | None = None,
-             resume: bool = False, on_eval=None) -> Path:
-    """Fine-tune the pruned UNet in `student` into the run folder `out`; returns `out`.
+def finetune(cfg: Config, *, resume: bool = False, on_eval=None) -> Path:
+    """Fine-tune the pruned UNet in cfg.paths.student into the run folder cfg.paths.out; returns the run folder.
 
-    `on_eval(step, unet) -> dict` (Python API only) is called every `finetune.eval_every_steps` steps on the
-    main process and its numbers are logged with the step's metrics.
+    Inputs are cfg.model.teacher ("" = the toy teacher), cfg.paths.data and cfg.paths.concept_data ("" = the toy
+    splits), so the run's config.yaml names all of them. `on_eval(step, unet) -> dict` (Python API only) is
+    called every `finetune.eval_every_steps` steps on the main process; its numbers are logged with the step's.
     """
     from safeprune.bilevel import build_method, uses_upper
     from safeprune.models.shipped import teacher_path
     from safeprune.unlearning import build_unlearning
-    from safeprune.unlearning.concepts import parse_forget
 
+    check(bool(cfg.paths.student) and bool(cfg.paths.out),
+          "safeprune finetune needs --student DIR (from `safeprune prune`) and --out DIR (the run folder)")
     ft = cfg.finetune
-    forget = parse_forget(forget) if forget else None  # CLI concepts replace finetune.concepts
-    out, student = Path(out), Path(student)
+    out, student = Path(cfg.paths.out), Path(cfg.paths.student)
+    data, concept_data = cfg.paths.data or None, cfg.paths.concept_data or None
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
-    unlearning = build_unlearning(ft.unlearn, ft) if uses_upper(method) else None
+    unlearning = build_unlearning(ft.unlearn.name, ft.unlearn) if uses_upper(method) else None
     check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
     check(ft.eval_every_steps == 0 or on_eval is not None,
           "finetune.eval_every_steps needs an evaluation callback (Python API: finetune(..., on_eval=...)); "
           "set it to 0 and evaluate the run folder with `safeprune evaluate`")
     from safeprune.models.io import pretrained_folder
 
-    teacher = str(teacher or cfg.model.teacher) or None  # --teacher / the argument win over model.teacher
-    if teacher is not None:  # the resolved config (config.yaml, checkpoints) names the teacher used
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=teacher))
+    teacher = cfg.model.teacher or None
     # A local folder, or a hub id's snapshot in the HF cache (fetched only with model.allow_download).
     teacher_dir = pretrained_folder(teacher, cfg.model.revision, cfg.model.allow_download) if teacher else None
     check(teacher_dir is None or (teacher_dir / "model_index.json").is_file(),
@@ -145,8 +139,6 @@ def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str 
           "to a Stable Diffusion pipeline folder or a hub id")
     # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
     base_model = teacher
-    if forget:  # the resolved config (config.yaml, checkpoints) records what is suppressed
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(ft, concepts=forget))
     resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps)
     return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
                   concept_data, resume_from, on_eval)
@@ -222,7 +214,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         try:
             for step in range(start, method.total_steps):
                 # the paper code's schedule: linear warm-up of the lower level, then constant
-                lrs = {"lower": warmup_cosine(step, ft.lr, ft.warmup_steps), "upper": ft.upper_lr}
+                lrs = {"lower": warmup_cosine(step, ft.lr, ft.warmup_steps), "upper": ft.upper.lr}
                 for which, opt in optimizers.items():
                     for group in opt.param_groups:
                         group["lr"] = lrs[which]
@@ -246,7 +238,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                         last_good = str(checkpoint(step + 1, *state))
         except NonFiniteLoss as err:
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-            raise UserError(f"{err}; stopped, {where}; lower finetune.lr / finetune.upper_lr and resume with "
+            raise UserError(f"{err}; stopped, {where}; lower finetune.lr / finetune.upper.lr and resume with "
                             "--resume (or start again)") from err
         bar.close()
 
@@ -256,7 +248,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
             _save_result(result, student_dir, base_model, out)
             world = accelerator.num_processes
             summary = {"method": ft.method, "solver": method.solver,
-                       "unlearn": ft.unlearn if unlearning is not None else None, "steps": method.total_steps,
+                       "unlearn": ft.unlearn.name if unlearning is not None else None, "steps": method.total_steps,
                        "upper_steps": method.upper_steps, "world_size": world, **in_sync,
                        "counts_per_process": problem.counts,
                        "counts": {k: v * world for k, v in problem.counts.items()},

@@ -46,17 +46,25 @@ class Source:
     label: str  # what was pruned, for the report
 
 
-def run(cfg: Config, args) -> int:
-    out = Path(args.out)
+def run(cfg: Config, args=None) -> int:
+    """CLI target of `safeprune prune` (its flags fill cfg.paths and cfg.model.teacher)."""
+    prune_student(cfg)
+    return 0
+
+
+def prune_student(cfg: Config) -> Path:
+    """Prune cfg.model.teacher (or the UNet config at cfg.paths.unet_config) into cfg.paths.out; returns it."""
+    check(bool(cfg.paths.out), "safeprune prune needs --out DIR (the student folder)")
+    out = Path(cfg.paths.out)
     check(not (out.exists() and any(out.iterdir())),
           f"output folder {str(out)!r} already exists and is not empty; pass a new path or delete it")
-    check(not (args.model and args.unet_config), "pass either --model or --unet-config, not both")
+    check(not (cfg.model.teacher and cfg.paths.unet_config), "pass either --model or --unet-config, not both")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    source = _load_source(cfg, args, device)
+    source = _load_source(cfg, device)
     calib = None
     if source.weights and choose("pruning method", cfg.prune.method, METHODS).needs_calibration(cfg.prune):
-        calib = taylor_calibration(cfg, source.pipeline_folder, args.calib_data, device)
+        calib = taylor_calibration(cfg, source.pipeline_folder, cfg.paths.calib_data or None, device)
 
     unet = source.unet
     before = _measure(unet, {}, cfg, source)
@@ -73,17 +81,17 @@ def run(cfg: Config, args) -> int:
         save_config(cfg, tmp)
     print(json.dumps(report, indent=1))
     print(f"wrote {out}/ ({'loadable with safeprune.load_unet / load_pipeline' if source.weights else 'plan only'})")
-    return 0
+    return out
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def _load_source(cfg: Config, args, device) -> Source:
-    """--unet-config (meta device), --model (or model.teacher), or the shipped toy teacher."""
-    if args.unet_config:
-        return _from_config(Path(args.unet_config))
-    model = args.model or cfg.model.teacher
+def _load_source(cfg: Config, device) -> Source:
+    """--unet-config (meta device), --model (= model.teacher), or the shipped toy teacher."""
+    if cfg.paths.unet_config:
+        return _from_config(Path(cfg.paths.unet_config))
+    model = cfg.model.teacher
     folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else teacher_path()
     check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")
     check(not is_pruned(load_plan(folder)), f"{str(folder)!r} is already pruned; prune its base model instead")
@@ -132,7 +140,7 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     check(pipeline_folder is not None, "importance 'taylor' needs the model's VAE and text encoder: pass --model as "
                                        "a Stable Diffusion pipeline folder (model_index.json)")
     pipe = load_pipeline(pipeline_folder, device=device)
-    p = cfg.prune
+    p = cfg.prune.channels
     n = p.calibration_batches * p.calibration_batch_size
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = open_image_captions(calib_data, world=ToyWorld(cfg.toyworld, cfg.seed), split="pretrain", n_toy=n, size=size)

@@ -148,7 +148,7 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     check(pipeline_folder is not None, "importance 'taylor' needs the model's VAE and text encoder: pass --model as "
                                        "a Stable Diffusion pipeline folder (model_index.json)")
     pipe = load_pipeline(pipeline_folder, device=device)
-    p = cfg.prune
+    p = cfg.prune.channels
     n = p.calibration_batches * p.calibration_batch_size
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = open_image_captions(calib_data, world=ToyWorld(cfg.toyworld, cfg.seed), split="pretrain", n_toy=n, size=size)

@@ -3,14 +3,18 @@
 The graph is read from the source (module-level `import` / `from ... import` statements, plus the parent
 packages an import initialises), so a cycle fails here with the modules named, before it fails somewhere
 as a half-initialised module. Imports inside functions are not edges: they are reserved for heavy optional
-packages and for cli.py (so `safeprune --help` stays fast).
+packages, cli.py, and diffusers / torch-pruning in the registries that `safeprune --help` lists (so help
+stays fast: `test_the_cli_registries_import_without_diffusers`).
 """
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import safeprune
+from safeprune.cli import REGISTRY_FLAGS
 
 ROOT = Path(safeprune.__file__).resolve().parent
 
@@ -87,3 +91,11 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_every_module_imports():
     for name in _modules():
         importlib.import_module(name)
+
+
+def test_the_cli_registries_import_without_diffusers():
+    modules = sorted({r.where.split(":")[0] for r in REGISTRY_FLAGS.values()})
+    heavy = ("diffusers", "transformers", "torch_pruning", "accelerate")
+    code = f"import sys; import {', '.join(modules)}; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"listing the CLI's registries imports {out.strip()}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.training_utils import compute_snr
 
 from safeprune.errors import check
 from safeprune.losses.base import mse_per_sample
@@ -57,6 +56,9 @@ class DenoisingLoss:
                  timesteps: torch.Tensor) -> torch.Tensor:
         loss = mse_per_sample(pred, self.target(latents, noise, timesteps))  # (B,)
         if self.snr_gamma > 0:
+            # imported here: safeprune.unlearning, a registry that `safeprune --help` lists, imports this package
+            from diffusers.training_utils import compute_snr
+
             snr = compute_snr(self.scheduler, timesteps)
             loss = loss * min_snr_weight(snr, self.snr_gamma, self.prediction_type)
         return loss

@@ -19,9 +19,6 @@ import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
-from accelerate import init_empty_weights
-from diffusers import UNet2DConditionModel
-
 from safeprune.errors import UserError, check, choose
 from safeprune.pruning.base import Method
 from safeprune.pruning.measure import unet_config
@@ -79,6 +76,11 @@ def plan_blocks(config: dict, preset: str) -> tuple[dict, list[list[str]]]:
 
 def build_from(base_unet, config: dict, renames) -> object:
     """A UNet with `config` whose weights are copies of `base_unet`'s kept blocks (meta stays meta)."""
+    # Imported here, not at the top: `safeprune --help` lists this package's registry (cli.REGISTRY_FLAGS),
+    # which must not pay diffusers' import (seconds).
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
     renames = [tuple(r) for r in renames]
     old = base_unet.state_dict()
     with init_empty_weights():

@@ -36,10 +36,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch_pruning as tp
-from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from safeprune.errors import UserError, check, choose
@@ -134,6 +130,12 @@ KINDS = {k.name: k for k in (ResnetChannels(), AttentionHeads(), FeedForwardUnit
 
 def find_sites(unet) -> list[tuple[str, Kind, nn.Module]]:
     """(block name, kind, block) for every prunable site, in module order."""
+    # diffusers and torch-pruning are imported where they are used: `safeprune --help` lists this package's
+    # registries (cli.REGISTRY_FLAGS), which must not pay their import (seconds).
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
     sites = []
     for name, block in unet.named_modules():
         if isinstance(block, ResnetBlock2D) and isinstance(block.norm2, nn.GroupNorm):
@@ -151,6 +153,8 @@ def find_sites(unet) -> list[tuple[str, Kind, nn.Module]]:
 
 def build_graph(unet):
     """torch-pruning's DependencyGraph of `unet`, traced with a tiny input on the UNet's own device."""
+    import torch_pruning as tp
+
     cfg = unet.config
     check(cfg.addition_embed_type is None and cfg.class_embed_type is None and cfg.num_class_embeds is None,
           "`channels` pruning supports text-conditioned SD 1.x/2.x-style UNets (no class or added embeddings); "
@@ -192,6 +196,8 @@ def coupled_group(graph, name: str, kind: Kind, block, idxs: list[int]):
 
 def params_per_channel(group) -> float:
     """Parameters removed per root channel of a (full-width) group: exact, since pruning is linear."""
+    import torch_pruning as tp
+
     n_root, total = len(group[0].idxs), 0
     for dep, idxs in group:
         layer = dep.target.module
@@ -243,6 +249,8 @@ def allocate_units(sites: list[dict], target: float, total: int) -> list[int]:
 
 def unit_scores(group, unit: int, importance: str, p: int) -> torch.Tensor:
     """(n_units,) importance of each unit: torch-pruning's per-channel group importance, summed per unit."""
+    import torch_pruning as tp
+
     scorer = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None) if importance == "taylor" \
         else tp.importance.GroupMagnitudeImportance(p=p, group_reduction="sum", normalizer=None)
     per_channel = scorer(group).float()  # (width,)

@@ -45,8 +45,10 @@ DEV_TEMPLATES_NO_STYLE = ("the {colour} {shape}", "one {shape} coloured {colour}
 # method -> configurations (lists of section.field=value overrides); the first is the default / published one.
 # Same length for every method: equal tuning effort.
 GRID: dict[str, list[list[str]]] = {
-    "bilevel": [[], ["finetune.upper_lr=5e-4"], ["finetune.esd_eta=1.0"], ["finetune.upper_lr=2e-3", "finetune.esd_eta=1.5"]],
-    "two_stage": [[], ["finetune.upper_lr=5e-4"], ["finetune.esd_eta=1.0"], ["finetune.upper_lr=2e-3", "finetune.esd_eta=1.5"]],
+    "bilevel": [[], ["finetune.upper.lr=5e-4"], ["finetune.unlearn.eta=1.0"],
+                ["finetune.upper.lr=2e-3", "finetune.unlearn.eta=1.5"]],
+    "two_stage": [[], ["finetune.upper.lr=5e-4"], ["finetune.unlearn.eta=1.0"],
+                  ["finetune.upper.lr=2e-3", "finetune.unlearn.eta=1.5"]],
     "esd_paper": [[], ["unlearn.esd_paper.lr=1e-4"], ["unlearn.esd_paper.lr=1e-3"], ["unlearn.esd_paper.lr=1e-3",
                                                                                      "unlearn.esd_paper.params=full"]],
     "uce": [[], ["unlearn.uce.lambda_preserve=0.3"], ["unlearn.uce.lambda_preserve=0.1"],
@@ -56,8 +58,8 @@ GRID: dict[str, list[list[str]]] = {
 }
 FINETUNED = ("bilevel", "two_stage")  # fine-tuned from the pruned student; the others erase the distilled student
 METRICS = "eval.metrics=[valid,leakage,retention,adherence,fd]"
-TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper_batch_size=2", "finetune.data_pool=8",
-        "finetune.concept_pool=4", "finetune.upper_every=2", "finetune.warmup_steps=1", "eval.seeds_per_prompt=1",
+TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper.batch_size=2", "finetune.data.pool=8",
+        "finetune.data.concept_pool=4", "finetune.upper.every=2", "finetune.warmup_steps=1", "eval.seeds_per_prompt=1",
         "eval.max_prompts=2", "eval.real_per_image=2", "sample.steps=2", "unlearn.conceptprune.sample_steps=4",
         "unlearn.conceptprune.timesteps=2"]
 
@@ -102,8 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     from safeprune.eval.judge import load_judge
     from safeprune.eval.metrics import evaluate_model
     from safeprune.models.io import load_pipeline
-    from safeprune.recipes import prune as prune_recipe
     from safeprune.recipes.finetune import finetune
+    from safeprune.recipes.prune import prune_student
     from safeprune.recipes.unlearn import matched_budget, unlearn
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = load_config(None, common)
     student = root / "student"
     if not student.exists():  # every configuration starts from the same pruned student
-        prune_recipe.run(base, argparse.Namespace(model=None, unet_config=None, out=str(student), calib_data=None))
+        prune_student(dataclasses.replace(base, paths=dataclasses.replace(base.paths, out=str(student))))
     judge = load_judge()
     results = root / "results.jsonl"
 
@@ -140,10 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     distilled: dict[int, dict] = {}
     for seed in seeds:  # the shared reference and the baselines' starting point
-        cfg = dataclasses.replace(load_config(None, [*common, "finetune.method=distill"]), seed=seed)
         folder = root / "runs" / f"distill_s{seed}"
+        cfg = dataclasses.replace(load_config(None, [*common, "finetune.method=distill"]), seed=seed)
+        cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, student=str(student), out=str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
-        finetune(cfg, student=student, out=folder)
+        finetune(cfg)
         distilled[seed] = evaluate(folder, cfg, seed)
         record({"method": "distill", "config": 0, "overrides": [], "seed": seed, **distilled[seed]})
 
@@ -156,13 +159,14 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(folder, ignore_errors=True)
                 start = time.perf_counter()
                 if method in FINETUNED:
-                    cfg = dataclasses.replace(load_config(None, [*common, f"finetune.method={method}", *overrides]),
-                                              seed=seed)
-                    finetune(cfg, student=student, out=folder)
+                    cfg = load_config(None, [*common, f"finetune.method={method}", *overrides])
+                    paths = dataclasses.replace(cfg.paths, student=str(student), out=str(folder))
+                    finetune(dataclasses.replace(cfg, seed=seed, paths=paths))
                 else:
-                    cfg = dataclasses.replace(load_config(None, [*common, f"unlearn.method={method}", *overrides]),
-                                              seed=seed)
-                    unlearn(matched_budget(cfg), model=root / "runs" / f"distill_s{seed}", out=folder)
+                    cfg = load_config(None, [*common, f"unlearn.method={method}", *overrides])
+                    paths = dataclasses.replace(cfg.paths, model=str(root / "runs" / f"distill_s{seed}"), out=str(folder))
+                    cfg = dataclasses.replace(cfg, seed=seed, paths=paths)
+                    unlearn(matched_budget(cfg))
                 row = evaluate(folder, cfg, seed)
                 per_seed.append(score(row, distilled[seed]))
                 record({"method": method, "config": k, "overrides": overrides, "seed": seed,

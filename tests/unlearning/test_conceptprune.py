@@ -42,7 +42,7 @@ def test_masks_survive_save_load_and_a_finetuning_step(pipe_dir, students, tmp_p
     assert set(masks) == {f"{n}.weight" for n in plan["masked_layers"]} and any((~m).any() for m in masks.values())
     tuned = tmp_path / "tuned"
     code = main(["finetune", "--student", str(erased), "--teacher", str(pipe_dir), "--method", "distill",
-                 "--max-steps", "2", "--out", str(tuned), "finetune.batch_size=2", "finetune.data_pool=4",
+                 "--max-steps", "2", "--out", str(tuned), "finetune.batch_size=2", "finetune.data.pool=4",
                  "finetune.warmup_steps=0"])
     assert code == 0, capsys.readouterr().err
     weights, start = load_unet(tuned).state_dict(), load_unet(erased).state_dict()

@@ -76,7 +76,7 @@ def test_two_stage_distils_then_erases(pipe_dir, students, tmp_path, capsys, met
     out = tmp_path / method
     argv = ["finetune", "--student", str(students["channels"]), "--teacher", str(pipe_dir), "--method", "two_stage",
             "--unlearn", method, "--max-steps", "4", "--out", str(out), "finetune.batch_size=2",
-            "finetune.upper_batch_size=3", "finetune.data_pool=4", "finetune.warmup_steps=0", "finetune.upper_every=2",
+            "finetune.upper.batch_size=3", "finetune.data.pool=4", "finetune.warmup_steps=0", "finetune.upper.every=2",
             *FORGET, *TINY]
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())

@@ -106,6 +106,16 @@ ERASURE: dict[str, Callable[[Config], ErasureMethod]] = {
 WHOLE_MODEL = ("uce", "conceptprune", "esd_paper")
 
 
+def _finetune_unlearn() -> tuple[str, ...]:
+    from safeprune.unlearning import UNLEARNING
+
+    return (*UNLEARNING, *WHOLE_MODEL)
+
+
+# The names `finetune --unlearn` accepts: the per-step losses, and with two_stage the whole-model methods.
+FINETUNE_UNLEARN = _finetune_unlearn()
+
+
 def build_erasure(cfg: Config, name: str | None = None) -> ErasureMethod:
     """The registered erasure method `name` (default unlearn.method), configured from cfg.unlearn."""
     return choose("erasure method", name or cfg.unlearn.method, ERASURE)(cfg)

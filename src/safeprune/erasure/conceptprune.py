@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from safeprune.errors import check
+from safeprune.utils import torch_rng
 
 BATCH = 64  # prompts per sampling batch (does not change any score: sums of squares are order-free)
 
@@ -59,7 +60,7 @@ def activation_norms(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, 
             emb = cond[start:start + BATCH]
             n = len(emb)
             x = torch.cat([torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size,
-                                       generator=torch.Generator().manual_seed(seed * 100_003 + start + k))
+                                       generator=torch_rng(seed, "conceptprune", start + k))
                            for k in range(n)]).to(device) * scheduler.init_noise_sigma
             context = torch.cat([uncond.expand(n, -1, -1), emb])
             for t_index, t in enumerate(scheduler.timesteps[:timesteps]):

@@ -10,7 +10,6 @@ same per-step seeding). Inside `finetune --method two_stage` these names keep to
 from __future__ import annotations
 
 import copy
-import types
 from dataclasses import dataclass
 
 import torch
@@ -33,13 +32,14 @@ class UpperLoss:
         from safeprune.bilevel.problem import Pools
         from safeprune.data.datasets import encode_pool, open_image_captions
         from safeprune.unlearning.concepts import derive_concepts, pair_images
+        from safeprune.utils import numpy_rng
 
         pipe = ctx.pipe
         size = unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         images = open_image_captions(ctx.concept_data, world=ctx.world, split="concept", n_toy=self.concept_pool,
                                      size=size)
-        pool = encode_pool(images, self.concept_pool, pipe.vae.to(ctx.device).eval(), seed=ctx.cfg.seed + 1,
-                           device=ctx.device)
+        pool = encode_pool(images, self.concept_pool, pipe.vae.to(ctx.device).eval(),
+                           rng=numpy_rng(ctx.cfg.seed, "concept"), device=ctx.device)
         if ctx.derived:  # every image under its own caption, anchored on the same scene without the concept
             concepts, pairing = derive_concepts(pool.captions, pool.labels, ctx.world.forbidden)
         else:
@@ -58,6 +58,7 @@ class UpperLoss:
         from tqdm.auto import tqdm
 
         from safeprune.bilevel.problem import DiffusionProblem
+        from safeprune.config import UnlearnLossConfig
         from safeprune.erasure import check_concepts
         from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
         from safeprune.pruning import reapply_masks
@@ -65,7 +66,7 @@ class UpperLoss:
 
         check_concepts(ctx.concepts)
         start = time.perf_counter()
-        loss = build_unlearning(self.name, types.SimpleNamespace(esd_eta=self.eta))
+        loss = build_unlearning(self.name, UnlearnLossConfig(name=self.name, eta=self.eta))
         pools, concepts = self._pools(unet, ctx)
         frozen = copy.deepcopy(unet).eval().requires_grad_(False)
         scheduler = DDPMScheduler.from_config(ctx.pipe.scheduler.config)

@@ -2,8 +2,8 @@
 model folder (a diffusers pipeline, or a pruned / fine-tuned UNet folder from `prune` / `finetune`).
 
 1. load the model as a pipeline (a UNet folder gets the rest from its base model, safeprune.models.io);
-2. the concepts: `--forget` flags, else `unlearn.concepts`, else `finetune.concepts`, else derived from the toy
-   world's concept captions (safeprune.unlearning.concepts: every phrasing, anchored on the same scene);
+2. the concepts: `unlearn.concepts`, else `finetune.concepts` (which `--forget` fills), else derived from the
+   toy world's concept captions (safeprune.unlearning.concepts: every phrasing, anchored on the same scene);
 3. run the registered method (safeprune.erasure) on the UNet in place; pruning masks are re-applied;
 4. write DIR atomically as a saved UNet folder (config.json, plan.json, weights, safeprune.json) that
    `safeprune evaluate/generate --model DIR` and `finetune --student DIR` read, plus config.yaml, concepts.json
@@ -24,18 +24,15 @@ from safeprune.errors import check
 
 
 def run(cfg: Config, args) -> int:
-    check(bool(args.out), "safeprune unlearn needs --out DIR (the erased model's folder)")
-    print(unlearn(cfg, model=args.model, out=args.out, forget=args.forget, concept_data=args.concept_data))
+    """CLI target of `safeprune unlearn`: its flags fill cfg.paths (model, out, concept_data) and finetune.concepts."""
+    print(unlearn(cfg))
     return 0
 
 
-def resolve_concepts(cfg: Config, forget: list[str] | None, world, n_captions: int = 256):
-    """(concepts, derived): --forget, else unlearn.concepts, else finetune.concepts, else from toy captions."""
-    from safeprune.unlearning.concepts import derive_concepts, parse_forget
+def resolve_concepts(cfg: Config, world, n_captions: int = 256):
+    """(concepts, derived): unlearn.concepts, else finetune.concepts (--forget), else from the toy captions."""
+    from safeprune.unlearning.concepts import derive_concepts
 
-    if forget is not None:
-        check(bool(forget), "--forget was given no prompt; pass --forget PROMPT or leave it out to derive them")
-        return parse_forget(forget), False
     if cfg.unlearn.concepts or cfg.finetune.concepts:
         return list(cfg.unlearn.concepts or cfg.finetune.concepts), False
     check(bool(world.forbidden_concepts), "no concepts to erase: pass --forget PROMPT, set unlearn.concepts, or "
@@ -47,15 +44,16 @@ def resolve_concepts(cfg: Config, forget: list[str] | None, world, n_captions: i
 
 def matched_budget(cfg: Config) -> Config:
     """`unlearn.budget: matched` inside two_stage: esd_paper takes bilevel's upper-level budget (as many steps as
-    bilevel makes upper steps, finetune.upper_batch_size images each), so the student trains on as many images."""
+    bilevel makes upper steps, finetune.upper.batch_size images each), so the student trains on as many images."""
     ft, un = cfg.finetune, cfg.unlearn
     if un.budget != "matched":
         return cfg
-    steps = ft.unlearn_steps if ft.unlearn_steps >= 0 else ft.max_steps // ft.upper_every
-    check(steps > 0, f"two_stage has no unlearning steps (finetune.max_steps={ft.max_steps} < finetune.upper_every="
-                     f"{ft.upper_every}); raise max_steps, set finetune.unlearn_steps or unlearn.budget=own")
-    esd = dataclasses.replace(un.esd_paper, steps=steps, batch_size=ft.upper_batch_size)
-    loss = dataclasses.replace(un.loss, steps=steps, batch_size=ft.upper_batch_size)
+    given = ft.two_stage.unlearn_steps
+    steps = given if given >= 0 else ft.max_steps // ft.upper.every
+    check(steps > 0, f"two_stage has no unlearning steps (finetune.max_steps={ft.max_steps} < finetune.upper.every="
+                     f"{ft.upper.every}); raise max_steps, set finetune.two_stage.unlearn_steps or unlearn.budget=own")
+    esd = dataclasses.replace(un.esd_paper, steps=steps, batch_size=ft.upper.batch_size)
+    loss = dataclasses.replace(un.loss, steps=steps, batch_size=ft.upper.batch_size)
     return dataclasses.replace(cfg, unlearn=dataclasses.replace(un, esd_paper=esd, loss=loss))
 
 
@@ -104,19 +102,19 @@ def _load(model: str | Path | None, device):
     return pipe, load_plan(folder), base
 
 
-def unlearn(cfg: Config, *, model=None, out, forget=None, concept_data=None) -> Path:
+def unlearn(cfg: Config) -> Path:
+    """Erase concepts from cfg.paths.model ("" = the toy teacher) into cfg.paths.out; returns the folder."""
     from safeprune.data.toyworld import ToyWorld
     from safeprune.erasure import build_erasure
     from safeprune.models.io import write_unet
-    from safeprune.unlearning.concepts import parse_forget
     from safeprune.utils import atomic_folder, resolve_device, seed_everything
 
+    check(bool(cfg.paths.out), "safeprune unlearn needs --out DIR (the erased model's folder)")
     build_erasure(cfg)  # an unknown --method fails before the model loads
-    if forget:  # the resolved config records what was erased
-        cfg = dataclasses.replace(cfg, unlearn=dataclasses.replace(cfg.unlearn, concepts=parse_forget(forget)))
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
-    concepts, derived = resolve_concepts(cfg, forget, world)
-    out = Path(out)
+    concepts, derived = resolve_concepts(cfg, world)
+    model, concept_data = cfg.paths.model or None, cfg.paths.concept_data or None
+    out = Path(cfg.paths.out)
     with atomic_folder(out) as tmp:
         seed_everything(cfg.seed)
         pipe, plan, base_model = _load(model, resolve_device(cfg.device))
@@ -131,7 +129,7 @@ def unlearn(cfg: Config, *, model=None, out, forget=None, concept_data=None) -> 
     return out
 
 
-def erase_run_folder(cfg: Config, run_dir: Path, forget=None, concept_data=None) -> dict:
+def erase_run_folder(cfg: Config, run_dir: Path) -> dict:
     """two_stage's second stage for a whole-model method: erase the distilled student saved in `run_dir` and
     write it back in place (weights and plan into a temporary folder first, config.json last, as the run's
     own save). Returns the report; the caller records it in summary.json."""
@@ -144,10 +142,10 @@ def erase_run_folder(cfg: Config, run_dir: Path, forget=None, concept_data=None)
     from safeprune.utils import resolve_device
 
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
-    concepts, derived = resolve_concepts(cfg, forget, world)
+    concepts, derived = resolve_concepts(cfg, world)
     pipe = load_pipeline(run_dir, device=resolve_device(cfg.device))
-    report = erase(matched_budget(cfg), pipe, concepts, derived, world, method=cfg.finetune.unlearn,
-                   concept_data=concept_data)
+    report = erase(matched_budget(cfg), pipe, concepts, derived, world, method=cfg.finetune.unlearn.name,
+                   concept_data=cfg.paths.concept_data or None)
     plan = erased_plan(load_plan(run_dir), report)
     tmp = Path(tempfile.mkdtemp(prefix=".erased.", dir=run_dir))
     try:

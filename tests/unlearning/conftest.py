@@ -17,14 +17,14 @@ def students(pipe_dir, tmp_path_factory):
     """{"blocks" | "channels" | "magnitude": saved student folder} pruned from the random teacher's UNet."""
     from diffusers import UNet2DConditionModel
 
-    from safeprune.config import PruneConfig
+    from safeprune.config import BlocksOptions, PruneConfig
     from safeprune.models.io import save_unet
     from safeprune.pruning import prune
 
     root = tmp_path_factory.mktemp("students")
     out = {}
-    for method, cfg in (("blocks", PruneConfig(preset="small")), ("channels", PruneConfig(ratio=0.3)),
-                        ("magnitude", PruneConfig(ratio=0.5))):
+    for method, cfg in (("blocks", PruneConfig(blocks=BlocksOptions(preset="small"))),
+                        ("channels", PruneConfig(ratio=0.3)), ("magnitude", PruneConfig(ratio=0.5))):
         torch.manual_seed(0)
         unet, plan = prune(UNet2DConditionModel.from_pretrained(pipe_dir / "unet"), method, cfg)
         out[method] = save_unet(unet, root / method, plan, base_model=pipe_dir)

@@ -10,11 +10,14 @@ from safeprune.cli import main
 from safeprune.models.io import load_plan, load_unet
 from safeprune.pruning import sparsity_masks
 
-METHODS = ("uce", "conceptprune", "esd_paper", "esd_anchor")
+METHODS = ("uce", "conceptprune", "esd_paper", "esd", "esd_xattn", "esd_anchor", "ablation")  # all of ERASURE
 
 
 @pytest.mark.parametrize("pruning", ["blocks", "channels", "magnitude"])
 def test_every_method_runs_on_a_pruned_student(students, unlearn_cli, tmp_path, pruning):
+    from safeprune.erasure import ERASURE
+
+    assert set(METHODS) == set(ERASURE)
     student = students[pruning]
     start = load_unet(student).state_dict()
     for method in METHODS:

@@ -158,7 +158,8 @@ def judge_claims(rows: dict[str, dict]) -> tuple[dict, list[str]]:
     checks = {
         "students_recovered": recovered,
         "distill_reproduces_concept": d["leakage"] >= 0.5 * t["leakage"],
-        "bilevel_suppresses": b["leakage"] <= 0.1,
+        # blank images are not suppression: the forget prompts must still show an object
+        "bilevel_suppresses": b["leakage"] <= 0.1 and b["forget_valid"] >= 0.9,
         "bilevel_keeps_retention": b["retention"] >= d["retention"] - 0.05,
         "bilevel_keeps_fd": b["fd"] <= 1.1 * d["fd"],
         "bilevel_beats_two_stage": b["leakage"] <= two["leakage"] and b["fd"] <= two["fd"],

@@ -124,12 +124,14 @@ class UnlearnLossConfig:
 @dataclass
 class UpperConfig:
     lr: float = 1e-3  # upper-level AdamW learning rate (also the penalty solver's outer step)
-    batch_size: int = 16  # concept images per upper step (per process)
+    batch_size: int = 16  # concept images per upper micro-batch per process (x grad_accum x processes per step)
+    grad_accum: int = 1  # gradient accumulation of the upper (and penalty outer) step, like finetune.grad_accum
     every: int = 10  # K: alternating = an upper step after every K-th lower step; penalty = K inner steps
 
     def __post_init__(self):
         check(self.lr > 0, "finetune.upper.lr must be > 0")
         check(self.batch_size > 0, "finetune.upper.batch_size must be > 0")
+        check(self.grad_accum >= 1, "finetune.upper.grad_accum must be >= 1")
         check(self.every >= 1, "finetune.upper.every must be >= 1")
 
 
@@ -197,6 +199,9 @@ class FinetuneConfig:
     lambda_out: float = 2.0  # weight of output distillation (eq. 3)
     lambda_feat: float = 0.1  # weight of feature distillation (eq. 4)
     snr_gamma: float = 5.0  # Min-SNR-gamma weighting of the denoising loss; 0 disables it
+    # v-prediction form of that weight (safeprune.losses.denoising.SNR_WEIGHTINGS): diffusers = min(SNR, g)/(SNR+1),
+    # paper = min(SNR+1, g)/(SNR+1) (the paper's code; configs/sd21.yaml); the same for epsilon models
+    snr_weighting: str = "diffusers"
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the frozen teacher's forward passes
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, `pip install safeprune[bnb]`): both optimisers
@@ -224,6 +229,8 @@ class FinetuneConfig:
         check(min(self.lambda_diff, self.lambda_out, self.lambda_feat) >= 0,
               "finetune.lambda_diff, lambda_out and lambda_feat must be >= 0")
         check(self.snr_gamma >= 0, "finetune.snr_gamma must be >= 0 (0 disables Min-SNR weighting)")
+        check(self.snr_weighting in ("diffusers", "paper"),
+              f"finetune.snr_weighting={self.snr_weighting!r}; choose diffusers or paper")
         check(self.grad_accum >= 1, "finetune.grad_accum must be >= 1")
         check(self.ckpt_every_steps > 0 and self.keep_checkpoints >= 1,
               "finetune.ckpt_every_steps and keep_checkpoints must be >= 1")

@@ -16,7 +16,8 @@ Bilevel problem (method notes, Sec. 3): min_theta L_CU(theta)  s.t.  theta in ar
 
 Upper and outer steps move only the parameters the unlearning loss selects (e.g. `esd_xattn`: cross-attention).
 Each method is a frozen dataclass called as `method(step, problem, update) -> logged scalars` and is a
-pure function of `step`, so a resumed run replays the same schedule. `problem` only accumulates
+pure function of `step` given its `schedule` (the stage boundary of two-stage, a varying lambda's span, K), so a
+resumed run replays the same schedule; checkpoints store `schedule` and `--resume` refuses to change it. `problem` only accumulates
 gradients (see `Problem`); `update(which)` applies the `lower` or `upper` optimiser and clears them.
 That split lets the same code solve a 2-D quadratic in the tests and a UNet in the recipe.
 """
@@ -60,6 +61,11 @@ class Distill:
     def upper_steps(self) -> int:
         return 0
 
+    @property
+    def schedule(self) -> dict:
+        """What decides each step's work besides `step` (see the module doc; a resume must not change it)."""
+        return {}
+
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         logs = _prefixed("lower", problem.lower(step))
         update("lower")
@@ -81,6 +87,10 @@ class _EveryK:
     def upper_steps(self) -> int:
         return self.max_steps // self.every
 
+    @property
+    def schedule(self) -> dict:
+        return {"every": self.every}
+
 
 @dataclass(frozen=True)
 class Alternating(_EveryK):
@@ -101,6 +111,12 @@ class Penalty(_EveryK):
 
     penalty: float  # lambda at step 0
     penalty_end: float  # lambda at the last step (linear schedule); equal to `penalty` for a constant
+
+    @property
+    def schedule(self) -> dict:
+        # A lambda schedule is linear over max_steps: more steps would move it under a resumed run.
+        varying = {"max_steps": self.max_steps} if self.penalty_end != self.penalty else {}
+        return {"every": self.every, "penalty": self.penalty, "penalty_end": self.penalty_end, **varying}
 
     def penalty_at(self, step: int) -> float:
         frac = step / max(self.max_steps - 1, 1)
@@ -131,6 +147,10 @@ class TwoStage:
     @property
     def upper_steps(self) -> int:
         return self.unlearn_steps
+
+    @property
+    def schedule(self) -> dict:
+        return {"distill_steps": self.distill_steps, "unlearn_steps": self.unlearn_steps}  # the stage boundary
 
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         if step < self.distill_steps:

@@ -84,8 +84,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int) -> Path | None:
-    """Validate `out` for a fresh run or a resume; returns the checkpoint to resume from (or None)."""
+def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int,
+                     schedule: dict | None = None) -> Path | None:
+    """Validate `out` for a fresh run or a resume; returns the checkpoint to resume from (or None).
+
+    `schedule` is the method's (safeprune.bilevel.solvers): a resume may add steps, never move a stage boundary
+    or a lambda schedule that the checkpointed steps already followed."""
     if not resume:
         check(not (out.exists() and any(out.iterdir())),
               f"run folder {str(out)!r} already exists and is not empty; pass --resume to continue it or a new --out")
@@ -98,6 +102,10 @@ def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int) -> 
         if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES:
             raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; "
                             "resume with the same configuration (and the same --forget flags)")
+    was = state.get("schedule")
+    check(schedule is None or was is None or was == schedule,
+          f"--resume: finetune.max_steps={cfg.finetune.max_steps} changes the {cfg.finetune.method} schedule of the "
+          f"checkpoint ({was} -> {schedule}); resume with --max-steps {old.get('finetune.max_steps')}, or start a new run")
     check(state["step"] < total_steps, f"the run in {str(out)!r} is already complete ({state['step']} steps); "
                                        "raise --max-steps to continue it")
     return ckpts[-1]
@@ -376,7 +384,7 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None) -> Path:
           "to a Stable Diffusion pipeline folder or a hub id")
     # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
     base_model = teacher
-    resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps)
+    resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps, method.schedule)
     return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
                   concept_data, resume_from, on_eval)
 
@@ -427,7 +435,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     def checkpoint(step: int, modules: dict, optims: dict) -> Path:
         folder = out / CHECKPOINTS / f"step_{step:07d}"
         data = {"data": pools.lower.state_dict()} if hasattr(pools.lower, "state_dict") else {}
-        save_checkpoint(folder, step, modules, optims, extra={"counts": problem.counts, "config": to_dict(cfg), **data})
+        extra = {"counts": problem.counts, "config": to_dict(cfg), "schedule": method.schedule, **data}
+        save_checkpoint(folder, step, modules, optims, extra=extra)
         for old in _checkpoints(out)[:-ft.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return folder

@@ -151,7 +151,8 @@ def _generate_args(p):
 def _evaluate_args(p):
     p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder (default: the toy teacher)")
     p.add_argument("--reference", dest="paths.reference",
-                   help="unsuppressed reference model for the CP score (default: the toy teacher)")
+                   help="unsuppressed reference model for the CP score; the paper's is the distilled, unerased "
+                        "student (default: the toy teacher)")
     p.add_argument("--metrics", default=None,
                    help="comma-separated metric names, registry safeprune.eval.metrics.METRICS (default: eval.metrics)")
     _out(p, "output folder (results.json)")

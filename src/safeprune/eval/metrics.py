@@ -31,8 +31,8 @@ import torch
 
 from safeprune.config import Config, SampleConfig
 from safeprune.data.toyworld import Labels, ToyWorld, draw
-from safeprune.eval.cp import cp_score
 from safeprune.errors import UserError, check, choose
+from safeprune.eval.cp import cp_score
 
 # ----------------------------------------------------------------------------- maths on features
 

@@ -128,6 +128,8 @@ def _finetune_args(p):
                    help="image folder with metadata.jsonl, a HF dataset folder, parquet/arrow files, or webdataset "
                         "shards such as 'shards/{000..099}.tar' (default: toy finetune split; see finetune.data.mode)")
     p.add_argument("--concept-data", dest="paths.concept_data", help="concept images folder (default: toy concept split)")
+    p.add_argument("--anchor-data", dest="paths.anchor_data",
+                   help="anchor-prompt images for --unlearn ablation (default: rendered toy anchors)")
     _out(p, "run folder (required)", required=False)
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
 

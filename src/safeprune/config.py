@@ -306,6 +306,8 @@ class PathsConfig:
     student: str = ""  # finetune: the pruned student folder written by `safeprune prune`
     data: str = ""  # finetune: lower-level images (folder, datasets table, shards); "" = the toy finetune split
     concept_data: str = ""  # finetune: concept images of the upper level; "" = the toy concept split
+    # finetune with `ablation`: images of the anchor prompts (what to draw instead); "" = rendered toy anchors
+    anchor_data: str = ""
     model: str = ""  # generate / evaluate / concept-images: the model used; "" = the shipped toy teacher
     reference: str = ""  # evaluate: the unsuppressed reference of the CP score; "" = the shipped toy teacher
     unet_config: str = ""  # prune: a UNet config.json pruned on the meta device (no weights)

@@ -226,6 +226,8 @@ def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
             pairing = pair_images(concepts, concept.captions)
         else:  # derived from the concept images' captions (see safeprune.unlearning.concepts)
             concepts, pairing = derive_concepts(concept.captions, concept.labels, world.forbidden)
+        if getattr(unlearning, "images", "concept") == "anchor":  # concept ablation: x ~ the anchor distribution
+            concept, pairing = _anchor_pool(cfg, world, concepts, pairing, size, vae, device, sources)
 
     prompts = list(dict.fromkeys(["", *lower.captions, *(c.target for c in concepts), *(c.anchor for c in concepts)]))
     row = {p: i for i, p in enumerate(prompts)}
@@ -240,6 +242,21 @@ def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
         pools.concept_target = torch.tensor([row[concepts[k].target] for k in pairing])
         pools.concept_anchor = torch.tensor([row[concepts[k].anchor] for k in pairing])
     return pools, concepts
+
+
+def _anchor_pool(cfg: Config, world, concepts, pairing, size, vae, device, sources):
+    """(anchor-image pool, its concept index per image) for losses that noise anchor images (`ablation`)."""
+    from safeprune.data.datasets import encode_pool, open_image_captions
+    from safeprune.unlearning.anchors import ToyAnchorImages
+    from safeprune.unlearning.concepts import pair_images
+
+    n, anchor_data = cfg.finetune.data.concept_pool, cfg.paths.anchor_data or None
+    if anchor_data is None:  # toy concept images (checked in `finetune`): rendered anchors, image i aligned with
+        # concept image i (the same pool indices), so both pair with the same concept
+        return encode_pool(ToyAnchorImages(world, n, size), n, vae, seed=cfg.seed + 1, device=device), pairing
+    anchors = encode_pool(open_image_captions(anchor_data, world=world, split="concept", n_toy=n, size=size,
+                                              **sources), n, vae, seed=cfg.seed + 2, device=device)
+    return anchors, pair_images(concepts, anchors.captions, by="anchor")
 
 
 # ----------------------------------------------------------------------------- optimisers and updates
@@ -371,6 +388,9 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None) -> Path:
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
     unlearning = build_unlearning(ft.unlearn.name, ft.unlearn) if uses_upper(method) else None
     check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
+    check(getattr(unlearning, "images", "concept") != "anchor" or bool(cfg.paths.anchor_data) or concept_data is None,
+          f"--unlearn {ft.unlearn.name} noises images of the anchor prompts (concept ablation); with --concept-data "
+          "pass --anchor-data DIR too, e.g. the teacher's samples from `safeprune concept-images --prompts ANCHOR`")
     check(ft.eval_every_steps == 0 or on_eval is not None,
           "finetune.eval_every_steps needs an evaluation callback (Python API: finetune(..., on_eval=...)); "
           "set it to 0 and evaluate the run folder with `safeprune evaluate`")

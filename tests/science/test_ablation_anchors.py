@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from safeprune.config import ToyWorldConfig, load_config
 from safeprune.data.toyworld import ToyWorld

@@ -17,8 +17,9 @@ Bilevel problem (method notes, Sec. 3): min_theta L_CU(theta)  s.t.  theta in ar
 Upper and outer steps move only the parameters the unlearning loss selects (e.g. `esd_xattn`: cross-attention).
 Each method is a frozen dataclass called as `method(step, problem, update) -> logged scalars` and is a
 pure function of `step` given its `schedule` (the stage boundary of two-stage, a varying lambda's span, K), so a
-resumed run replays the same schedule; checkpoints store `schedule` and `--resume` refuses to change it. `problem` only accumulates
-gradients (see `Problem`); `update(which)` applies the `lower` or `upper` optimiser and clears them.
+resumed run replays the same schedule; checkpoints store `schedule` and `--resume` refuses to change it.
+`problem` only accumulates gradients (see `Problem`); `update(which)` applies the `lower` or `upper` optimiser
+and clears them.
 That split lets the same code solve a 2-D quadratic in the tests and a UNet in the recipe.
 """
 

@@ -39,16 +39,16 @@ def teacher_pipe(random_teacher_dir):
 
 @pytest.mark.parametrize("loss, noised", [("ablation", "anchor"), ("esd", "concept")])
 def test_the_upper_pool_holds_anchor_images_for_ablation_only(teacher_pipe, loss, noised):
-    from safeprune.recipes.finetune import _build_pools
+    from safeprune.bilevel.pools import build_pools
     from safeprune.unlearning import build_unlearning
 
     cfg = load_config(overrides=["finetune.data.pool=4", "finetune.data.concept_pool=8"])
     world = ToyWorld(cfg.toyworld, cfg.seed)
-    pools, concepts = _build_pools(cfg, teacher_pipe, build_unlearning(loss), None, None, "cpu")
+    pools, concepts = build_pools(cfg, teacher_pipe, build_unlearning(loss), None, None, "cpu")
     leaked = [world.is_forbidden(type(world.sample("concept", 0)[2])(**lab)) for lab in pools.concept.labels]
     assert not any(leaked) if noised == "anchor" else all(leaked)
     assert {c.target for c in concepts} == {world.sample("concept", i)[1] for i in range(8)}  # concepts unchanged
-    # the embedding rows, as _build_pools lays them out
+    # the embedding rows, as build_pools lays them out
     prompts = list(dict.fromkeys(["", *pools.lower.captions, *(c.target for c in concepts),
                                   *(c.anchor for c in concepts)]))
     for i in range(8):  # pool image i pairs with concept image i's target prompt, and its anchor prompt

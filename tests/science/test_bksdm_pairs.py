@@ -38,8 +38,8 @@ def test_sd15_tiny_pairs_are_bk_sdms():
 
 def test_toy_tiny_student_keeps_the_innermost_down_pair_in_feature_kd():
     from safeprune.config import BlocksOptions, PruneConfig
+    from safeprune.models.hooks import match_features
     from safeprune.pruning import prune
-    from safeprune.recipes.finetune import match_features
 
     torch.manual_seed(0)
     teacher = toy.build_unet().eval()

@@ -90,7 +90,7 @@ def _memory_line(cfg: Config, teacher: str, student: str | None, processes: int)
 
         plan = load_plan(student)
         base = meta_unet(plan["base_config"])
-        student_unet, which = (apply_plan(base, plan) if plan["method"] != "none" else base), "the --student plan"
+        student_unet, which = apply_plan(base, plan), "the --student plan"
     else:
         student_unet, which = teacher_unet, "the unpruned teacher UNet (pass --student for the pruned one)"
     vae_scale = 8 if teacher else 2  # SD's VAE downsamples 8x; the toy VAE 2x

@@ -15,13 +15,12 @@ concept. Sources:
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
 from safeprune.data.datasets import ToySplit
 from safeprune.data.toyworld import Labels, draw
 from safeprune.unlearning.concepts import anchor_from_labels
+from safeprune.utils import numpy_rng
 
 
 def anchor_labels(labels: Labels, forbidden: dict[str, tuple[str, ...]], allowed, rng: np.random.Generator) -> Labels:
@@ -44,7 +43,7 @@ class ToyAnchorImages(ToySplit):
         from PIL import Image
 
         _, _, concept = self.world.sample("concept", i)
-        rng = np.random.default_rng([self.world.seed, zlib.crc32(b"anchor"), i])  # its own stream
+        rng = numpy_rng(self.world.seed, "anchor", i)  # its own stream, pure in (seed, i)
         labels = anchor_labels(concept, self.world.forbidden, self.world.allowed, rng)
         image = draw(labels, rng, self.world.cfg.size)
         caption = anchor_from_labels(concept.as_dict(), self.world.forbidden)

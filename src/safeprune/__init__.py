@@ -13,6 +13,9 @@ _EXPORTS = {
     "load_unet": "safeprune.models.io",
     "load_pipeline": "safeprune.models.io",
     "save_unet": "safeprune.models.io",
+    "save_model": "safeprune.models.io",
+    # diffusers imports this class by name for model_index.json's ["safeprune", "PrunedUNet2DConditionModel"]
+    "PrunedUNet2DConditionModel": "safeprune.models.pruned_unet",
     "prune": "safeprune.pruning",
     "finetune": "safeprune.recipes.finetune",
 }

@@ -66,7 +66,8 @@ def _prune_args(p):
     p.add_argument("--unet-config", default=None, help="prune a UNet config.json on the meta device (no weights)")
     p.add_argument("--calib-data", default=None,
                    help="taylor importance: image folder with metadata.jsonl (default: the toy pretrain split)")
-    p.add_argument("--out", required=True, help="output folder for the pruned UNet, plan.json, prune_report.json")
+    p.add_argument("--out", required=True, help="output folder: model/ (a diffusers pipeline), prune_report.json")
+    _push_arg(p)
 
 
 def _finetune_args(p):
@@ -88,6 +89,12 @@ def _finetune_args(p):
     p.add_argument("--concept-data", default=None, help="concept images folder (default: toy concept split)")
     p.add_argument("--out", default=None, help="run folder (required)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
+    _push_arg(p)
+
+
+def _push_arg(p):
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="upload the finished model/ folder to this Hugging Face hub repository (needs `hf auth login`)")
 
 
 def _concept_images_args(p):
@@ -218,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = resolve(args)
             # the user asked for the network (a hub-id teacher or a hub data set): lift our default
-            if (cfg.model.allow_download or cfg.finetune.hub_data) and _OFFLINE_BY_DEFAULT:
+            wants_hub = cfg.model.allow_download or cfg.finetune.hub_data or getattr(args, "push_to_hub", None)
+            if wants_hub and _OFFLINE_BY_DEFAULT:
                 os.environ.pop("HF_HUB_OFFLINE", None)
                 os.environ.pop("TRANSFORMERS_OFFLINE", None)
             if args.dry_run:

@@ -7,12 +7,14 @@ One loop, top to bottom:
   3. run the method's step function (`safeprune.bilevel`: distill | two_stage | bilevel alternating/penalty)
      under Accelerate (device, mixed precision, DDP), with per-step metrics, TensorBoard, a progress bar,
      and atomic checkpoints every `finetune.ckpt_every_steps`;
-  4. save the student so the run folder is itself a pruned-UNet folder that `safeprune.load_pipeline` loads.
+  4. save the student as RUN/model/, a complete diffusers pipeline folder with a model card
+     (`DiffusionPipeline.from_pretrained(RUN/model)`; safeprune.models.io), apart from the training state.
 
-Run folder: the saved student (config.json, plan.json, safeprune.json, diffusion_pytorch_model.safetensors),
+Run folder: model/ (the result: model_index.json, unet/, the teacher's other components, README.md),
 config.yaml, concepts.json ([{target, anchor}] suppressed), summary.json (method, steps, upper_steps,
 world_size, params_in_sync / optimizer_states_in_sync (bit-identical on every DDP rank; null under FSDP),
-pass counts, matched feature blocks, wall time), checkpoints/step_NNNNNNN/, logs/ (TensorBoard),
+pass counts, matched feature blocks, wall time), checkpoints/step_NNNNNNN/ (each loadable by `generate` /
+`evaluate`: state.json records the plan and the teacher), logs/ (TensorBoard),
 and metrics.jsonl, one line per iteration with the keys present that step:
   step; lower/diff, lower/out_kd, lower/feat_kd, lower/ft (batch means of eq. 1, 3, 4, 8); upper/cu (L_CU);
   outer/ft, outer/lambda, outer/gap (penalty outer steps); lr/lower, lr/upper; student_fwd, student_bwd,
@@ -55,6 +57,11 @@ def run(cfg: Config, args) -> int:
     out = finetune(cfg, student=args.student, out=args.out, teacher=args.teacher, data=args.data,
                    concept_data=args.concept_data, forget=args.forget, resume=args.resume)
     print(out)
+    if getattr(args, "push_to_hub", None):
+        from safeprune.models.card import push_to_hub
+        from safeprune.models.io import MODEL
+
+        print(f"pushed to {push_to_hub(Path(out) / MODEL, args.push_to_hub)}")
     return 0
 
 
@@ -398,7 +405,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     from safeprune.bilevel.problem import NonFiniteLoss
     from safeprune.checkpoint import load_checkpoint, save_checkpoint
-    from safeprune.models.io import check_prediction_type, load_unet
+    from safeprune.models.io import check_prediction_type, checkpoint_record, load_plan, load_unet
     from safeprune.utils import resolve_device, seed_everything
 
     ft = cfg.finetune
@@ -432,10 +439,14 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         if "data" in state:  # stream mode: continue after the images already drawn
             pools.lower.load_state_dict(state["data"])
 
+    # What load_pipeline needs to sample from a checkpoint (generate / evaluate --model RUN/checkpoints/step_N).
+    model_record = checkpoint_record(load_plan(student_dir), base_model)
+
     def checkpoint(step: int, modules: dict, optims: dict) -> Path:
         folder = out / CHECKPOINTS / f"step_{step:07d}"
         data = {"data": pools.lower.state_dict()} if hasattr(pools.lower, "state_dict") else {}
-        save_checkpoint(folder, step, modules, optims, extra={"counts": problem.counts, "config": to_dict(cfg), **data})
+        save_checkpoint(folder, step, modules, optims, extra={"counts": problem.counts, "config": to_dict(cfg),
+                                                             "model": model_record, **data})
         for old in _checkpoints(out)[:-ft.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return folder
@@ -489,7 +500,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         # 5. the result: the run folder becomes a saved pruned-UNet folder (EMA weights when enabled).
         in_sync, result = training.in_sync(), training.result()  # collectives: every rank
         if main:
-            _save_result(result, student_dir, base_model, out)
+            facts = {"method": _plan_method(student_dir), "concepts": [dataclasses.asdict(c) for c in concepts],
+                     "recipe": _recipe(cfg)}
+            model_dir = _save_result(result, student_dir, teacher_dir, base_model, out, facts)
             world = accelerator.num_processes
             summary = {"method": ft.method, "solver": ft.solver if ft.method == "bilevel" else None,
                        "unlearn": ft.unlearn if unlearning is not None else None, "steps": method.total_steps,
@@ -497,7 +510,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                        "counts_per_process": problem.counts,
                        "counts": {k: v * world for k, v in problem.counts.items()},
                        "feature_blocks": [list(p) for p in pairs], "concepts": len(concepts),
-                       "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir)}
+                       "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir),
+                       "model": str(model_dir.relative_to(out))}
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
         accelerator.wait_for_everyone()
     return out
@@ -512,27 +526,42 @@ def _forget_accelerate_settings() -> None:
     GradientState._reset_state()
 
 
+def _plan_method(student_dir: Path) -> str:
+    from safeprune.models.io import load_plan
+
+    return load_plan(student_dir)["method"]
+
+
 def _method_name(ft: FinetuneConfig) -> str:
     return f"bilevel/{ft.solver}" if ft.method == "bilevel" else ft.method
 
 
-def _save_result(unet, student_dir: Path, base_model: Path | None, out: Path) -> None:
-    """Make `out` a saved pruned-UNet folder: the student's plan and base config, the fine-tuned weights.
+def _save_result(unet, student_dir: Path, teacher_dir: Path, base_model: str | None, out: Path, facts: dict) -> Path:
+    """Write the run's model folder `out`/model: a complete diffusers pipeline (the fine-tuned student + the
+    teacher's other components) with its model card, atomically (a crash leaves no folder that looks valid)."""
+    from safeprune.models.io import MODEL, load_plan, save_model
 
-    Written into a temporary folder inside `out`, then moved in with config.json last: `load_unet`
-    recognises the folder by config.json, so a crash never leaves a half-saved model that looks valid.
-    """
-    import os
-    import tempfile
+    report = _prune_report(student_dir)
+    # overwrite: `out` is this run's own folder (checked by _prepare_run_dir); a resumed run replaces its model
+    return save_model(unet, out / MODEL, load_plan(student_dir), teacher_dir, base_model,
+                      card={**facts, "prune_report": report}, overwrite=True)
 
-    from safeprune.models.io import load_plan, write_unet
 
-    plan = load_plan(student_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".result.", dir=out))
-    try:
-        write_unet(unet, tmp, plan, plan["base_config"], base_model)
-        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-            path.chmod(0o644)  # safetensors writes 0600; a saved model should be as shareable as its folder
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _prune_report(student_dir: Path) -> dict:
+    """The student's prune_report.json (`safeprune prune` writes it beside model/), or {} when there is none."""
+    for folder in (student_dir, student_dir.parent, student_dir.parent.parent):
+        if (folder / "prune_report.json").is_file():
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                return json.loads((folder / "prune_report.json").read_text())
+    return {}
+
+
+def _recipe(cfg: Config) -> dict:
+    """The settings a model card lists as the training recipe."""
+    ft = cfg.finetune
+    keys = ["method", "solver", "unlearn", "max_steps", "batch_size", "grad_accum", "lr", "upper_lr", "upper_every",
+            "warmup_steps", "lambda_diff", "lambda_out", "lambda_feat", "snr_gamma", "esd_eta", "mixed_precision"]
+    recipe = {k: getattr(ft, k) for k in keys}
+    if ft.method != "bilevel":
+        recipe.pop("solver")
+    return {"teacher": cfg.model.teacher or "safeprune toy teacher", **recipe, "seed": cfg.seed}

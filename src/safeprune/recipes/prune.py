@@ -5,9 +5,11 @@
   --unet-config FILE   only a UNet config.json: the architecture is built on the meta device (no weights,
                        seconds even at SD scale) to plan a pruning and read its parameter and MAC counts
 
-The output folder holds the saved form (see `safeprune.models.io`) plus `prune_report.json`: parameters,
-MACs of one UNet call and, when weights exist, the measured latency of one call, before and after. With
-`--unet-config` only `plan.json` and the report are written: there is nothing to load.
+The output folder holds `model/`, a complete diffusers pipeline folder with the student UNet and a model card
+(see `safeprune.models.io`; a bare UNet folder when --model is a UNet folder without a pipeline), plus
+`prune_report.json`: parameters, MACs of one UNet call and, when weights exist, the measured latency of one
+call, before and after, and `config.yaml`. With `--unet-config` only `plan.json` and the report are written:
+there is nothing to load. `--push-to-hub REPO` uploads model/ (safeprune.models.card.push_to_hub).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Source:
 
     unet: torch.nn.Module
     weights: bool  # False: built on the meta device from --unet-config
-    base_model: str | None  # teacher pipeline folder for safeprune.json (None = the shipped toy teacher)
+    base_model: str | None  # the teacher's hub id (model card, safeprune.json); None = a local or the toy teacher
     pipeline_folder: Path | None  # where its VAE and text encoder live (taylor calibration)
     text_tokens: int  # the tokenizer's context length (cross-attention cost)
     label: str  # what was pruned, for the report
@@ -58,16 +60,27 @@ def run(cfg: Config, args) -> int:
     report = _report(cfg, plan, source, before, after)
 
     with atomic_folder(out) as tmp:
-        if source.weights:
-            from safeprune.models.io import write_unet
+        if source.weights and source.pipeline_folder is not None:
+            from safeprune.models.io import MODEL, write_model
 
-            write_unet(student, tmp, plan, plan["base_config"], source.base_model)
+            card = {"method": plan["method"], "prune_report": report, "concepts": [],
+                    "title": f"{plan['method']}-pruned student (not fine-tuned)"}
+            write_model(student, tmp / MODEL, plan, source.pipeline_folder, source.base_model, card)
+        elif source.weights:  # a bare UNet folder was pruned: no pipeline components to ship with it
+            from safeprune.models.io import MODEL, write_unet
+
+            write_unet(student, tmp / MODEL, plan, plan["base_config"], source.base_model)
         else:  # a plan for an architecture, not a model: no config.json, so nothing here looks loadable
             (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=1))
         save_config(cfg, tmp)
     print(json.dumps(report, indent=1))
-    print(f"wrote {out}/ ({'loadable with safeprune.load_unet / load_pipeline' if source.weights else 'plan only'})")
+    print(f"wrote {out}/ ({'model/: DiffusionPipeline.from_pretrained, safeprune.load_pipeline' if source.weights else 'plan only'})")
+    if getattr(args, "push_to_hub", None):
+        check(source.weights, "--push-to-hub needs a model with weights (not --unet-config)")
+        from safeprune.models.card import push_to_hub
+
+        print(f"pushed to {push_to_hub(out / 'model', args.push_to_hub)}")
     return 0
 
 
@@ -83,14 +96,16 @@ def _load_source(cfg: Config, args, device) -> Source:
 
     model = args.model or cfg.model.teacher
     folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else teacher_path()
+    check(not (folder / "model_index.json").is_file() or (folder / "unet").is_dir(),
+          f"--model {str(folder)!r} has no unet/; pass a Stable Diffusion pipeline folder")
     check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")
     check(load_plan(folder)["method"] == "none", f"{str(folder)!r} is already pruned; prune its base model instead")
     is_pipeline = (folder / "model_index.json").is_file()
     pipeline = folder if is_pipeline else (folder.parent if (folder.parent / "model_index.json").is_file() else None)
     unet = load_unet(folder).to(device)
-    # base_model None = the shipped toy teacher (portable: no install path inside the saved folder); a hub id
-    # stays an id (its cache path is machine-specific)
-    base_model = (model if is_hub_id(model) else str(pipeline.resolve())) if (pipeline and model) else None
+    # Only a hub id is recorded (model card, safeprune.json): the model folder carries copies of the other
+    # components, and a local path would break when either folder moves.
+    base_model = str(model) if model and is_hub_id(model) else None
     return Source(unet, True, base_model, pipeline, _text_tokens(pipeline), str(folder))
 
 

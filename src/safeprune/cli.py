@@ -125,6 +125,23 @@ def _report_args(p):
     p.add_argument("--out", required=True, help="output folder (report.md, results.json, grid.png, curves.png)")
 
 
+def _presets_args(p):
+    p.add_argument("name", nargs="?", default=None,
+                   help="print this preset's path, e.g. accelerate/ddp_4gpu (for accelerate launch --config_file)")
+
+
+def run_presets(cfg, args) -> int:
+    """List the presets shipped inside the package, or print one's path."""
+    from safeprune.config import CONFIG_DIR, preset_path
+
+    if args.name:
+        print(preset_path(args.name).resolve())
+        return 0
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        print(f"{str(path.relative_to(CONFIG_DIR).with_suffix('')):<24} {path}")
+    return 0
+
+
 def _demo_args(p):
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seeds", dest="demo.seeds", help="repeat with N seeds and report mean +- std")
@@ -144,12 +161,14 @@ COMMANDS: dict[str, Command] = {
     "report": Command("tables, grids and curves from several runs", _report_args, "safeprune.recipes.report:run"),
     "demo": Command("the main job: prune, fine-tune 3 ways, evaluate, report", _demo_args,
                     "safeprune.recipes.demo:run"),
+    "presets": Command("list the shipped presets (configs), or print one's path", _presets_args,
+                       "safeprune.cli:run_presets"),
 }
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=None,
-                   help="YAML preset (file path or a name in configs/, e.g. toy); repeatable, later files win; "
+                   help="YAML file or shipped preset (e.g. sd21, concepts/nudity; see `safeprune presets`); repeatable, later files win; "
                         "a bare FILE.yaml word after the command does the same")
     p.add_argument("--seed", dest="seed", help="master seed")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")

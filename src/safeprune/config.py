@@ -17,7 +17,33 @@ import yaml
 
 from safeprune.errors import UserError, check
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repo's presets (editable install)
+
+
+def _shipped_configs() -> Path:
+    """The presets, concept lists and accelerate configs shipped INSIDE the package (safeprune/configs/), found
+    with importlib.resources, so a wheel install has them as a source checkout does."""
+    from importlib.resources import files
+
+    return Path(str(files("safeprune") / "configs"))
+
+
+CONFIG_DIR = _shipped_configs()
+
+
+def preset_path(name: str | Path) -> Path:
+    """A config file: `name` itself when it exists, else the shipped preset it names: `sd21`, `concepts/nudity`,
+    `accelerate/ddp_4gpu.yaml`, or the repository spelling `configs/sd21.yaml` (so the README's commands work
+    from any folder). A miss is a UserError listing the shipped presets."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    rel = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    for candidate in (CONFIG_DIR / rel, CONFIG_DIR / rel.with_suffix(".yaml")):
+        if not path.is_absolute() and candidate.is_file():
+            return candidate
+    names = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+                   if p.parent.name != "accelerate")  # those are accelerate's, not safeprune's
+    raise UserError(f"config file {str(path)!r} not found; pass a YAML file or a shipped preset: {', '.join(names)}")
 
 
 @dataclass
@@ -339,10 +365,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").is_file():
-        path = CONFIG_DIR / f"{path}.yaml"  # a preset name such as `toy` or `sd15`
-    check(path.is_file(), f"config file {str(path)!r} not found; pass a YAML file or a preset in {CONFIG_DIR}")
+    path = preset_path(path)  # a file, or a shipped preset such as `toy`, `sd15` or `concepts/nudity`
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

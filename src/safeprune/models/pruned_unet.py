@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin, UNet2DConditionModel
 
 from safeprune.pruning.channels import rebuild_sites
 
@@ -32,6 +32,11 @@ class PrunedUNet2DConditionModel(UNet2DConditionModel):
         self.register_to_config(pruned_widths=widths)
         rebuild_sites(self, widths)
 
+
+# diffusers' save_pretrained names a class outside its own libraries by its module path
+# (["safeprune.models.pruned_unet", ...]) and, loading it, looks for the loadable base classes BY NAME in that
+# module: ModelMixin must be importable from here, as from `safeprune` itself.
+__all__ = ["ModelMixin", "PrunedUNet2DConditionModel"]
 
 # ConfigMixin reads a model's config keys from its __init__ signature (from_config passes only those): the
 # base class's parameters plus `pruned_widths`, so every UNet2DConditionModel field stays a config field.

@@ -86,6 +86,10 @@ def _finetune_args(p):
     p.add_argument("--data", default=None,
                    help="image folder with metadata.jsonl, a HF dataset folder, parquet/arrow files, or webdataset "
                         "shards such as 'shards/{000..099}.tar' (default: toy finetune split; see finetune.data_mode)")
+    p.add_argument("--image-column", dest="finetune.image_column",
+                   help="--data column holding the image (tables) or its file name (folders); default image / file_name")
+    p.add_argument("--caption-column", dest="finetune.caption_column",
+                   help="--data column holding the caption; default the first of text, caption, prompt")
     p.add_argument("--concept-data", default=None, help="concept images folder (default: toy concept split)")
     p.add_argument("--out", default=None, help="run folder (required)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")

@@ -164,8 +164,12 @@ class FinetuneConfig:
     streaming: bool = False  # read `datasets` sources (parquet, arrow, hub) lazily as an IterableDataset
     hub_data: bool = False  # let --data name a Hugging Face hub dataset id (downloads); offline by default
     text_cache: str = ""  # stream: folder caching caption embeddings (safetensors per caption); "" = no cache
+    image_column: str = ""  # --data's image column (tables) / file column (folders); "" = image / file_name
+    caption_column: str = ""  # --data's caption column; "" = the first of text, caption, prompt
     grad_accum: int = 1  # gradient accumulation steps (lower level)
-    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
+    # no | fp16 | bf16 (GPU) | "" = what `accelerate launch` was given (its config / --mixed_precision), else no;
+    # a value here that disagrees with the launcher's is an error (safeprune.recipes.finetune.mixed_precision)
+    mixed_precision: str = ""
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the frozen teacher's forward passes
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, `pip install safeprune[bnb]`): both optimisers
     resolution: int = 0  # fine-tuning image side in pixels; 0 = the teacher UNet's sample_size x VAE scale
@@ -174,13 +178,21 @@ class FinetuneConfig:
     ckpt_every_steps: int = 200  # atomic checkpoint period
     keep_checkpoints: int = 1  # newest checkpoints kept in run_dir/checkpoints
     eval_every_steps: int = 0  # log leakage/fd curves every N steps (0 = never)
+    report_to: str = "tensorboard"  # experiment tracker of the metrics, learning rates and images: tensorboard | wandb | none
+    validation_every_steps: int = 0  # sample validation images every N steps (and at the end); 0 = never
+    validation_prompts: list[str] = field(default_factory=list)  # [] = the suppressed concepts and their anchors
+    validation_seeds: int = 2  # images per validation prompt, seeds 0..N-1 (the same at every step)
 
     def __post_init__(self):
         check(self.max_steps > 0, "finetune.max_steps must be > 0")
         check(self.upper_every >= 1, "finetune.upper_every must be >= 1")
         check(self.batch_size > 0 and self.upper_batch_size > 0, "finetune batch sizes must be > 0")
-        check(self.mixed_precision in ("no", "fp16", "bf16"),
-              f"finetune.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
+        check(self.mixed_precision in ("", "no", "fp16", "bf16"),
+              f"finetune.mixed_precision={self.mixed_precision!r}; choose no, fp16, bf16 or '' (accelerate's)")
+        check(self.report_to in ("tensorboard", "wandb", "none"),
+              f"finetune.report_to={self.report_to!r}; choose tensorboard, wandb or none")
+        check(self.validation_every_steps >= 0 and self.validation_seeds >= 1,
+              "finetune.validation_every_steps must be >= 0 (0 = never) and finetune.validation_seeds >= 1")
         check(self.teacher_dtype in ("fp32", "bf16", "fp16"),
               f"finetune.teacher_dtype={self.teacher_dtype!r}; choose fp32, bf16 or fp16")
         check(self.optimizer in ("adamw", "adamw8bit"), f"finetune.optimizer={self.optimizer!r}; choose adamw or adamw8bit")

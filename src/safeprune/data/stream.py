@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from safeprune.data.datasets import embed_prompts, is_shards, latent_gaussian, open_source
+from safeprune.data.datasets import Columns, embed_prompts, is_shards, latent_gaussian, open_source
 from safeprune.data.transforms import sample_rng, train_image
 from safeprune.errors import UserError, check
 
@@ -298,7 +298,7 @@ def open_stream_pool(data, ft, *, world, vae, tokenizer, text_encoder, resolutio
     from safeprune.data.datasets import ToySplit
 
     source = ToySplit(world, "finetune", ft.data_pool, resolution) if data is None else \
-        open_source(data, streaming=ft.streaming, hub=ft.hub_data)
+        open_source(data, streaming=ft.streaming, hub=ft.hub_data, columns=Columns(ft.image_column, ft.caption_column))
     rank, processes = _rank_and_world()
     device = torch.device(device)
     images = ImageStream(source, batch_size=ft.batch_size, resolution=resolution, random_crop=ft.random_crop,

@@ -137,6 +137,14 @@ def build_unet(plan: dict, folder: str | Path = "the plan"):
         raise UserError(f"{str(folder)!r} holds an invalid UNet config ({type(err).__name__}: {err})") from err
 
 
+def check_supported_unet(config, where: str) -> None:
+    """SD 1.x / 2.x-style UNets only: SDXL-style added embeddings (text_time: pooled text + image sizes) need
+    inputs the fine-tuning loop and the samplers here do not build. One line instead of a traceback."""
+    added = config.get("addition_embed_type") if isinstance(config, dict) else config.addition_embed_type
+    check(added is None, f"{where} has addition_embed_type={added!r} (an SDXL-style UNet), which safeprune does not "
+                         "support yet; use an SD 1.x / 2.x model (e.g. stable-diffusion-v1-5, stable-diffusion-2-1)")
+
+
 def save_unet(unet, folder: str | Path, plan: dict | None, base_config: dict | None = None,
               base_model: str | Path | None = None) -> Path:
     """Write `unet` as a bare UNet folder (atomic: an existing non-empty `folder` is an error).

@@ -47,7 +47,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Config keys that may change when a run is resumed (e.g. a lower lr after a divergence, more steps);
 # any other difference would make the resumed run a different run.
 RESUMABLE_CHANGES = {f"finetune.{k}" for k in ("max_steps", "ckpt_every_steps", "keep_checkpoints",
-                                               "eval_every_steps", "lr", "upper_lr")}
+                                               "eval_every_steps", "lr", "upper_lr", "report_to",
+                                               "validation_every_steps", "validation_prompts", "validation_seeds")}
+VALIDATION = "validation"  # RUN/validation/step_NNNNNNN.png: the validation grids
 
 
 def run(cfg: Config, args) -> int:
@@ -71,6 +73,23 @@ def run(cfg: Config, args) -> int:
 def lower_lr(cfg: FinetuneConfig, step: int) -> float:
     """Linear warm-up over `warmup_steps`, then constant (the paper code's schedule)."""
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+
+def resolve_mixed_precision(cfg: Config) -> Config:
+    """`cfg` with the mixed precision the run uses, as diffusers' training scripts decide it: `accelerate launch`'s
+    (ACCELERATE_MIXED_PRECISION, from its config file or --mixed_precision) unless finetune.mixed_precision
+    names one; a named one that disagrees with the launcher's is a one-line error (a silent winner would
+    leave config.yaml or the launcher wrong)."""
+    import os
+
+    ft = cfg.finetune
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "")
+    check(not (ft.mixed_precision and launched and launched != ft.mixed_precision),
+          f"finetune.mixed_precision={ft.mixed_precision} but accelerate launch was given mixed_precision={launched} "
+          "(its config file or --mixed_precision); make them agree, or set finetune.mixed_precision='' to take "
+          "the launcher's")
+    chosen = ft.mixed_precision or launched or "no"
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(ft, mixed_precision=chosen))
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -191,9 +210,10 @@ def match_features(teacher, student, null_embedding: torch.Tensor) -> list[tuple
 
 
 def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
-    """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed)."""
+    """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed, what the
+    training data is: {"training_images", "source_images", "data_mode"} for summary.json)."""
     from safeprune.bilevel.problem import Pools
-    from safeprune.data.datasets import embed_prompts, encode_pool, open_image_captions
+    from safeprune.data.datasets import Columns, embed_prompts, encode_pool, open_image_captions
     from safeprune.data.stream import data_mode, open_stream_pool
     from safeprune.data.toyworld import ToyWorld
     from safeprune.unlearning.concepts import derive_concepts, pair_images
@@ -211,13 +231,26 @@ def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
     vae = pipe.vae.to(device).eval()
 
     sources = {"streaming": ft.streaming, "hub": ft.hub_data}
+    columns = Columns(ft.image_column, ft.caption_column)  # of --data; concept folders keep the defaults
     if data_mode(ft, data) == "stream":  # fresh images every step, VAE-encoded per batch (safeprune.data.stream)
         lower = open_stream_pool(data, ft, world=world, vae=vae, tokenizer=pipe.tokenizer,
                                  text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
                                  dtype=DTYPES[ft.teacher_dtype])
+        source = getattr(lower, "images", None)
+        length = getattr(getattr(source, "source", None), "__len__", None)
+        # fresh images every step: the run sees steps x batch x processes x accumulation of them (with repeats
+        # once an epoch ends); the source's size where it is known (shards and streams have none)
+        info = {"data_mode": "stream", "training_images": None, "source_images": length() if length else None}
     else:
-        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data_pool, size=size, **sources)
+        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data_pool, size=size,
+                                        columns=columns, **sources)
         lower = encode_pool(lower_set, ft.data_pool, vae, seed=cfg.seed, device=device)
+        used, available = len(lower), len(lower_set)  # a pool samples data_pool images of the source, once
+        info = {"data_mode": "pool", "training_images": used, "source_images": available}
+        if data is not None and available > used:
+            warnings.warn(f"finetune.data_mode=pool trains on {used} of the {available} images in --data (a random "
+                          f"subset, finetune.data_pool={ft.data_pool}); raise finetune.data_pool or set "
+                          "finetune.data_mode=stream to see them all", stacklevel=1)
 
     concepts, concept, pairing = [], None, []
     if unlearning is not None:
@@ -242,7 +275,7 @@ def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
         pools.concept = concept
         pools.concept_target = torch.tensor([row[concepts[k].target] for k in pairing])
         pools.concept_anchor = torch.tensor([row[concepts[k].anchor] for k in pairing])
-    return pools, concepts
+    return pools, concepts, info
 
 
 # ----------------------------------------------------------------------------- optimisers and updates
@@ -368,6 +401,7 @@ def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str 
     from safeprune.unlearning import build_unlearning
     from safeprune.unlearning.concepts import parse_forget
 
+    cfg = resolve_mixed_precision(cfg)  # config.yaml records the precision the run really used
     ft = cfg.finetune
     forget = parse_forget(forget) if forget else None  # CLI concepts replace finetune.concepts
     out, student = Path(out), Path(student)
@@ -405,12 +439,17 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     from safeprune.bilevel.problem import NonFiniteLoss
     from safeprune.checkpoint import load_checkpoint, save_checkpoint
-    from safeprune.models.io import check_prediction_type, checkpoint_record, load_plan, load_unet
+    from safeprune.models.io import check_prediction_type, check_supported_unet, checkpoint_record, load_plan, load_unet
     from safeprune.utils import resolve_device, seed_everything
 
     ft = cfg.finetune
+    if ft.report_to == "wandb":
+        import importlib.util
+
+        check(importlib.util.find_spec("wandb") is not None,
+              "finetune.report_to=wandb needs wandb: pip install 'safeprune[wandb]' (or report_to=tensorboard)")
     accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu", mixed_precision=ft.mixed_precision,
-                              log_with="tensorboard",
+                              log_with=None if ft.report_to == "none" else ft.report_to,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     device, main = accelerator.device, accelerator.is_main_process
     seed_everything(cfg.seed)
@@ -418,20 +457,30 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     # 1. models: the frozen teacher (eval, no grad, optionally low precision) and the trainable student.
     pipe = _load_teacher(teacher_dir)
     check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
+    check_supported_unet(pipe.unet.config, f"teacher {str(cfg.model.teacher or teacher_dir)!r}")
     student_core = load_unet(student_dir).to(device).train()
+    check_supported_unet(student_core.config, f"student {str(student_dir)!r}")
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
     if ft.teacher_dtype != "fp32":
         teacher = teacher.to(DTYPES[ft.teacher_dtype])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # 2. pools and embeddings, once; the VAE and text encoder are not needed afterwards.
-    pools, concepts = _build_pools(cfg, pipe, unlearning, data, concept_data, device)
-    del pipe
+    pools, concepts, data_info = _build_pools(cfg, pipe, unlearning, data, concept_data, device)
+    if main:
+        shown = data_info["training_images"] or "fresh images every step"
+        print(f"training images: {shown} (source: {data_info['source_images'] or 'size unknown'}; "
+              f"{data_info['data_mode']} mode)", flush=True)
+    validate = _validation(cfg, pipe, student_core, concepts, pools, out) if ft.validation_every_steps and main else None
+    del pipe  # the VAE and text encoder live on in `validate` only when validation images are asked for
     pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt])
 
     # 3. optimisers, the problem and the update rule (shared with benchmarks/bench_finetune.py).
     training = build_training(cfg, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning)
     problem, optimizers = training.problem, training.optimizers
+    check(validate is None or not problem.sharded, "finetune.validation_every_steps needs DDP or one process (FSDP "
+                                                   "shards the student); set it to 0 and sample checkpoints with "
+                                                   "`safeprune generate --model RUN/checkpoints/step_N`")
     start = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, training.modules(), training.raw_optimizers())
@@ -458,7 +507,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         save_config(cfg, out)
         (out / "concepts.json").write_text(json.dumps([dataclasses.asdict(c) for c in concepts], indent=1))
         _truncate_metrics(out / METRICS, start)
-    accelerator.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": start}})
+    accelerator.init_trackers("finetune", config=_flat(to_dict(cfg)) if ft.report_to == "wandb" else None,
+                              init_kwargs={"tensorboard": {"purge_step": start}, "wandb": {"dir": str(out / "logs")}})
     last_good = str(resume_from) if resume_from else None
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:  # closes the log file and the bar, then ends training (DDP too)
@@ -477,7 +527,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                 if on_eval is not None and ft.eval_every_steps and main \
                         and _due(step, ft.eval_every_steps, method.total_steps):
                     logs |= {f"eval/{k}": v for k, v in on_eval(step + 1, student_core).items()}
-                accelerator.log(logs, step=step + 1)
+                accelerator.log({**logs, **{f"lr/{k}": lrs[k] for k in optimizers}}, step=step + 1)
+                if validate is not None and _due(step, ft.validation_every_steps, method.total_steps):
+                    validate(step + 1, accelerator)
                 if main:
                     record = {"step": step + 1, **logs, **{f"lr/{k}": lrs[k] for k in optimizers},
                               **problem.counts, "time_s": round(time.perf_counter() - t0, 3)}
@@ -511,10 +563,54 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                        "counts": {k: v * world for k, v in problem.counts.items()},
                        "feature_blocks": [list(p) for p in pairs], "concepts": len(concepts),
                        "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir),
-                       "model": str(model_dir.relative_to(out))}
+                       "model": str(model_dir.relative_to(out)), **data_info}
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
         accelerator.wait_for_everyone()
     return out
+
+
+def _validation(cfg: Config, pipe, student, concepts, pools, out: Path):
+    """validate(step, accelerator): draw the validation images with the student (fixed prompts and seeds, so
+    grids of different steps compare), save RUN/validation/step_N.png and log them to the tracker.
+
+    Prompts: finetune.validation_prompts, else each suppressed concept and its anchor (suppression and what
+    must survive side by side), else the first fine-tuning captions."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from safeprune.recipes.generate import generate_images
+    from safeprune.viz import make_grid, save_image
+
+    ft = cfg.finetune
+    prompts = list(ft.validation_prompts) or list(dict.fromkeys(
+        [p for c in concepts for p in (c.target, c.anchor) if p])) or list(dict.fromkeys(pools.lower.captions))[:2]
+    prompts = prompts[:8]
+    seeds = list(range(ft.validation_seeds))
+    sampler = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                      unet=student, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def validate(step: int, accelerator) -> None:
+        was_training = student.training
+        student.eval()
+        try:
+            images = generate_images(sampler, [p for p in prompts for _ in seeds], seeds * len(prompts),
+                                     cfg.sample.steps, cfg.sample.guidance, cfg.sample.batch_size, progress=False)
+        finally:
+            student.train(was_training)
+        rows = [list(images[i * len(seeds):(i + 1) * len(seeds)]) for i in range(len(prompts))]
+        (out / VALIDATION).mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(rows, [p[:40] for p in prompts], [f"seed {s}" for s in seeds]),
+                   out / VALIDATION / f"step_{step:07d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", images, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                captions = [f"{p} (seed {s})" for p in prompts for s in seeds]
+                tracker.log({"validation": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+
+    return validate
 
 
 def _forget_accelerate_settings() -> None:

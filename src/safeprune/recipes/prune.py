@@ -91,7 +91,7 @@ def _load_source(cfg: Config, args, device) -> Source:
     """--unet-config (meta device), --model (or model.teacher), or the shipped toy teacher."""
     if args.unet_config:
         return _from_config(Path(args.unet_config))
-    from safeprune.models.io import is_hub_id, load_plan, load_unet, pretrained_folder
+    from safeprune.models.io import check_supported_unet, is_hub_id, load_plan, load_unet, pretrained_folder
     from safeprune.models.shipped import teacher_path
 
     model = args.model or cfg.model.teacher
@@ -103,6 +103,7 @@ def _load_source(cfg: Config, args, device) -> Source:
     is_pipeline = (folder / "model_index.json").is_file()
     pipeline = folder if is_pipeline else (folder.parent if (folder.parent / "model_index.json").is_file() else None)
     unet = load_unet(folder).to(device)
+    check_supported_unet(unet.config, f"--model {str(folder)!r}")
     # Only a hub id is recorded (model card, safeprune.json): the model folder carries copies of the other
     # components, and a local path would break when either folder moves.
     base_model = str(model) if model and is_hub_id(model) else None
@@ -121,6 +122,9 @@ def _from_config(path: Path) -> Source:
     check(isinstance(config, dict) and config.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel",
           f"--unet-config {str(path)!r} is not a UNet2DConditionModel config")
     config = {k: v for k, v in config.items() if not k.startswith("_")}  # `_use_default_values` would undo edits
+    from safeprune.models.io import check_supported_unet
+
+    check_supported_unet(config, f"--unet-config {str(path)!r}")
     try:
         with init_empty_weights():
             unet = UNet2DConditionModel.from_config(config)

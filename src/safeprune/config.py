@@ -18,7 +18,6 @@ import yaml
 from safeprune.errors import UserError, check
 
 
-
 def _shipped_configs() -> Path:
     """The presets, concept lists and accelerate configs shipped INSIDE the package (safeprune/configs/), found
     with importlib.resources, so a wheel install has them as a source checkout does."""

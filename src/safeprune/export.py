@@ -130,21 +130,22 @@ def run(cfg: Config, args) -> int:
     check(args.format in FORMATS, f"--format {args.format!r}: choose one of {', '.join(FORMATS)}")
     check(args.runs >= 1 and args.batch >= 1, "--runs and --batch must be >= 1")
     check(args.exporter in EXPORTERS, f"--exporter {args.exporter!r}: choose one of {', '.join(EXPORTERS)}")
-    out = Path(args.out)
+    out = Path(cfg.paths.out)
     check(not (out.exists() and any(out.iterdir())),
           f"output folder {str(out)!r} already exists and is not empty; pass a new path or delete it")
-    model = pretrained_folder(args.model) if args.model else teacher_path()
+    model = pretrained_folder(cfg.paths.model) if cfg.paths.model else teacher_path()
     unet = load_unet(model)
     pipeline = _pipeline_of(model)
     tokens = _text_tokens(pipeline) if pipeline else DEFAULT_TEXT_TOKENS
     inputs = example_inputs(unet, args.batch, tokens, cfg.seed)
     threads = torch.get_num_threads()
     models = {"unet": unet}
-    if args.teacher:
-        teacher = teacher_path() if args.teacher == "toy" else pretrained_folder(args.teacher, cfg.model.revision,
-                                                                                 cfg.model.allow_download)
+    if args.export_teacher:
+        name = args.export_teacher
+        teacher = teacher_path() if name == "toy" else pretrained_folder(name, cfg.model.revision,
+                                                                         cfg.model.allow_download)
         models["teacher_unet"] = load_unet(teacher)
-    report = {"format": "onnx", "model": str(args.model or "toy-teacher"), "opset": args.opset, "exporter": args.exporter,
+    report = {"format": "onnx", "model": cfg.paths.model or "toy-teacher", "opset": args.opset, "exporter": args.exporter,
               "inputs": {k: list(v.shape) for k, v in inputs.items()}, "threads": threads, "runs": args.runs,
               "tolerance": args.tolerance}
     with atomic_folder(out) as tmp:

@@ -75,7 +75,7 @@ def test_columns_metadata_csv_and_the_training_images_used(finetune_cli, tmp_pat
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="trains on 4 of the 6 images"):
         code, err = finetune_cli(out, "--data", str(data), "--image-column", "path", "--caption-column",
-                                 "description", "--max-steps", "1", "--method", "distill", "finetune.data_pool=4")
+                                 "description", "--max-steps", "1", "--method", "distill", "finetune.data.pool=4")
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["training_images"], summary["source_images"], summary["data_mode"]) == (4, 6, "pool")

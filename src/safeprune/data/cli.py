@@ -26,8 +26,8 @@ def preview(world: ToyWorld, out: str | Path) -> Path:
 def run_toyworld(cfg, args) -> int:
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     if args.action == "preview":
-        path = preview(world, args.out)
-        save_config(cfg, args.out)
+        path = preview(world, cfg.paths.out)
+        save_config(cfg, cfg.paths.out)
         print(f"wrote {path}")
         return 0
     start = time.perf_counter()

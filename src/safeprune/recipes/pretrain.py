@@ -230,7 +230,7 @@ def report_quality(pipe, world: ToyWorld, cfg: Config, out: Path) -> dict | None
 
 
 def run(cfg: Config, args) -> int:
-    out = Path(args.out)
+    out = Path(cfg.paths.out)
     if args.what == "judge":
         from safeprune.eval.judge import run_pretrain_judge
 

@@ -9,7 +9,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from safeprune.cli import main  # noqa: E402
-from safeprune.config import PruneConfig  # noqa: E402
+from safeprune.config import BlocksOptions, PruneConfig  # noqa: E402
 from safeprune.export import check_and_time, example_inputs, export_onnx  # noqa: E402
 from safeprune.models.io import load_unet, save_unet  # noqa: E402
 from safeprune.pruning import prune  # noqa: E402
@@ -20,7 +20,7 @@ TINY = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block
         "block_out_channels": (32, 32), "attention_head_dim": 8, "cross_attention_dim": 16, "norm_num_groups": 4}
 # The default suite exports through the torchscript exporter (seconds); the dynamo exporter (the CLI's default,
 # ~30 s of CPU even for this UNet) runs on the channels student in the slow suite.
-METHODS = [("channels", {"ratio": 0.3}, "torchscript"), ("blocks", {"preset": "small"}, "torchscript"),
+METHODS = [("channels", {"ratio": 0.3}, "torchscript"), ("blocks", {"blocks": BlocksOptions("small")}, "torchscript"),
            ("magnitude", {"ratio": 0.3}, "torchscript"),
            pytest.param("channels", {"ratio": 0.3}, "dynamo", marks=pytest.mark.slow, id="channels-dynamo")]
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from safeprune.cli import main
 
-STUDENTS = {"channels": {"ratio": 0.3}, "blocks": {"preset": "base"}, "magnitude": {"ratio": 0.3}}
+STUDENTS = {"channels": {"ratio": 0.3}, "blocks": {"blocks.preset": "base"}, "magnitude": {"ratio": 0.3}}
 PROMPTS = ["a red circle", "a striped blue square"]
 
 

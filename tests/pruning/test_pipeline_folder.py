@@ -8,11 +8,11 @@ import pytest
 import torch
 from pruning_helpers import run_unet, unet_inputs
 
-from safeprune.config import PruneConfig
+from safeprune.config import BlocksOptions, PruneConfig
 from safeprune.models.io import build_unet, load_pipeline, load_unet, save_model
 from safeprune.pruning import prune
 
-METHODS = [("channels", {"ratio": 0.3}), ("blocks", {"preset": "small"}), ("magnitude", {"ratio": 0.3})]
+METHODS = [("channels", {"ratio": 0.3}), ("blocks", {"blocks": BlocksOptions("small")}), ("magnitude", {"ratio": 0.3})]
 
 
 def _image(pipe, seed=0):

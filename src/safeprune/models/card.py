@@ -35,11 +35,14 @@ def write_card(folder: str | Path, facts: dict) -> Path:
 
 
 def add_results(folder: str | Path, results: dict, source: str = "") -> bool:
-    """Add an evaluation's metrics to the card of model folder `folder`; False when it has no card."""
+    """Add an evaluation's metrics to the card of model folder `folder`. False (nothing written) when it has no
+    card, or when README.md was edited since safeprune wrote it (never overwrite someone else's text)."""
     folder = Path(folder)
-    if not (folder / FACTS).is_file():
+    if not (folder / FACTS).is_file() or not (folder / CARD).is_file():
         return False
     facts = json.loads((folder / FACTS).read_text())
+    if (folder / CARD).read_text() != render_card(facts):
+        return False
     facts["results"] = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     facts["results_source"] = source
     write_card(folder, facts)

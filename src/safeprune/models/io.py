@@ -33,22 +33,20 @@ Safetensors only, never `trust_remote_code`.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from safeprune.errors import UserError, check
-from safeprune.utils import atomic_folder, load_safetensors
+from safeprune.utils import HUB_ID, atomic_folder, load_safetensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHARD_INDEX = WEIGHTS + ".index.json"
 PLAN = "plan.json"
 META = "safeprune.json"
-# owner/name as the hub spells repository ids; anything else (absolute, ./relative, deeper) is a local path
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_hub_id(name: str | Path) -> bool:
@@ -97,32 +95,15 @@ CHECKPOINT_STATE = "state.json"  # marks a training checkpoint (safeprune.checkp
 
 
 def unet_class(plan: dict):
-    """(model class, its config) of the student a plan describes: what config.json holds and what loads it."""
+    """(model class, its config) of the student a plan describes: what config.json holds and what loads it. The
+    method's `saved_config` says the config; one with `pruned_widths` (channels) is safeprune's model class."""
     from diffusers import UNet2DConditionModel
 
     from safeprune.models.pruned_unet import PrunedUNet2DConditionModel
+    from safeprune.pruning import saved_config
 
-    base = {k: v for k, v in plan["base_config"].items() if not k.startswith("_") and k != "pruned_widths"}
-    if plan["method"] == "blocks":
-        return UNet2DConditionModel, {k: v for k, v in plan["config"].items() if not k.startswith("_")}
-    if plan["method"] == "channels":
-        return PrunedUNet2DConditionModel, {**base, "pruned_widths": _pruned_widths(plan, base)}
-    return UNet2DConditionModel, base  # none / magnitude: the base architecture (magnitude: zeros in the weights)
-
-
-def _pruned_widths(plan: dict, base_config: dict) -> dict:
-    """The plan's per-site widths: recorded (a folder re-saved by diffusers), else computed from its groups."""
-    if plan.get("pruned_widths") is not None:
-        return plan["pruned_widths"]
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
-    from safeprune.pruning.channels import pruned_widths
-
-    check(isinstance(plan.get("groups"), list), "channels plan has no 'groups'; re-run `safeprune prune`")
-    with init_empty_weights():  # widths only: the full-width base on the meta device
-        base = UNet2DConditionModel.from_config(base_config)
-    return pruned_widths(base, plan["groups"])
+    config = {k: v for k, v in saved_config(plan).items() if not k.startswith("_")}
+    return (PrunedUNet2DConditionModel if "pruned_widths" in config else UNet2DConditionModel), config
 
 
 def build_unet(plan: dict, folder: str | Path = "the plan"):
@@ -169,10 +150,10 @@ def write_unet(unet, folder: Path, plan: dict | None, base_config: dict | None, 
     import diffusers
     from safetensors.torch import save_file
 
-    from safeprune.pruning import PLAN_FORMAT
+    from safeprune.pruning import identity_plan
     from safeprune.pruning.measure import unet_config
 
-    plan = dict(plan or {"format": PLAN_FORMAT, "method": "none"})
+    plan = dict(plan or identity_plan())
     plan["base_config"] = base_config or plan.get("base_config") or unet_config(unet)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
     check(not any(t.is_meta for t in tensors.values()), "cannot save a UNet without weights (meta device)")
@@ -250,7 +231,7 @@ def load_plan(folder: str | Path) -> dict:
     """The plan of a saved UNet folder, with "base_config"; the identity plan for a plain diffusers UNet.
 
     A `channels` folder that diffusers re-saved (no plan.json) gives a plan with its recorded widths."""
-    from safeprune.pruning import PLAN_FORMAT
+    from safeprune.pruning import PLAN_FORMAT, identity_plan
 
     if _is_checkpoint(folder):
         return _checkpoint_model(folder)["plan"]
@@ -264,7 +245,7 @@ def load_plan(folder: str | Path) -> dict:
         base = {k: v for k, v in config.items() if k != "pruned_widths"}
         return {"format": PLAN_FORMAT, "method": "channels", "base_config": base,
                 "pruned_widths": config["pruned_widths"]}
-    return {"format": PLAN_FORMAT, "method": "none", "base_config": config}
+    return identity_plan(config)
 
 
 def base_model_of(folder: str | Path) -> str | None:
@@ -282,7 +263,7 @@ def load_unet(folder: str | Path):
     The architecture is built from the config (a channels student from its recorded widths; nothing is
     replayed), the weights load strictly, and a magnitude-pruned model gets its masks back.
     """
-    from safeprune.pruning import restore_masks
+    from safeprune.pruning import after_load
 
     if _is_checkpoint(folder):
         record = _checkpoint_model(folder)
@@ -291,7 +272,7 @@ def load_unet(folder: str | Path):
         where = _unet_folder(folder)
         plan, state = load_plan(where), _read_weights(where)
     unet = _fit(build_unet(plan, where), state, where)
-    restore_masks(unet, plan)
+    after_load(unet, plan)
     return unet.eval()
 
 
@@ -331,8 +312,10 @@ def load_pipeline(folder: str | Path, base_model: str | Path | None = None, devi
               "pass base_model= the teacher pipeline the UNet was pruned from")
         folder = Path(base_model)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True, use_safetensors=True, **components)
+        with _no_loading_bars():
+            pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
+                                                           requires_safety_checker=False, local_files_only=True,
+                                                           use_safetensors=True, **components)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         raise UserError(f"cannot load a Stable Diffusion pipeline from {str(folder)!r}: "
                         f"{str(err).strip().splitlines()[0]}") from err
@@ -363,6 +346,24 @@ def _checkpoint_model(folder: str | Path) -> dict:
     weights = next((folder / f"{n}.safetensors" for n in ("ema", "student") if (folder / f"{n}.safetensors").is_file()),
                    folder / "student.safetensors")
     return {**record, "weights": weights}
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """Hide diffusers'/transformers' per-component loading bars (noise around the training bar); restore after."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
 
 
 def _read_json(path: Path) -> dict:

@@ -12,8 +12,9 @@ allows, so kept widths stay multiples of the SIMD / tensor-core width: a 24-chan
 a 32-channel one on an AVX-512 CPU (measured), so unaligned widths shed parameters but not latency.
 Block inputs and outputs (the residual streams) are never touched, so every block's feature map keeps the
 teacher's shape and feature distillation (seed eq. 4) compares like with like. The dependency graph finds
-each unit's coupled layers; a group that would reach past its block is refused (platform notes: pruning
-the residual streams of a tiny UNet destroyed it).
+each unit's coupled layers; a group that would reach past its block is refused (torch-pruning's
+MetaPruner, which also cuts the residual streams, left a tiny UNet that drew nothing, even after 300
+fine-tuning steps; inner widths alone kept it drawing).
 
 The target `ratio` is a share of the UNet's TOTAL parameters and a budget, as in eq. 2: at least that
 share goes. Every prunable site loses about the same fraction of its units (Diff-Pruning's uniform
@@ -32,11 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from safeprune.errors import UserError, check
+from safeprune.errors import UserError, check, choose
+from safeprune.pruning.base import Method
+from safeprune.pruning.measure import example_inputs
 
 IMPORTANCES = ("magnitude", "taylor")
 
@@ -61,7 +65,7 @@ class Kind:
         return 1
 
     def resync(self, block, base_unit: int) -> None:
-        """torch-pruning reshapes the layers; attributes that cache widths must follow (platform notes)."""
+        """torch-pruning reshapes the layers; attributes that cache widths (read by diffusers' forward) must follow."""
 
     def width(self, block) -> int:
         root = self.root(block)
@@ -170,6 +174,8 @@ KINDS = {k.name: k for k in (ResnetChannels(), AttentionHeads(), FeedForwardUnit
 
 def find_sites(unet) -> list[tuple[str, Kind, nn.Module]]:
     """(block name, kind, block) for every prunable site, in module order."""
+    # diffusers and torch-pruning are imported where they are used: `safeprune --help` lists this package's
+    # registries (cli.REGISTRY_FLAGS), which must not pay their import (seconds).
     from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
@@ -220,8 +226,6 @@ def rebuild_sites(unet, widths: dict[str, dict[str, int]]) -> None:
 def build_graph(unet):
     """torch-pruning's DependencyGraph of `unet`, traced with a tiny input on the UNet's own device."""
     import torch_pruning as tp
-
-    from safeprune.pruning.measure import example_inputs
 
     cfg = unet.config
     check(cfg.addition_embed_type is None and cfg.class_embed_type is None and cfg.num_class_embeds is None,
@@ -362,7 +366,32 @@ def apply_groups(unet, graph, groups: list[dict]) -> None:
 
 
 @dataclass(frozen=True)
-class Channels:
+class Channels(Method):
+    options: ClassVar[tuple[str, ...]] = ("ratio", "channels")
+    report_keys: ClassVar[tuple[str, ...]] = ("ratio", "ratio_of", "importance")
+
+    def check_config(self, cfg):
+        choose("channels importance", cfg.channels.importance, dict.fromkeys(IMPORTANCES))
+
+    def needs_calibration(self, cfg):
+        return cfg.channels.importance == "taylor"  # first-order Taylor scores need gradients of a data loss
+
+    def saved_config(self, plan):
+        """The base config + `pruned_widths` ({kind: {block: size}}): the config of
+        safeprune.models.pruned_unet.PrunedUNet2DConditionModel, which builds the pruned architecture from it
+        directly (a stock config has one width per stage, not per layer; nothing is replayed at load)."""
+        base = {k: v for k, v in plan["base_config"].items() if k != "pruned_widths"}
+        widths = plan.get("pruned_widths")  # recorded when diffusers re-saved the folder (no plan.json)
+        if widths is None:
+            from accelerate import init_empty_weights
+            from diffusers import UNet2DConditionModel
+
+            check(isinstance(plan.get("groups"), list), "channels plan has no 'groups'; re-run `safeprune prune`")
+            with init_empty_weights():  # widths only: the full-width base on the meta device
+                full = UNet2DConditionModel.from_config({k: v for k, v in base.items() if not k.startswith("_")})
+            widths = pruned_widths(full, plan["groups"])
+        return {**base, "pruned_widths": widths}
+
     def __call__(self, unet, cfg, calib):
         on_meta = next(unet.parameters()).is_meta
         graph = build_graph(unet)

@@ -16,12 +16,12 @@ import json
 import time
 from pathlib import Path
 
+from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config, save_config
 from safeprune.errors import check
 from safeprune.recipes.report import aggregate, model_grid, table, write_report
 
-METHODS = ("distill", "two_stage", "bilevel")
-SUPPRESSING = ("two_stage", "bilevel")
+METHODS = ("distill", "two_stage", "bilevel")  # the runs compared (registry keys of safeprune.bilevel.METHODS)
 MARKER = ".safeprune-demo"  # lets a later demo replace this folder, and nothing else
 
 
@@ -114,7 +114,7 @@ def demo(cfg: Config, out: Path) -> dict:
                     "student_passes": sum(v for k, v in summary["counts"].items() if k.startswith("student"))}
             if seed == cfg.seed:
                 row["sample_ms"] = _sampling_ms(pipe, cfg)
-            if method in SUPPRESSING and cfg.eval.resurgence_steps > 0:
+            if uses_upper(build_method(run_cfg.finetune)) and cfg.eval.resurgence_steps > 0:  # it suppresses
                 row["resurgence_leakage"] = _resurgence(run_cfg, run_dir, world, judge, finetune, load_pipeline)
             timings[f"eval_{method}_s"] = timings.get(f"eval_{method}_s", 0) + time.perf_counter() - t
             per_seed[method].append(row)

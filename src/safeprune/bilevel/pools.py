@@ -15,6 +15,7 @@ import torch
 from safeprune.bilevel.problem import Pools
 from safeprune.config import Config
 from safeprune.data.datasets import embed_prompts, encode_pool, open_image_captions
+from safeprune.data.records import Columns
 from safeprune.data.stream import data_mode, open_stream_pool
 from safeprune.data.toyworld import ToyWorld
 from safeprune.unlearning.concepts import derive_concepts, pair_images
@@ -41,8 +42,11 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
                                  text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
                                  dtype=DTYPES[ft.teacher_dtype])
     else:
-        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data.pool, size=size, **sources)
+        columns = Columns(ft.data.image_column, ft.data.caption_column)  # of paths.data (concept folders: defaults)
+        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data.pool, size=size,
+                                        columns=columns, **sources)
         lower = encode_pool(lower_set, ft.data.pool, vae, rng=numpy_rng(cfg.seed), device=device)
+        lower.source_size = len(lower_set)  # the pool samples data.pool of these (summary.json reports both)
 
     concepts, concept, pairing = [], None, []
     if unlearning is not None:

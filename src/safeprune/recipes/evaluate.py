@@ -69,4 +69,10 @@ def run(cfg: Config, args) -> int:
         print(f"cp: against {reference or 'the shipped toy teacher'} (margin {CP_MARGIN}); the paper's reference "
               "is the distilled, unerased student (--reference)")
     print(f"wrote {cfg.paths.out}/results.json")
+    if model is not None:  # a model folder with a safeprune model card gets the results table
+        from safeprune.models.card import add_results
+        from safeprune.models.io import model_folder
+
+        if add_results(model_folder(model), results, source=f"{len(results)} metrics, results in {cfg.paths.out}"):
+            print(f"added the results to {model_folder(model)}/README.md")
     return 0

@@ -110,7 +110,7 @@ def demo(cfg: Config, out: Path) -> dict:
             finetune(run_cfg, on_eval=on_eval)
             timings[f"finetune_{method}_s"] = timings.get(f"finetune_{method}_s", 0) + time.perf_counter() - t
             pipe = load_pipeline(run_dir)
-            distilled = pipe if method == "distill" else distilled
+            distilled = distilled if uses_upper(build_method(run_cfg.finetune)) else pipe  # the unerased run
             t = time.perf_counter()
             ref, cache = (teacher, reference_cache) if distilled is None else (distilled, distilled_cache)
             row = evaluate_model(pipe, world, run_cfg, ref, judge, cache)

@@ -35,6 +35,7 @@ import shutil
 import time
 from pathlib import Path
 
+from safeprune.bilevel import build_method, uses_upper
 from safeprune.bilevel.pools import build_pools
 from safeprune.bilevel.training import build_training
 from safeprune.config import Config, save_config, to_dict
@@ -151,7 +152,6 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None) -> Path:
     splits), so the run's config.yaml names all of them. `on_eval(step, unet) -> dict` (Python API only) is
     called every `finetune.eval_every_steps` steps on the main process; its numbers are logged with the step's.
     """
-    from safeprune.bilevel import build_method, uses_upper
     from safeprune.models.shipped import teacher_path
     from safeprune.unlearning import build_unlearning
 
@@ -364,13 +364,13 @@ def _prune_report(student_dir: Path) -> dict:
 
 def _recipe(cfg: Config) -> dict:
     """The settings a model card lists as the training recipe."""
-    ft = cfg.finetune
+    ft, method = cfg.finetune, build_method(cfg.finetune)
     recipe = {k: getattr(ft, k) for k in ("method", "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps",
                                           "lambda_diff", "lambda_out", "lambda_feat", "snr_gamma", "mixed_precision")}
-    if ft.method != "distill":  # the upper level: its loss, optimiser and period
+    if uses_upper(method):  # the upper level: its loss, optimiser and period
         recipe |= {"unlearn": ft.unlearn.name, "eta": ft.unlearn.eta, "upper lr": ft.upper.lr, "upper every": ft.upper.every}
-    if ft.method == "bilevel":
-        recipe["solver"] = ft.solver.name
+    if method.solver:
+        recipe["solver"] = method.solver
     return {"teacher": cfg.model.teacher or "safeprune toy teacher", **recipe, "seed": cfg.seed}
 
 

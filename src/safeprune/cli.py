@@ -50,6 +50,8 @@ def _pretrain_args(p):
     p.add_argument("what", choices=("teacher", "judge"), help="which embedded model to train")
     p.add_argument("--out", required=True, help="run folder (checkpoints, samples, the trained model)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out an earlier pretrain run wrote (its files only are deleted)")
 
 
 def _prune_args(p):
@@ -88,6 +90,10 @@ def _finetune_args(p):
     p.add_argument("--concept-data", default=None, help="concept images folder (default: toy concept split)")
     p.add_argument("--out", default=None, help="run folder (required)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out an earlier finetune run wrote (its files only are deleted)")
+    p.add_argument("--allow-other-teacher", action="store_true",
+                   help="distil a student that was pruned from another teacher (normally an error)")
 
 
 def _concept_images_args(p):

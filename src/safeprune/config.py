@@ -8,6 +8,7 @@ Unknown keys and wrong types are `UserError`s that name the key and the valid ch
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,23 @@ import yaml
 from safeprune.errors import UserError, check
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repo's presets (editable install)
+# Upper bounds on values that can only be mistakes (a typo'd exponent, an extra zero): they would otherwise
+# fill the disk, be killed by the OOM killer after the run folder was made, or write images that look valid.
+MAX_BATCH = 65536  # images per batch (any batch-size field)
+MAX_SIDE = 8192  # image side in pixels (SD XL works at 1024)
+MAX_STEPS = 10**9  # iterations of any loop
+
+
+def _finite(section: str, obj, *names: str) -> None:
+    """Every named float field of `obj` is a finite number (inf and nan can only be mistakes)."""
+    for name in names:
+        check(math.isfinite(getattr(obj, name)), f"{section}.{name}={getattr(obj, name)} must be a finite number")
+
+
+def _at_most(section: str, obj, bound: int, *names: str) -> None:
+    for name in names:
+        check(getattr(obj, name) <= bound, f"{section}.{name}={getattr(obj, name)} is implausibly large; use at "
+                                           f"most {bound}")
 
 
 @dataclass
@@ -55,6 +73,10 @@ class TeacherConfig:
         check(0.0 <= self.caption_dropout < 1.0, "teacher.caption_dropout must lie in [0, 1)")
         for name in ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "ckpt_every_steps"):
             check(getattr(self, name) > 0, f"teacher.{name} must be > 0")
+        _finite("teacher", self, "vae_lr", "lr")
+        check(self.vae_lr > 0 and self.lr > 0, "teacher.vae_lr and teacher.lr must be > 0")
+        _at_most("teacher", self, MAX_BATCH, "batch_size", "vae_batch_size", "eval_images")
+        _at_most("teacher", self, MAX_STEPS, "vae_steps", "unet_steps", "warmup_steps", "pool_size")
 
 
 @dataclass
@@ -67,6 +89,10 @@ class JudgeConfig:
     def __post_init__(self):
         check(self.steps > 0 and self.batch_size > 0, "judge.steps and judge.batch_size must be > 0")
         check(0.0 < self.negative_share < 1.0, "judge.negative_share must lie in (0, 1)")
+        _finite("judge", self, "lr")
+        check(self.lr > 0, "judge.lr must be > 0")
+        _at_most("judge", self, MAX_BATCH, "batch_size")
+        _at_most("judge", self, MAX_STEPS, "steps")
 
 
 @dataclass
@@ -88,6 +114,8 @@ class PruneConfig:
         for name in ("channel_multiple", "calibration_batches", "calibration_batch_size", "latency_batch",
                      "latency_runs"):
             check(getattr(self, name) >= 1, f"prune.{name} must be >= 1")
+        _at_most("prune", self, MAX_BATCH, "calibration_batch_size", "latency_batch", "calibration_batches",
+                 "latency_runs", "channel_multiple")
 
 
 @dataclass
@@ -148,6 +176,9 @@ class FinetuneConfig:
     ckpt_every_steps: int = 200  # atomic checkpoint period
     keep_checkpoints: int = 1  # newest checkpoints kept in run_dir/checkpoints
     eval_every_steps: int = 0  # log leakage/fd curves every N steps (0 = never)
+    # a checkpoint is refused (and the run stops) when some weight is not finite or max |w| exceeds this
+    # multiple of the student's starting max |w| (at least 1): a diverged run never names a wrecked checkpoint
+    max_weight_growth: float = 100.0
 
     def __post_init__(self):
         check(self.max_steps > 0, "finetune.max_steps must be > 0")
@@ -179,6 +210,15 @@ class FinetuneConfig:
         check(self.ckpt_every_steps > 0 and self.keep_checkpoints >= 1,
               "finetune.ckpt_every_steps and keep_checkpoints must be >= 1")
         check(self.eval_every_steps >= 0, "finetune.eval_every_steps must be >= 0 (0 = never)")
+        _finite("finetune", self, "lr", "upper_lr", "weight_decay", "max_grad_norm", "penalty_lambda",
+                "penalty_lambda_end", "lambda_diff", "lambda_out", "lambda_feat", "snr_gamma", "esd_eta",
+                "max_weight_growth")
+        check(self.max_weight_growth > 1, "finetune.max_weight_growth must be > 1 (default 100)")
+        check(self.resolution <= MAX_SIDE, f"finetune.resolution={self.resolution} is implausibly large; use at most "
+                                           f"{MAX_SIDE} (0 = the teacher's own size)")
+        _at_most("finetune", self, MAX_BATCH, "batch_size", "upper_batch_size", "grad_accum", "num_workers")
+        _at_most("finetune", self, MAX_STEPS, "max_steps", "unlearn_steps", "warmup_steps", "data_pool",
+                 "concept_pool", "upper_every", "shuffle_buffer")
 
 
 @dataclass
@@ -190,8 +230,10 @@ class SampleConfig:
 
     def __post_init__(self):
         check(self.steps > 0, "sample.steps must be > 0")
-        check(self.guidance >= 0.0, "sample.guidance must be >= 0")
+        check(0.0 <= self.guidance <= 100.0, f"sample.guidance={self.guidance} must lie in [0, 100] (SD uses ~7.5)")
         check(self.batch_size > 0, "sample.batch_size must be > 0")
+        _at_most("sample", self, 10_000, "steps")
+        _at_most("sample", self, MAX_BATCH, "batch_size")
         check(self.precision in ("fp32", "bf16"), f"sample.precision={self.precision!r}; choose fp32 or bf16")
 
 
@@ -214,6 +256,8 @@ class EvalConfig:
         for name in ("seeds_per_prompt", "max_prompts", "real_per_image", "affinity_images"):
             check(getattr(self, name) > 0, f"eval.{name} must be > 0")
         check(self.resurgence_steps >= 0, "eval.resurgence_steps must be >= 0")
+        _at_most("eval", self, MAX_BATCH, "seeds_per_prompt", "max_prompts", "real_per_image", "affinity_images")
+        _at_most("eval", self, MAX_STEPS, "resurgence_steps")
 
 
 @dataclass
@@ -223,7 +267,7 @@ class DemoConfig:
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
 
     def __post_init__(self):
-        check(self.seeds >= 1, "demo.seeds must be >= 1")
+        check(1 <= self.seeds <= 1000, f"demo.seeds={self.seeds} must lie in 1..1000")
         check(self.curve_every >= 1 and self.curve_prompts >= 1, "demo.curve_every and demo.curve_prompts must be >= 1")
 
 
@@ -254,6 +298,9 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def __post_init__(self):
+        check(-(2**63) <= self.seed < 2**63, f"seed={self.seed} is out of range; use an integer below 2**63")
 
 
 # ----------------------------------------------------------------------------- strict (de)serialisation
@@ -338,13 +385,17 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, _including: tuple = ()) -> dict:
     path = Path(path)
     if not path.is_file() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").is_file():
         path = CONFIG_DIR / f"{path}.yaml"  # a preset name such as `toy` or `sd15`
     check(path.is_file(), f"config file {str(path)!r} not found; pass a YAML file or a preset in {CONFIG_DIR}")
+    check(path.resolve() not in _including, f"config file {str(path)!r} includes itself (through "
+                                            f"{' -> '.join(p.name for p in _including)}); remove the cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     except yaml.YAMLError as err:
         raise UserError(f"config file {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from err
     check(isinstance(data, dict), f"config file {str(path)!r} must hold a mapping of sections")
@@ -354,7 +405,8 @@ def read_yaml(path: str | Path) -> dict:
     check(isinstance(includes, list), f"{str(path)!r}: `include` must be a list of YAML paths")
     base = {}
     for name in includes:
-        base = _merge(base, read_yaml(path.parent / name))
+        check(isinstance(name, str), f"{str(path)!r}: `include` must be a list of YAML paths")
+        base = _merge(base, read_yaml(path.parent / name, (*_including, path.resolve())))
     return _merge(base, data)
 
 

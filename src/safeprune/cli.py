@@ -218,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        import safeprune.runs
         from safeprune.config import to_dict
         from safeprune.errors import UserError
 
+        safeprune.runs.current_command = args.command + (f" {args.action}" if getattr(args, "action", None) else "")
+        _quiet_libraries()
         try:
             cfg = resolve(args)
             # the user asked for the network (a hub-id teacher or a hub data set): lift our default
@@ -236,14 +239,42 @@ def main(argv: list[str] | None = None) -> int:
             module, func = COMMANDS[args.command].target.split(":")
             result = getattr(importlib.import_module(module), func)(cfg, args)
             return int(result or 0)
-        except UserError as err:
+        except (UserError, OSError, UnicodeDecodeError, RecursionError, MemoryError) as err:
             if args.debug:
                 raise
-            print(f"safeprune {args.command}: error: {err}", file=sys.stderr)
+            print(f"safeprune {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         print(f"safeprune {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """A UserError's own message; for the OS and the decoder, what went wrong and what to do, in one line."""
+    from safeprune.errors import UserError
+
+    if isinstance(err, UserError):
+        return " ".join(str(err).split("\n"))
+    if isinstance(err, OSError):  # read-only folder, full disk, permissions, a file where a folder should be
+        if err.filename:
+            return (f"cannot read or write {str(err.filename)!r}: {err.strerror or type(err).__name__}; check the "
+                    "path, its permissions and the free disk space")
+        return f"{(str(err) or type(err).__name__).splitlines()[0][:300]}; check the path and its permissions"
+    if isinstance(err, UnicodeDecodeError):
+        return f"an input text file is not UTF-8 (byte {err.start}: {err.reason}); save it as UTF-8"
+    if isinstance(err, MemoryError):
+        return "out of memory; lower the batch size, resolution or pool sizes"
+    return "the input nests too deeply (e.g. a config file that includes itself); remove the cycle"
+
+
+def _quiet_libraries() -> None:
+    """transformers warns at import that image processors need torchvision (never installed here, on purpose):
+    noise that would turn a one-line error into several lines."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    logging.getLogger("transformers").addFilter(lambda record: "torchvision" not in record.getMessage())
 
 
 if __name__ == "__main__":

@@ -427,7 +427,9 @@ def load_config(path: str | Path | list | None = None, overrides: list[str] = ()
 
 
 def save_config(cfg: Config, folder: str | Path) -> Path:
+    from safeprune.utils import atomic_file
+
     path = Path(folder) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    with atomic_file(path) as tmp:  # a kill never leaves a torn config next to a run
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path

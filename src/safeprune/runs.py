@@ -36,7 +36,8 @@ from safeprune.errors import UserError, check
 MARKER = ".safeprune.json"
 STATES = ("created", "training", "finished")
 # temporary names written inside a run folder (atomic checkpoints, the result, atomic files, generation folders)
-TEMP_PREFIXES = (".step_", ".result.", ".g.", ".tmp-", f"{MARKER}.", ".config.yaml.", ".metrics.")
+TEMP_PREFIXES = (".step_", ".result.", ".g.")
+TMP_INFIX = ".tmp-"  # utils.atomic_file / atomic_folder temporaries: `.NAME.tmp-XXXX`
 current_command = "(Python API)"  # what a lock names as its holder; cli.main sets the subcommand
 _HELD: set[str] = set()  # lock files this process holds (a lock naming our own pid but not held here is stale)
 
@@ -89,7 +90,7 @@ def lock(out: str | Path, command: str | None = None):
                         "pass a path inside a folder") from err
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command or current_command,
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}{TMP_INFIX}", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(info, f)
@@ -146,15 +147,19 @@ def check_out(out: str | Path, flag: str = "--out") -> Path:
 
 
 def is_temp(name: str) -> bool:
-    return name.startswith(TEMP_PREFIXES) or name.endswith(".lock")
+    """A temporary or lock entry (never the user's, never claimed): see TEMP_PREFIXES and TMP_INFIX."""
+    return name.startswith(TEMP_PREFIXES) or (name.startswith(".") and TMP_INFIX in name) or \
+        (name.startswith(".") and name.endswith(".lock"))
 
 
-def clean_temp(folder: Path) -> list[str]:
-    """Remove the temporary leftovers of a killed writer inside `folder` (a folder this command owns)."""
+def clean_temp(folder: Path, owned=()) -> list[str]:
+    """Remove the temporary leftovers of a killed writer inside `folder`: TEMP_PREFIXES names, and the
+    `.NAME.tmp-*` temporaries of the entries this run owns (`owned`; another command's stay)."""
     removed = []
+    mine = tuple(f".{name}{TMP_INFIX}" for name in (*owned, MARKER))
     if folder.is_dir():
         for entry in folder.iterdir():
-            if entry.name.startswith(TEMP_PREFIXES):
+            if entry.name.startswith(TEMP_PREFIXES + mine):
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
                 removed.append(entry.name)
     return removed
@@ -232,7 +237,8 @@ def open_run(out: str | Path, command: str, *, resume: bool = False, overwrite: 
 
     resume: continue the run in `out` (any state); overwrite: start again in a folder an earlier `command` run
     wrote; replace_own: a fresh run replaces an earlier run of the same command (demo, toyworld preview);
-    legacy(out) -> True adopts a folder written before markers existed (resume only).
+    legacy(out) -> True (every entry) or the names an older safeprune wrote there adopts a folder written before
+    markers existed (resume, replace_own).
     """
     out = check_out(out)
     check(not (resume and overwrite), "pass either --resume (continue the run) or --overwrite (start again), not both")
@@ -241,15 +247,19 @@ def open_run(out: str | Path, command: str, *, resume: bool = False, overwrite: 
                           "to start")
         return RunFolder(out, command, None, set(), False)
     marker = read_marker(out)
-    if marker is None and resume and legacy is not None and legacy(out):
-        marker = {"command": command, "state": "training", "files": sorted(
-            p.name for p in out.iterdir() if not is_temp(p.name))}
+    owned = legacy(out) if marker is None and (resume or replace_own) and legacy is not None else None
+    if owned:  # written by an older safeprune: adopt what it wrote
+        marker = {"command": command, "state": "training",
+                  "files": sorted(p.name for p in out.iterdir() if not is_temp(p.name) and (owned is True or p.name in owned))}
     if marker is None:
         raise UserError(f"output folder {str(out)!r} already exists and is not empty (safeprune did not write it); "
                         "pass a new path or empty it")
     check(marker["command"] == command, f"{str(out)!r} holds a `safeprune {marker['command']}` run, not a "
                                         f"`safeprune {command}` one; pass another --out")
-    clean_temp(out)
+    clean_temp(out, marker["files"])
+    for name in marker["files"]:  # e.g. checkpoints/.step_N.tmp-*, logs
+        if (out / name).is_dir():
+            clean_temp(out / name, [p.name for p in (out / name).iterdir()])
     run = RunFolder(out, command, marker, set(), False)
     foreign = run._entries() - set(marker["files"])
     if resume:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from safeprune.errors import UserError, check
+from safeprune.runs import TMP_INFIX
 
 
 @contextlib.contextmanager
@@ -62,13 +64,13 @@ def atomic_folder(folder: str | Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
 
 
-TMP_INFIX = ".tmp-"  # `.NAME.tmp-XXXX`: atomic_folder's temporary siblings, removed by the next writer
-
-
 def _clean_siblings(folder: Path) -> None:
-    """Remove temporary siblings a killed writer of `folder` left (their names say they are ours)."""
-    for entry in folder.parent.glob(f".{glob.escape(folder.name)}{TMP_INFIX}*"):
-        if entry.is_dir() and not entry.is_symlink():
+    """Remove temporary siblings a killed writer of `folder` left: `.NAME.tmp-*`, and `.NAME.XXXXXXXX` (eight
+    mkdtemp characters) from versions before the infix. Called under the folder's lock."""
+    legacy = re.compile(rf"^\.{re.escape(folder.name)}\.[a-z0-9_]{{8}}$")
+    for entry in folder.parent.glob(f".{glob.escape(folder.name)}.*"):
+        ours = entry.name.startswith(f".{folder.name}{TMP_INFIX}") or legacy.match(entry.name)
+        if ours and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -77,7 +79,7 @@ def atomic_file(path: str | Path):
     """Yield a temporary path in the same folder, renamed onto `path` on success (os.replace is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_INFIX}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -145,3 +147,15 @@ def load_safetensors(path: str | Path, what: str = "weights file") -> dict[str, 
     except Exception as err:  # safetensors raises several error types for a bad header
         raise UserError(f"{what} {str(path)!r} is corrupt or not safetensors ({type(err).__name__}); "
                         "re-create or re-download it") from err
+
+
+def read_json(path: str | Path, what: str, kind: type = dict):
+    """A JSON file holding a `kind` (dict or list); bad JSON, another type or non-UTF-8 is a one-line UserError."""
+    try:
+        data = json.loads(read_text(path, what))
+    except ValueError as err:
+        raise UserError(f"{what} {str(path)!r} is not valid JSON ({str(err).splitlines()[0][:120]}); re-create it") \
+            from err
+    check(isinstance(data, kind), f"{what} {str(path)!r} holds a {type(data).__name__}, not a JSON "
+                                  f"{'object' if kind is dict else 'list'}; re-create it")
+    return data

@@ -26,8 +26,13 @@ def preview(world: ToyWorld, out: str | Path) -> Path:
 def run_toyworld(cfg, args) -> int:
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     if args.action == "preview":
-        path = preview(world, args.out)
-        save_config(cfg, args.out)
+        from safeprune.runs import lock, open_run
+
+        with lock(args.out, "toyworld preview"):  # a re-run replaces its own two files, never a user's
+            run = open_run(args.out, "toyworld preview", replace_own=True).begin(claim=("preview.png", "config.yaml"))
+            path = preview(world, args.out)
+            save_config(cfg, args.out)
+            run.save(state="finished")
         print(f"wrote {path}")
         return 0
     start = time.perf_counter()

@@ -34,6 +34,7 @@ import torch
 
 from safeprune.data.transforms import pil_to_tensor
 from safeprune.errors import UserError, check
+from safeprune.utils import read_text
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 LABEL_COLUMNS = ("shape", "colour", "style")
@@ -115,15 +116,16 @@ class ImageFolder(_Resized):
         check(meta.is_file(), f"image folder {str(self.folder)!r} has no metadata.jsonl; write one line "
                               '{"file_name": ..., "text": ...} per image (e.g. `safeprune toyworld export`)')
         self.records = []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(meta, "metadata file").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{meta}:{n} is not valid JSON ({err.msg}); fix or remove that line") from err
+            check(isinstance(record, dict), f"{meta}:{n} is not a JSON object; write one {{...}} object per line")
             caption = next((record[c] for c in CAPTION_COLUMNS if c in record), None)
-            check("file_name" in record and isinstance(caption, str),
+            check(isinstance(record.get("file_name"), str) and isinstance(caption, str),
                   f"{meta}:{n} needs a `file_name` and a caption column ({', '.join(CAPTION_COLUMNS)})")
             self.records.append({"file_name": record["file_name"], "text": caption,
                                  "labels": {k: record[k] for k in LABEL_COLUMNS if k in record}})

@@ -32,7 +32,7 @@ def load_teacher(device: str = "cpu"):
     path = teacher_path()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True)
+                                                       local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"cannot load the shipped teacher from {str(path)!r}: {str(err).splitlines()[0]}") from err
     pipe.set_progress_bar_config(disable=True)

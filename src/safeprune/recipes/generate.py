@@ -19,7 +19,7 @@ import torch
 from safeprune.config import Config, save_config
 from safeprune.data.toyworld import ToyWorld
 from safeprune.errors import UserError, check
-from safeprune.utils import atomic_folder, resolve_device
+from safeprune.utils import atomic_folder, read_text, resolve_device
 
 # ----------------------------------------------------------------------------- models and prompts
 
@@ -59,7 +59,7 @@ def read_prompts(spec: str, world: ToyWorld) -> list[str]:
     path = Path(spec)
     check(path.is_file(), f"prompt file {spec!r} not found; pass a text file (one prompt per line) or toy:SET, "
                           "e.g. toy:forget")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [line.strip() for line in read_text(path, "prompt file").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     check(bool(prompts), f"prompt file {spec!r} holds no prompts; write one prompt per line")
     return prompts

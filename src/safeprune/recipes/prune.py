@@ -20,7 +20,7 @@ import torch
 
 from safeprune.config import Config, save_config
 from safeprune.errors import UserError, check
-from safeprune.utils import atomic_folder, resolve_device, seed_everything
+from safeprune.utils import atomic_folder, fingerprint, resolve_device, seed_everything
 
 DEFAULT_TEXT_TOKENS = 77  # CLIP's context length: what SD's UNet cross-attends to
 
@@ -38,7 +38,9 @@ class Source:
 
 
 def run(cfg: Config, args) -> int:
-    out = Path(args.out)
+    from safeprune.runs import check_out
+
+    out = check_out(args.out)
     check(not (out.exists() and any(out.iterdir())),
           f"output folder {str(out)!r} already exists and is not empty; pass a new path or delete it")
     check(not (args.model and args.unet_config), "pass either --model or --unet-config, not both")
@@ -52,6 +54,8 @@ def run(cfg: Config, args) -> int:
     from safeprune.pruning import prune
 
     unet = source.unet
+    # lineage: `finetune` checks that the teacher it distils from is this model (safeprune.utils.fingerprint)
+    lineage = {"teacher_fingerprint": fingerprint(unet), "teacher": source.label} if source.weights else None
     before = _measure(unet, {}, cfg, source)
     student, plan = prune(unet, cfg.prune.method, cfg.prune, calib)
     after = _measure(student, plan, cfg, source)
@@ -65,6 +69,8 @@ def run(cfg: Config, args) -> int:
         else:  # a plan for an architecture, not a model: no config.json, so nothing here looks loadable
             (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=1))
+        if lineage:
+            (tmp / "lineage.json").write_text(json.dumps(lineage, indent=1))
         save_config(cfg, tmp)
     print(json.dumps(report, indent=1))
     print(f"wrote {out}/ ({'loadable with safeprune.load_unet / load_pipeline' if source.weights else 'plan only'})")

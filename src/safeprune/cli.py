@@ -268,13 +268,22 @@ def _one_line(err: BaseException) -> str:
 
 
 def _quiet_libraries() -> None:
-    """transformers warns at import that image processors need torchvision (never installed here, on purpose):
-    noise that would turn a one-line error into several lines."""
+    """One line per warning, and none for what is missing on purpose: transformers says once per image
+    processor that it "requires torchvision" (never installed here), which would turn a one-line error into
+    several lines."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")
-    logging.getLogger("transformers").addFilter(lambda record: "torchvision" not in record.getMessage())
+    # transformers logs it from this module's logger (a filter on a parent logger would not see the record)
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(getattr(f, "__name__", "") == "_no_torchvision" for f in logger.filters):
+        logger.addFilter(_no_torchvision)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"safeprune: warning: {message}\n"
+
+
+def _no_torchvision(record) -> bool:
+    return "torchvision" not in record.getMessage()
 
 
 if __name__ == "__main__":

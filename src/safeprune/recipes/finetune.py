@@ -112,7 +112,7 @@ def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int, ove
     old, new = _flat(old_cfg or {}), _flat(to_dict(cfg))
     for key in sorted(set(old) | set(new)) if old_cfg else []:
         if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES:
-            raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; "
+            raise UserError(f"--resume: {key} was {old.get(key)!r} when the run started but is {new.get(key)!r} now; "
                             "resume with the same configuration (and the same --forget flags)")
     _check_inputs(run.marker.get("inputs") or {}, inputs or {})
     step = found[1]["step"] if found else 0

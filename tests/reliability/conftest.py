@@ -25,7 +25,10 @@ def cli(capsys):
     """cli(*argv) -> (exit code, stderr) of an in-process `safeprune` call."""
 
     def run(*argv):
-        code = main([str(a) for a in argv])
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit:  # argparse's own errors
+            code = exit.code
         return code, capsys.readouterr().err
 
     return run

@@ -148,7 +148,7 @@ def test_a_second_writer_gets_one_line_naming_the_holder(cli, tmp_path, teacher,
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     # the holder was killed: its lock is stale and the next writer takes over (with a warning)
-    with pytest.warns(UserWarning, match=f"stale lock .* pid {holder.pid} is gone"):
+    with pytest.warns(UserWarning, match=rf"stale lock .*\(pid {holder.pid} is gone"):
         code, err = cli("toyworld", "preview", "--out", out)
     assert code == 0 and (out / "preview.png").is_file()
     assert not (tmp_path / ".out.lock").exists()  # released on exit

@@ -68,7 +68,7 @@ def build(args) -> tuple[object, dict]:
     from safeprune.unlearning import build_unlearning
 
     cfg = load_config(base={"seed": 0, "device": args.device, "finetune": {
-        "batch_size": args.batch, "upper_batch_size": args.batch, "upper_every": K, "unlearn": "esd",
+        "batch_size": args.batch, "upper": {"batch_size": args.batch, "every": K}, "unlearn": "esd",
         "mixed_precision": args.mixed_precision, "teacher_dtype": args.teacher_dtype,
         "gradient_checkpointing": args.gradient_checkpointing}})
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
@@ -94,7 +94,7 @@ def build(args) -> tuple[object, dict]:
                   concept_target=torch.full((POOL,), 6), concept_anchor=torch.full((POOL,), 7))
     pairs = match_features(teacher, student, pools.embeddings[0])
     training = build_training(cfg, accelerator, student, teacher, DDPMScheduler(**SCHEDULER_CONFIG), pools, pairs,
-                              build_unlearning("esd", cfg.finetune))
+                              build_unlearning("esd", cfg.finetune.unlearn))
     info = {"teacher_params_m": round(count_parameters(teacher) / 1e6, 1), "student_params_m": round(count_parameters(student) / 1e6, 1),
             "student": f"channels ratio {args.ratio}", "latent": [c, size, size], "text": [tokens, width],
             "feature_blocks": len(pairs)}

@@ -237,28 +237,28 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_upper = 0
     if unlearn:  # the upper optimiser holds state only for the parameters its loss moves
-        keep = PARAMETER_SETS[build_unlearning(ft.unlearn, ft).params]
+        keep = PARAMETER_SETS[build_unlearning(ft.unlearn.name, ft.unlearn).params]
         n_upper = sum(p.numel() for n, p in student.named_parameters() if keep(n))
     t_dtype = DTYPES[ft.teacher_dtype]
     cfg_u = student.config
     cross = cfg_u.cross_attention_dim[0] if isinstance(cfg_u.cross_attention_dim, (list, tuple)) else \
         cfg_u.cross_attention_dim
     latent_bytes = 2 * cfg_u.in_channels * latent_size**2 * 4  # mean + std, fp32
-    prompts = prompts if prompts is not None else ft.data_pool + 2 * len(ft.concepts) + 1
+    prompts = prompts if prompts is not None else ft.data.pool + 2 * len(ft.concepts) + 1
 
     lower = profile_activations(student, ft.batch_size, latent_size, text_tokens, ft.mixed_precision)
     lower_act = lower.total(ft.gradient_checkpointing)
     lower_act += feature_bytes(teacher, ft.batch_size, latent_size, text_tokens, t_dtype)
     upper_act = 0
     if unlearn:
-        upper = profile_activations(student, ft.upper_batch_size, latent_size, text_tokens, ft.mixed_precision)
+        upper = profile_activations(student, ft.upper.batch_size, latent_size, text_tokens, ft.mixed_precision)
         upper_act = upper.total(ft.gradient_checkpointing)
     parts = {
         "student": 4 * n_student,
         "grads": 4 * n_student,
         "optimizer": STATE_BYTES[ft.optimizer] * (n_student + n_upper),
         "teacher": n_teacher * torch.finfo(t_dtype).bits // 8,
-        "pools": latent_bytes * (ft.data_pool + (ft.concept_pool if unlearn else 0)) + prompts * text_tokens * cross * 4,
+        "pools": latent_bytes * (ft.data.pool + (ft.data.concept_pool if unlearn else 0)) + prompts * text_tokens * cross * 4,
         "ddp_buckets": 4 * n_student if processes > 1 else 0,
         # autocast keeps a low-precision copy of each weight for the backward pass; checkpointed blocks
         # re-make theirs during recomputation, so with checkpointing (nearly) none is kept

@@ -13,8 +13,8 @@ import torch
 from safeprune.cli import main
 
 # Seconds per run on 2 CPU cores; checkpoints every 2 steps, two kept (fallback needs an older one).
-FAST = ["finetune.batch_size=2", "finetune.upper_batch_size=2", "finetune.data_pool=12", "finetune.concept_pool=6",
-        "finetune.warmup_steps=0", "finetune.upper_every=2", "finetune.ckpt_every_steps=2",
+FAST = ["finetune.batch_size=2", "finetune.upper.batch_size=2", "finetune.data.pool=12", "finetune.data.concept_pool=6",
+        "finetune.warmup_steps=0", "finetune.upper.every=2", "finetune.ckpt_every_steps=2",
         "finetune.keep_checkpoints=2"]
 RUN = ["--max-steps", "6", "--method", "bilevel"]
 KILL_ENTRY = Path(__file__).with_name("kill_entry.py")

@@ -80,7 +80,7 @@ def inputs(tmp_path_factory, teacher, student, unmatched_student):
             "clip": clip, **data, **{f"run_{k}": v for k, v in runs.items()}}
 
 
-FT = "finetune --student {student} --teacher {teacher} --max-steps 2 finetune.data_pool=4 finetune.concept_pool=4"
+FT = "finetune --student {student} --teacher {teacher} --max-steps 2 finetune.data.pool=4 finetune.data.concept_pool=4"
 CASES = {
     # --out (or the export folder) is an existing file: every command
     "preview out file": ("toyworld preview --out {file}", "is an existing file"),
@@ -115,7 +115,7 @@ CASES = {
     "batch huge": (FT + " --out {out} finetune.batch_size=10000000", "implausibly large"),
     "max steps huge": (FT + " --out {out} --max-steps 10000000000000", "implausibly large"),
     "lr inf": (FT + " --out {out} finetune.lr=inf", "must be a finite number"),
-    "upper lr nan": (FT + " --out {out} finetune.upper_lr=nan", "finetune.upper_lr"),
+    "upper lr nan": (FT + " --out {out} finetune.upper.lr=nan", "finetune.upper.lr"),
     "weight growth": (FT + " --out {out} finetune.max_weight_growth=0.5", "must be > 1"),
     "demo seeds 0": ("demo --out {out} --seeds 0", "must lie in 1..1000"),
     "teacher lr inf": ("pretrain teacher --out {out} teacher.lr=inf", "must be a finite number"),
@@ -132,7 +132,7 @@ CASES = {
     "metadata no caption": (FT + " --out {out} --data {meta_no_caption}", "needs a `file_name` and a caption"),
     "metadata missing image": (FT + " --out {out} --data {meta_missing_image}", "which is not in"),
     "metadata empty": (FT + " --out {out} --data {meta_empty}", "is empty"),
-    "concept captions not utf-8": (FT + " --out {out} --concept-data {meta_latin1} finetune.upper_every=1", "not UTF-8"),
+    "concept captions not utf-8": (FT + " --out {out} --concept-data {meta_latin1} finetune.upper.every=1", "not UTF-8"),
     "shard bad json": (FT + " --out {out} --data {shard_json}", "unreadable caption or json"),
     "shard caption not utf-8": (FT + " --out {out} --data {shard_latin1}", "unreadable caption or json"),
     # report inputs

@@ -74,12 +74,12 @@ def test_a_hand_edited_step_fails_the_content_hash(tmp_path):
 
 def test_an_exploding_run_names_a_checkpoint_that_resumes(finetune, tmp_path):
     out = tmp_path / "run"
-    code, err = finetune(out, "finetune.upper_lr=1e6", "finetune.ckpt_every_steps=1")
+    code, err = finetune(out, "finetune.upper.lr=1e6", "finetune.ckpt_every_steps=1")
     line = _one_error_line(err)
     # the first upper step (step 2) multiplies the weights by ~1e5: refused before it is checkpointed
     assert code == 2 and "weights diverged at step 2" in line and "step_0000001" in line, line
     assert not (out / "config.json").exists()
-    code, err = finetune(out, "--resume", "finetune.upper_lr=1e-3", "finetune.ckpt_every_steps=1")
+    code, err = finetune(out, "--resume", "finetune.upper.lr=1e-3", "finetune.ckpt_every_steps=1")
     assert code == 0, err
     assert max(t.abs().max().item() for t in weights(out).values()) < 10  # a sane model, not the exploded one
 
@@ -220,8 +220,8 @@ def test_resume_checks_the_inputs(finetune, cli, other_teacher, unmatched_studen
     restore = _interrupt_after(monkeypatch, 1)
     assert finetune(out, "--method", "distill")[0] == 130
     restore()
-    for flags, said in ((["--data", data], "--data was None"), (["--student", unmatched_student], "--student was"),
-                        (["--teacher", other_teacher], "--teacher was")):
+    for flags, said in ((["--data", data], "paths.data was ''"), (["--student", unmatched_student], "paths.student was"),
+                        (["--teacher", other_teacher], "model.teacher was")):
         code, err = finetune(out, "--method", "distill", "--resume", *flags)
         assert code == 2 and said in _one_error_line(err), err
     assert finetune(out, "--method", "distill", "--resume")[0] == 0

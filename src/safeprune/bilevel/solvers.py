@@ -153,15 +153,17 @@ def build_method(cfg):
         return Distill(cfg.max_steps)
     if cfg.method == "two_stage":
         # Equal budget by default: as many unlearning steps as bilevel makes upper steps.
-        unlearn = cfg.unlearn_steps if cfg.unlearn_steps >= 0 else cfg.max_steps // cfg.upper_every
+        steps = cfg.two_stage.unlearn_steps
+        unlearn = steps if steps >= 0 else cfg.max_steps // cfg.upper.every
         check(unlearn > 0, f"two_stage has no unlearning steps (finetune.max_steps={cfg.max_steps} < "
-                           f"finetune.upper_every={cfg.upper_every}); raise max_steps or set finetune.unlearn_steps")
+                           f"finetune.upper.every={cfg.upper.every}); raise max_steps or set finetune.two_stage.unlearn_steps")
         return TwoStage(cfg.max_steps, unlearn)
-    choose("bilevel solver", cfg.solver, dict.fromkeys(SOLVERS))
-    if cfg.solver == "alternating":
-        return Alternating(cfg.max_steps, cfg.upper_every)
-    end = cfg.penalty_lambda if cfg.penalty_lambda_end < 0 else cfg.penalty_lambda_end
-    return Penalty(cfg.max_steps, cfg.upper_every, cfg.penalty_lambda, end)
+    solver = cfg.solver
+    choose("bilevel solver", solver.name, dict.fromkeys(SOLVERS))
+    if solver.name == "alternating":
+        return Alternating(cfg.max_steps, cfg.upper.every)
+    end = solver.penalty_lambda if solver.penalty_lambda_end < 0 else solver.penalty_lambda_end
+    return Penalty(cfg.max_steps, cfg.upper.every, solver.penalty_lambda, end)
 
 
 def uses_upper(method) -> bool:

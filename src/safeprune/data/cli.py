@@ -28,10 +28,11 @@ def run_toyworld(cfg, args) -> int:
     if args.action == "preview":
         from safeprune.runs import lock, open_run
 
-        with lock(args.out, "toyworld preview"):  # a re-run replaces its own two files, never a user's
-            run = open_run(args.out, "toyworld preview", replace_own=True).begin(claim=("preview.png", "config.yaml"))
-            path = preview(world, args.out)
-            save_config(cfg, args.out)
+        out = cfg.paths.out
+        with lock(out, "toyworld preview"):  # a re-run replaces its own two files, never a user's
+            run = open_run(out, "toyworld preview", replace_own=True).begin(claim=("preview.png", "config.yaml"))
+            path = preview(world, out)
+            save_config(cfg, out)
             run.save(state="finished")
         print(f"wrote {path}")
         return 0

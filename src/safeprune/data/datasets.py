@@ -6,8 +6,8 @@ Sources (`open_source` / `open_image_captions`), chosen by what `--data` points 
     e.g. one written by `safeprune toyworld export` or `safeprune concept-images`;
   - Hugging Face `datasets`: a folder written by `save_to_disk`, or parquet/arrow files (one file, a folder
     of them, or a glob) read with `load_dataset("parquet"|"arrow", data_files=...)`; with
-    `finetune.streaming=true` they are read lazily as an `IterableDataset`; a hub dataset id only with
-    `finetune.hub_data=true` (offline by default);
+    `finetune.data.streaming=true` they are read lazily as an `IterableDataset`; a hub dataset id only with
+    `finetune.data.hub_data=true` (offline by default);
   - webdataset tar shards of image + caption (`shards/{000..009}.tar`, a folder of .tar files): see shards.py.
 
 Map-style sources (toy, folder, datasets) expose `record(i)`; iterable ones (shards, streaming datasets)
@@ -240,7 +240,7 @@ def open_source(source: str | Path, *, streaming: bool = False, hub: bool = Fals
                              "point --data at one of those")
     if HUB_ID.match(text):
         check(hub, f"--data {text!r} is not a local path; if it is a Hugging Face hub dataset id, set "
-                   "finetune.hub_data=true to download it (needs network), else fix the path")
+                   "finetune.data.hub_data=true to download it (needs network), else fix the path")
         return _open_hf(text, streaming=streaming, hub=True)
     raise UserError(f"data source {text!r} not found; pass an image folder with metadata.jsonl, a Hugging Face "
                     "dataset folder, parquet/arrow files or webdataset shards (e.g. shards/{000..009}.tar)")

@@ -45,10 +45,10 @@ MODES = ("auto", "pool", "stream")
 
 
 def data_mode(ft, data) -> str:
-    """`finetune.data_mode` resolved: auto = stream for iterable sources (shards, streaming=true), else pool."""
-    if ft.data_mode != "auto":
-        return ft.data_mode
-    return "stream" if data is not None and (ft.streaming or is_shards(str(data))) else "pool"
+    """`finetune.data.mode` resolved: auto = stream for iterable sources (shards, streaming=true), else pool."""
+    if ft.data.mode != "auto":
+        return ft.data.mode
+    return "stream" if data is not None and (ft.data.streaming or is_shards(str(data))) else "pool"
 
 
 # ----------------------------------------------------------------------------- pixel batches
@@ -297,13 +297,13 @@ def open_stream_pool(data, ft, *, world, vae, tokenizer, text_encoder, resolutio
     """
     from safeprune.data.datasets import ToySplit
 
-    source = ToySplit(world, "finetune", ft.data_pool, resolution) if data is None else \
-        open_source(data, streaming=ft.streaming, hub=ft.hub_data)
+    source = ToySplit(world, "finetune", ft.data.pool, resolution) if data is None else \
+        open_source(data, streaming=ft.data.streaming, hub=ft.data.hub_data)
     rank, processes = _rank_and_world()
     device = torch.device(device)
-    images = ImageStream(source, batch_size=ft.batch_size, resolution=resolution, random_crop=ft.random_crop,
-                         random_flip=ft.random_flip, num_workers=ft.num_workers, shuffle_buffer=ft.shuffle_buffer,
+    images = ImageStream(source, batch_size=ft.batch_size, resolution=resolution, random_crop=ft.data.random_crop,
+                         random_flip=ft.data.random_flip, num_workers=ft.data.num_workers, shuffle_buffer=ft.data.shuffle_buffer,
                          seed=seed, rank=rank, world=processes, pin_memory=device.type == "cuda")
     text = TextEmbeddings(tokenizer, text_encoder.to(device, dtype).eval(), device=device,
-                          folder=ft.text_cache or None)
+                          folder=ft.data.text_cache or None)
     return StreamLatents(images, vae.to(device, dtype).eval(), text, device=device, replay=2 * ft.grad_accum)

@@ -73,7 +73,7 @@ def prune(unet, method: str, cfg: PruneConfig, calib: Calibration | None = None)
     """Prune a copy of `unet` with registry method `method`; the input UNet is never modified.
 
     `cfg` supplies preset / ratio / importance. `calib` is only needed for `importance: taylor`: a callable
-    `calib(unet, i) -> loss` that runs `unet` on calibration batch i (i = 0 .. cfg.calibration_batches - 1;
+    `calib(unet, i) -> loss` that runs `unet` on calibration batch i (i = 0 .. cfg.channels.calibration_batches - 1;
     the batch must depend only on i, e.g. noised latents of the teacher's training images with their
     captions) and returns a scalar loss, e.g. the denoising loss of eq. 1. Gradients of that loss,
     accumulated over the batches, give the first-order Taylor importance |w * dL/dw| (as Diff-Pruning).
@@ -81,8 +81,8 @@ def prune(unet, method: str, cfg: PruneConfig, calib: Calibration | None = None)
     Returns (pruned UNet, plan); the plan is JSON-serialisable and replays with `apply_plan`.
     """
     pruner = choose("pruning method", method, METHODS)
-    choose("blocks preset", cfg.preset, dict.fromkeys(PRESETS))  # typos fail even when another method runs
-    choose("channels importance", cfg.importance, dict.fromkeys(IMPORTANCES))
+    choose("blocks preset", cfg.blocks.preset, dict.fromkeys(PRESETS))  # typos fail even when another method runs
+    choose("channels importance", cfg.channels.importance, dict.fromkeys(IMPORTANCES))
     base_config = unet_config(unet)
     pruned, fields = pruner(copy.deepcopy(unet), cfg, calib)
     plan = {"format": PLAN_FORMAT, "method": method, "base_config": base_config, **fields}

@@ -96,9 +96,9 @@ def build_from(base_unet, config: dict, renames) -> object:
 @dataclass(frozen=True)
 class Blocks:
     def __call__(self, unet, cfg, calib):
-        config, renames = plan_blocks(unet_config(unet), cfg.preset)
+        config, renames = plan_blocks(unet_config(unet), cfg.blocks.preset)
         student = build_from(unet, config, renames)
-        return student, {"preset": cfg.preset, "config": config, "weights_from": [list(r) for r in renames]}
+        return student, {"preset": cfg.blocks.preset, "config": config, "weights_from": [list(r) for r in renames]}
 
     def replay(self, unet, plan):
         for key in ("config", "weights_from"):

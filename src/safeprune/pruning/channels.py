@@ -297,7 +297,7 @@ class Channels:
         total = sum(p.numel() for p in unet.parameters())
         sites = []
         for name, kind, block in find_sites(unet):
-            width, unit = kind.width(block), kind.unit(block, cfg.channel_multiple)
+            width, unit = kind.width(block), kind.unit(block, cfg.channels.channel_multiple)
             if width // unit < 2:
                 continue  # one group / one head: nothing can go without emptying the block
             group = coupled_group(graph, name, kind, block, list(range(width)))  # full width: for scoring
@@ -306,8 +306,8 @@ class Channels:
         check(bool(sites) or cfg.ratio == 0, "this UNet has no prunable inner widths (every block has a single "
                                              "GroupNorm group / head); use --method blocks or magnitude")
         counts = allocate_units(sites, cfg.ratio * total, total)
-        if cfg.importance == "taylor" and not on_meta and any(counts):
-            accumulate_gradients(unet, calib, cfg.calibration_batches)
+        if cfg.channels.importance == "taylor" and not on_meta and any(counts):
+            accumulate_gradients(unet, calib, cfg.channels.calibration_batches)
         groups = []  # scored on the unpruned model, pruned afterwards
         for s, k in zip(sites, counts):
             if k == 0:
@@ -315,15 +315,15 @@ class Channels:
             if on_meta:  # no weights to rank: take units from the end
                 order = list(range(s["n_units"] - 1, -1, -1))
             else:  # lowest importance first; ties go to the higher unit index
-                scores = unit_scores(s["group"], s["unit"], cfg.importance, cfg.magnitude_p)
+                scores = unit_scores(s["group"], s["unit"], cfg.channels.importance, cfg.channels.magnitude_p)
                 order = sorted(range(s["n_units"]), key=lambda u: (float(scores[u]), -u))
             groups.append({"block": s["name"], "kind": s["kind"].name, "unit": s["unit"],
                            "pruned_units": sorted(order[:k])})
         unet.zero_grad(set_to_none=True)
         apply_groups(unet, graph, groups)
-        importance = "positional (meta device: no weights)" if on_meta else cfg.importance
+        importance = "positional (meta device: no weights)" if on_meta else cfg.channels.importance
         return unet, {"ratio": cfg.ratio, "ratio_of": "total parameters", "importance": importance,
-                      "magnitude_p": cfg.magnitude_p, "channel_multiple": cfg.channel_multiple, "groups": groups}
+                      "magnitude_p": cfg.channels.magnitude_p, "channel_multiple": cfg.channels.channel_multiple, "groups": groups}
 
     def replay(self, unet, plan):
         check(isinstance(plan.get("groups"), list), "channels plan has no 'groups'; re-run `safeprune prune`")

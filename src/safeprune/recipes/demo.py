@@ -11,7 +11,6 @@ With `demo.seeds = N` steps 2-3 repeat for N seeds (the pruned student is shared
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -72,8 +71,8 @@ def demo(cfg: Config, out: Path) -> dict:
     from safeprune.eval.metrics import evaluate_model
     from safeprune.models.io import load_pipeline
     from safeprune.models.shipped import load_teacher
-    from safeprune.recipes import prune as prune_recipe
     from safeprune.recipes.finetune import finetune
+    from safeprune.recipes.prune import prune_student
 
     start = time.perf_counter()
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
@@ -83,8 +82,7 @@ def demo(cfg: Config, out: Path) -> dict:
 
     # 1. prune once; every seed fine-tunes the same student.
     t = time.perf_counter()
-    prune_args = argparse.Namespace(model=None, unet_config=None, out=str(out / "student"), calib_data=None)
-    prune_recipe.run(cfg, prune_args)
+    prune_student(_with(cfg, paths={"out": str(out / "student")}))
     prune_report = json.loads((out / "student" / "prune_report.json").read_text())
     timings["prune_s"] = time.perf_counter() - t
 
@@ -101,10 +99,10 @@ def demo(cfg: Config, out: Path) -> dict:
     for seed in range(cfg.seed, cfg.seed + cfg.demo.seeds):
         for method in METHODS:
             run_dir = out / f"seed{seed}" / method
-            run_cfg = dataclasses.replace(
-                _with(cfg, finetune={"method": method, "eval_every_steps": cfg.demo.curve_every}), seed=seed)
+            run_cfg = dataclasses.replace(_with(cfg, finetune={"method": method, "eval_every_steps": cfg.demo.curve_every},
+                                                paths={"student": str(out / "student"), "out": str(run_dir)}), seed=seed)
             t = time.perf_counter()
-            finetune(run_cfg, student=out / "student", out=run_dir, on_eval=on_eval)
+            finetune(run_cfg, on_eval=on_eval)
             timings[f"finetune_{method}_s"] = timings.get(f"finetune_{method}_s", 0) + time.perf_counter() - t
             pipe = load_pipeline(run_dir)
             t = time.perf_counter()
@@ -145,8 +143,9 @@ def _resurgence(cfg: Config, run_dir: Path, world, judge, finetune, load_pipelin
     steps = cfg.eval.resurgence_steps
     benign = _with(cfg, finetune={"method": "distill", "max_steps": steps, "eval_every_steps": 0,
                                   "ckpt_every_steps": steps})
-    benign = _with(benign, eval={"metrics": ["leakage"], "heldout": False})
-    folder = finetune(benign, student=run_dir, out=run_dir / "resurgence")
+    benign = _with(benign, eval={"metrics": ["leakage"], "heldout": False},
+                   paths={"student": str(run_dir), "out": str(run_dir / "resurgence")})
+    folder = finetune(benign)
     return evaluate_model(load_pipeline(folder), world, benign, None, judge)["leakage"]
 
 
@@ -175,7 +174,7 @@ def judge_claims(rows: dict[str, dict]) -> tuple[dict, list[str]]:
 def run(cfg: Config, args) -> int:
     from safeprune.runs import lock, open_run
 
-    out = Path(args.out)
+    out = Path(cfg.paths.out or "runs/demo")
     seeds = [f"seed{s}" for s in range(cfg.seed, cfg.seed + cfg.demo.seeds)]
     with lock(out, "demo"):
         # a re-run replaces an earlier demo's files (only those: anything a person added stops it)

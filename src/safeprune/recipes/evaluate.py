@@ -44,16 +44,17 @@ def run(cfg: Config, args) -> int:
 
     device = resolve_device(cfg.device)
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
-    with atomic_folder(args.out) as tmp:
+    model, reference = cfg.paths.model or None, cfg.paths.reference or None
+    with atomic_folder(cfg.paths.out) as tmp:
         judge = load_judge(device=device)
-        pipe = load_model(args.model, device)
-        reference = None
+        pipe = load_model(model, device)
+        reference_pipe = None
         if any(n in NEEDS_REFERENCE for n in names):
-            same = args.reference is None and args.model is None  # the teacher is its own reference
-            reference = pipe if same else load_model(args.reference, device)
-        ctx = EvalContext(pipe, world, cfg, judge, reference, progress=True)
+            same = reference is None and model is None  # the teacher is its own reference
+            reference_pipe = pipe if same else load_model(reference, device)
+        ctx = EvalContext(pipe, world, cfg, judge, reference_pipe, progress=True)
         results = run_metrics(ctx, names)
-        record = {"model": args.model or "toy-teacher", "reference": args.reference or "toy-teacher",
+        record = {"model": model or "toy-teacher", "reference": reference or "toy-teacher",
                   "metrics": results}
         (tmp / "results.json").write_text(json.dumps(record, indent=1))
         _grid(ctx, tmp / "grid.png")
@@ -62,5 +63,5 @@ def run(cfg: Config, args) -> int:
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) and not math.isnan(value) else
               f"{key:<{width}}  {value}")
-    print(f"wrote {args.out}/results.json")
+    print(f"wrote {cfg.paths.out}/results.json")
     return 0

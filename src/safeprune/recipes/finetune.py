@@ -45,17 +45,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Config keys that may change when a run is resumed (e.g. a lower lr after a divergence, more steps);
 # any other difference would make the resumed run a different run.
 RESUMABLE_CHANGES = {f"finetune.{k}" for k in ("max_steps", "ckpt_every_steps", "keep_checkpoints",
-                                               "eval_every_steps", "lr", "upper_lr")}
+                                               "eval_every_steps", "lr", "upper.lr")} | {"paths.out"}
 
 
 def run(cfg: Config, args) -> int:
-    """CLI target of `safeprune finetune` (flags: see cli._finetune_args)."""
-    check(bool(args.student) and bool(args.out), "safeprune finetune needs --student DIR (from `safeprune prune`) "
-                                                 "and --out DIR (the run folder)")
-    out = finetune(cfg, student=args.student, out=args.out, teacher=args.teacher, data=args.data,
-                   concept_data=args.concept_data, forget=args.forget, resume=args.resume, overwrite=args.overwrite,
-                   allow_other_teacher=args.allow_other_teacher)
-    print(out)
+    """CLI target of `safeprune finetune`: its flags fill cfg.paths, cfg.model.teacher and finetune.concepts."""
+    print(finetune(cfg, resume=args.resume, overwrite=args.overwrite, allow_other_teacher=args.allow_other_teacher))
     return 0
 
 
@@ -123,8 +118,8 @@ def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int, ove
     return run, found[0] if found else None
 
 
-INPUT_FLAGS = {"student": "--student", "teacher": "--teacher", "data": "--data", "concept_data": "--concept-data",
-               "student_digest": "the --student folder's contents", "data_digest": "the --data contents",
+# what a run read beyond the paths config.yaml names (the resume check compares those as config keys)
+INPUT_FLAGS = {"student_digest": "the --student folder's contents", "data_digest": "the --data contents",
                "concept_data_digest": "the --concept-data contents", "teacher_fingerprint": "the teacher's weights"}
 
 
@@ -294,20 +289,20 @@ def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
                       f"{cfg.toyworld.size} px images; pass your own image folder or dataset", stacklevel=1)
     vae = pipe.vae.to(device).eval()
 
-    sources = {"streaming": ft.streaming, "hub": ft.hub_data}
+    sources = {"streaming": ft.data.streaming, "hub": ft.data.hub_data}
     if data_mode(ft, data) == "stream":  # fresh images every step, VAE-encoded per batch (safeprune.data.stream)
         lower = open_stream_pool(data, ft, world=world, vae=vae, tokenizer=pipe.tokenizer,
                                  text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
                                  dtype=DTYPES[ft.teacher_dtype])
     else:
-        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data_pool, size=size, **sources)
-        lower = encode_pool(lower_set, ft.data_pool, vae, seed=cfg.seed, device=device)
+        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data.pool, size=size, **sources)
+        lower = encode_pool(lower_set, ft.data.pool, vae, seed=cfg.seed, device=device)
 
     concepts, concept, pairing = [], None, []
     if unlearning is not None:
-        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.concept_pool, size=size,
+        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.data.concept_pool, size=size,
                                           **sources)
-        concept = encode_pool(concept_set, ft.concept_pool, vae, seed=cfg.seed + 1, device=device)
+        concept = encode_pool(concept_set, ft.data.concept_pool, vae, seed=cfg.seed + 1, device=device)
         concepts = list(ft.concepts)
         if concepts:
             pairing = pair_images(concepts, concept.captions)
@@ -420,7 +415,7 @@ def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, p
     optimizers = {"lower": build_optimizer(ft.optimizer, params, ft.lr, ft.weight_decay)}
     if unlearning is not None:
         optimizers["upper"] = build_optimizer(ft.optimizer, select_parameters(student_core, unlearning.params),
-                                              ft.upper_lr, ft.weight_decay)
+                                              ft.upper.lr, ft.weight_decay)
     names = list(optimizers)
     # One call for the student and BOTH optimisers: Accelerate wraps each, and FSDP re-points their params.
     student, *prepared = accelerator.prepare(student_core, *optimizers.values())
@@ -429,7 +424,7 @@ def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, p
         student=student, student_core=student_core, teacher=teacher, scheduler=scheduler,
         lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, ft.snr_gamma), FeatureKD(tuple(pairs)),
                                   ft.lambda_diff, ft.lambda_out, ft.lambda_feat),
-        pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper_batch_size,
+        pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper.batch_size,
         grad_accum=ft.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
         teacher_dtype=DTYPES[ft.teacher_dtype], backward=accelerator.backward,
         no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator))
@@ -439,34 +434,34 @@ def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, p
 # ----------------------------------------------------------------------------- the run
 
 
-def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str | Path | None = None,
-             data: str | Path | None = None, concept_data: str | Path | None = None, forget: list[str] | None = None,
-             resume: bool = False, on_eval=None, overwrite: bool = False, allow_other_teacher: bool = False) -> Path:
-    """Fine-tune the pruned UNet in `student` into the run folder `out`; returns `out`.
+def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool = False,
+             allow_other_teacher: bool = False) -> Path:
+    """Fine-tune the pruned UNet in cfg.paths.student into the run folder cfg.paths.out; returns the run folder.
 
-    `on_eval(step, unet) -> dict` (Python API only) is called every `finetune.eval_every_steps` steps on the
-    main process and its numbers are logged with the step's metrics. `resume` continues the run in `out`
-    (from its newest verified checkpoint, or step 0), `overwrite` starts again in a folder an earlier run wrote.
+    Inputs are cfg.model.teacher ("" = the toy teacher), cfg.paths.data and cfg.paths.concept_data ("" = the toy
+    splits), so the run's config.yaml names all of them. `on_eval(step, unet) -> dict` (Python API only) is
+    called every `finetune.eval_every_steps` steps on the main process; its numbers are logged with the step's.
+    `resume` continues the run in cfg.paths.out (from its newest verified checkpoint, or step 0); `overwrite`
+    starts again in a folder an earlier run wrote; `allow_other_teacher` distils a student pruned from another.
     """
     from safeprune.bilevel import build_method, uses_upper
     from safeprune.models.shipped import teacher_path
     from safeprune.unlearning import build_unlearning
-    from safeprune.unlearning.concepts import parse_forget
 
+    check(bool(cfg.paths.student) and bool(cfg.paths.out),
+          "safeprune finetune needs --student DIR (from `safeprune prune`) and --out DIR (the run folder)")
     ft = cfg.finetune
-    forget = parse_forget(forget) if forget else None  # CLI concepts replace finetune.concepts
-    out, student = Path(out), Path(student)
+    out, student = Path(cfg.paths.out), Path(cfg.paths.student)
+    data, concept_data = cfg.paths.data or None, cfg.paths.concept_data or None
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
-    unlearning = build_unlearning(ft.unlearn, ft) if uses_upper(method) else None
+    unlearning = build_unlearning(ft.unlearn.name, ft.unlearn) if uses_upper(method) else None
     check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
     check(ft.eval_every_steps == 0 or on_eval is not None,
           "finetune.eval_every_steps needs an evaluation callback (Python API: finetune(..., on_eval=...)); "
           "set it to 0 and evaluate the run folder with `safeprune evaluate`")
     from safeprune.models.io import pretrained_folder
 
-    teacher = str(teacher or cfg.model.teacher) or None  # --teacher / the argument win over model.teacher
-    if teacher is not None:  # the resolved config (config.yaml, checkpoints) names the teacher used
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=teacher))
+    teacher = cfg.model.teacher or None
     # A local folder, or a hub id's snapshot in the HF cache (fetched only with model.allow_download).
     teacher_dir = pretrained_folder(teacher, cfg.model.revision, cfg.model.allow_download) if teacher else None
     check(teacher_dir is None or (teacher_dir / "model_index.json").is_file(),
@@ -474,13 +469,11 @@ def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str 
           "to a Stable Diffusion pipeline folder or a hub id")
     # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
     base_model = teacher
-    if forget:  # the resolved config (config.yaml, checkpoints) records what is suppressed
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(ft, concepts=forget))
     from safeprune.runs import lock
 
-    inputs = {"teacher": str(teacher_dir.resolve()) if teacher_dir else "(toy teacher)"}
-    for key, spec in (("student", student), ("data", data), ("concept_data", concept_data)):
-        inputs[key], inputs[f"{key}_digest"] = _source(spec)
+    # what config.yaml cannot show: the contents behind the paths it names (checked again by --resume)
+    inputs = {f"{key}_digest": _source(spec)[1] for key, spec in (("student", student), ("data", data),
+                                                                     ("concept_data", concept_data))}
     with lock(out, "finetune") if _is_main_rank() else contextlib.nullcontext():
         run, resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps, overwrite, inputs)
         return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
@@ -569,7 +562,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         metrics = stack.enter_context(open(out / METRICS, "a")) if main else None
         try:
             for step in range(start, method.total_steps):
-                lrs = {"lower": lower_lr(ft, step), "upper": ft.upper_lr}
+                lrs = {"lower": lower_lr(ft, step), "upper": ft.upper.lr}
                 for which, opt in optimizers.items():
                     for group in opt.param_groups:
                         group["lr"] = lrs[which]
@@ -594,7 +587,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         except (NonFiniteLoss, WeightsDiverged) as err:
             where = f"the last good checkpoint is {last_good}" if last_good else \
                 "no checkpoint was written yet (--resume starts again from step 0)"
-            raise UserError(f"{err}; stopped, {where}; lower finetune.lr / finetune.upper_lr and resume with "
+            raise UserError(f"{err}; stopped, {where}; lower finetune.lr / finetune.upper.lr and resume with "
                             "--resume (or start again with --overwrite)") from err
         bar.close()
 
@@ -602,8 +595,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         in_sync, result = training.in_sync(), training.result()  # collectives: every rank
         if main:
             world = accelerator.num_processes
-            summary = {"method": ft.method, "solver": ft.solver if ft.method == "bilevel" else None,
-                       "unlearn": ft.unlearn if unlearning is not None else None, "steps": method.total_steps,
+            summary = {"method": ft.method, "solver": ft.solver.name if ft.method == "bilevel" else None,
+                       "unlearn": ft.unlearn.name if unlearning is not None else None, "steps": method.total_steps,
                        "upper_steps": method.upper_steps, "world_size": world, **in_sync,
                        "counts_per_process": problem.counts,
                        "counts": {k: v * world for k, v in problem.counts.items()},
@@ -627,7 +620,7 @@ def _forget_accelerate_settings() -> None:
 
 
 def _method_name(ft: FinetuneConfig) -> str:
-    return f"bilevel/{ft.solver}" if ft.method == "bilevel" else ft.method
+    return f"bilevel/{ft.solver.name}" if ft.method == "bilevel" else ft.method
 
 
 def _save_result(unet, student_dir: Path, base_model: Path | None, out: Path, run=None) -> None:

@@ -249,7 +249,7 @@ def report_quality(pipe, world: ToyWorld, cfg: Config, out: Path) -> dict | None
 
 
 def run(cfg: Config, args) -> int:
-    out = Path(args.out)
+    out = Path(cfg.paths.out)
     if args.what == "judge":
         from safeprune.eval.judge import run_pretrain_judge
 
@@ -259,8 +259,8 @@ def run(cfg: Config, args) -> int:
     with lock(out, "pretrain teacher"):
         run = open_run(out, "pretrain teacher", resume=args.resume, overwrite=args.overwrite,
                        legacy=lambda folder: (folder / "checkpoints").is_dir())
-        check(not (args.resume and run.state == "finished"), f"the teacher in {str(out)!r} is already trained; pass --overwrite to train it "
-                                       "again or a new --out")
+        check(not (args.resume and run.state == "finished"),
+              f"the teacher in {str(out)!r} is already trained; pass --overwrite to train it again or a new --out")
         run.begin(claim=TEACHER_FILES).save(state="training")
         train_teacher(cfg, out, resume=args.resume)
         run.save(state="finished")

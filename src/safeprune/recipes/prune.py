@@ -37,19 +37,27 @@ class Source:
     label: str  # what was pruned, for the report
 
 
-def run(cfg: Config, args) -> int:
+def run(cfg: Config, args=None) -> int:
+    """CLI target of `safeprune prune` (its flags fill cfg.paths and cfg.model.teacher)."""
+    prune_student(cfg)
+    return 0
+
+
+def prune_student(cfg: Config) -> Path:
+    """Prune cfg.model.teacher (or the UNet config at cfg.paths.unet_config) into cfg.paths.out; returns it."""
     from safeprune.runs import check_out
 
-    out = check_out(args.out)
+    check(bool(cfg.paths.out), "safeprune prune needs --out DIR (the student folder)")
+    out = check_out(cfg.paths.out)
     check(not (out.exists() and any(out.iterdir())),
           f"output folder {str(out)!r} already exists and is not empty; pass a new path or delete it")
-    check(not (args.model and args.unet_config), "pass either --model or --unet-config, not both")
+    check(not (cfg.model.teacher and cfg.paths.unet_config), "pass either --model or --unet-config, not both")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    source = _load_source(cfg, args, device)
+    source = _load_source(cfg, device)
     calib = None
-    if cfg.prune.method == "channels" and cfg.prune.importance == "taylor" and source.weights:
-        calib = taylor_calibration(cfg, source.pipeline_folder, args.calib_data, device)
+    if cfg.prune.method == "channels" and cfg.prune.channels.importance == "taylor" and source.weights:
+        calib = taylor_calibration(cfg, source.pipeline_folder, cfg.paths.calib_data or None, device)
 
     from safeprune.pruning import prune
 
@@ -74,20 +82,20 @@ def run(cfg: Config, args) -> int:
         save_config(cfg, tmp)
     print(json.dumps(report, indent=1))
     print(f"wrote {out}/ ({'loadable with safeprune.load_unet / load_pipeline' if source.weights else 'plan only'})")
-    return 0
+    return out
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def _load_source(cfg: Config, args, device) -> Source:
-    """--unet-config (meta device), --model (or model.teacher), or the shipped toy teacher."""
-    if args.unet_config:
-        return _from_config(Path(args.unet_config))
+def _load_source(cfg: Config, device) -> Source:
+    """--unet-config (meta device), --model (= model.teacher), or the shipped toy teacher."""
+    if cfg.paths.unet_config:
+        return _from_config(Path(cfg.paths.unet_config))
     from safeprune.models.io import is_hub_id, load_plan, load_unet, pretrained_folder
     from safeprune.models.shipped import teacher_path
 
-    model = args.model or cfg.model.teacher
+    model = cfg.model.teacher
     folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else teacher_path()
     check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")
     check(load_plan(folder)["method"] == "none", f"{str(folder)!r} is already pruned; prune its base model instead")
@@ -146,7 +154,7 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     check(pipeline_folder is not None, "importance 'taylor' needs the model's VAE and text encoder: pass --model as "
                                        "a Stable Diffusion pipeline folder (model_index.json)")
     pipe = load_pipeline(pipeline_folder, device=device)
-    p = cfg.prune
+    p = cfg.prune.channels
     n = p.calibration_batches * p.calibration_batch_size
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = open_image_captions(calib_data, world=ToyWorld(cfg.toyworld, cfg.seed), split="pretrain", n_toy=n, size=size)

@@ -163,7 +163,7 @@ def run(cfg: Config, args) -> int:
     data = {f.name: read_run(f) for f in folders}
     rows = {name: row for name, (row, _) in data.items()}
     curves = {name: curve for name, (_, curve) in data.items()}
-    with atomic_folder(args.out) as tmp:
+    with atomic_folder(cfg.paths.out) as tmp:
         pipes = {}
         for f in folders:
             model = f if (f / "plan.json").is_file() or (f / "model_index.json").is_file() else None
@@ -173,5 +173,5 @@ def run(cfg: Config, args) -> int:
         report = write_report(tmp, rows, curves, grid)
         save_config(cfg, tmp)
     print(table(rows))
-    print(f"wrote {Path(args.out) / report.name}")
+    print(f"wrote {Path(cfg.paths.out) / report.name}")
     return 0

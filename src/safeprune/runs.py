@@ -232,16 +232,21 @@ def read_marker(out: Path) -> dict | None:
 
 
 def open_run(out: str | Path, command: str, *, resume: bool = False, overwrite: bool = False,
-             replace_own: bool = False, legacy=None) -> RunFolder:
+             replace_own: bool = False, legacy=None, clean: bool = True) -> RunFolder:
     """Validate `out` for `command` and return its RunFolder (nothing is created until `begin`).
 
     resume: continue the run in `out` (any state); overwrite: start again in a folder an earlier `command` run
     wrote; replace_own: a fresh run replaces an earlier run of the same command (demo, toyworld preview);
     legacy(out) -> True (every entry) or the names an older safeprune wrote there adopts a folder written before
-    markers existed (resume, replace_own).
+    markers existed (resume, replace_own); clean=False leaves temporaries alone (the other processes of a
+    multi-process run: only the one holding the lock cleans).
     """
     out = check_out(out)
     check(not (resume and overwrite), "pass either --resume (continue the run) or --overwrite (start again), not both")
+    if out.is_dir() and not any(out.iterdir()) or out.is_dir() and not read_marker(out) and \
+            all(is_temp(p.name) and p.name.startswith(f".{MARKER}") for p in out.iterdir()):
+        if clean:  # killed while its marker was first written: nothing of it exists yet
+            clean_temp(out)
     if not out.is_dir() or not any(out.iterdir()):
         check(not resume, f"no run to resume in {str(out)!r} (no checkpoint, no run marker); run without --resume "
                           "to start")
@@ -256,10 +261,11 @@ def open_run(out: str | Path, command: str, *, resume: bool = False, overwrite: 
                         "pass a new path or empty it")
     check(marker["command"] == command, f"{str(out)!r} holds a `safeprune {marker['command']}` run, not a "
                                         f"`safeprune {command}` one; pass another --out")
-    clean_temp(out, marker["files"])
-    for name in marker["files"]:  # e.g. checkpoints/.step_N.tmp-*, logs
+    for name in marker["files"] if clean else []:  # e.g. checkpoints/.step_N.tmp-*
         if (out / name).is_dir():
             clean_temp(out / name, [p.name for p in (out / name).iterdir()])
+    if clean:
+        clean_temp(out, marker["files"])
     run = RunFolder(out, command, marker, set(), False)
     foreign = run._entries() - set(marker["files"])
     if resume:

@@ -146,7 +146,7 @@ CASES = {
     "resume and overwrite": (FT + " --out {out} --resume --overwrite", "not both"),
     "resume nothing": (FT + " --out {out} --resume", "no run to resume"),
     "student a file": ("finetune --student {file} --teacher {teacher} --out {out}", "student folder"),
-    "unknown method": (FT + " --out {out} --method magic", "unknown fine-tuning method"),
+    "unknown method": (FT + " --out {out} --method magic", "invalid choice"),
     "no feature blocks": ("finetune --student {unmatched} --teacher {teacher} --out {out}", "no block of the student"),
     # prune, export, evaluate, concept images, argparse
     "unet config bad json": ("prune --unet-config {t}/bad.json --out {out}", "is not valid JSON"),

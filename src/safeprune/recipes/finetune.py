@@ -98,7 +98,7 @@ def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int, ove
     from safeprune.checkpoint import latest
     from safeprune.runs import open_run
 
-    run = open_run(out, "finetune", resume=resume, overwrite=overwrite,
+    run = open_run(out, "finetune", resume=resume, overwrite=overwrite, clean=_is_main_rank(),
                    legacy=lambda folder: bool(_checkpoints(folder)) and (folder / "config.yaml").is_file())
     if not resume:
         return run, None

@@ -47,7 +47,7 @@ def _load_stock_pipeline(folder: Path):
           f"{str(folder)!r} has no model_index.json; pass a diffusers StableDiffusionPipeline folder")
     try:
         return StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+                                                       requires_safety_checker=False, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"cannot load the pipeline in {str(folder)!r}: {str(err).splitlines()[0]}") from err
 

@@ -3,6 +3,7 @@ no temporary leftovers survive, and no killed folder ever looks like a finished 
 
 import json
 import random
+import sys
 import signal
 import time
 
@@ -59,7 +60,7 @@ def test_kills_at_random_moments_resume_bit_exact(straight, teacher, student, tm
         killed += child.wait(timeout=60) == -signal.SIGKILL
         if (out / "config.json").exists():  # finished before the signal: nothing left to kill
             break
-    print(f"random kills: {killed} of {attempt + 1} children killed mid-run")
+    print(f"random kills: {killed} of {attempt + 1} children killed mid-run", file=sys.__stdout__)
     assert killed >= 1
     code, err = cli(*_argv(out, teacher, student, "--resume"))
     assert code == 0 or "already complete" in err, err

@@ -8,7 +8,7 @@ process's resident-set high-water mark, reset per block; GPU: torch's peak alloc
 in interleaved, rotated rounds; the median wall time and the minimum CPU time of this process are kept,
 which damps noise from other processes on the machine (on a shared CPU the CPU-time ratio decides).
 
-Floor (issue 5): bilevel alternating <= 1.15x distill per iteration (the paper: about the cost of plain
+Floor: bilevel alternating <= 1.15x distill per iteration (the paper: about the cost of plain
 fine-tuning); aim 1.10x. Architectures: `toy` (the toy teacher, `channels`-pruned student), `sd-mini`
 (the SD-1.5 block layout at reduced width, 32x32 latents, 77 x 768 text tokens, BK-SDM `base` student),
 `sd15` (the real SD-1.5 UNet config, 64x64 latents; for a GPU, e.g. --device cuda --mixed-precision bf16).
@@ -114,12 +114,13 @@ def build(arch: str, device: str, mixed_precision: str, batch: int | None, seed:
 
     from safeprune.bilevel import Alternating, Distill, Penalty, TwoStage
     from safeprune.bilevel.problem import Pools
+    from safeprune.bilevel.training import build_training
     from safeprune.config import PruneConfig, from_dict, load_config
     from safeprune.data.datasets import LatentPool
+    from safeprune.models.hooks import match_features
     from safeprune.models.toy import SCHEDULER_CONFIG
     from safeprune.pruning import prune
     from safeprune.pruning.measure import count_parameters
-    from safeprune.recipes.finetune import build_training, match_features
     from safeprune.unlearning import build_unlearning
 
     config_fn, tokens, default_batch, prune_method, prune_overrides = ARCHS[arch]

@@ -1,11 +1,11 @@
 """Step cost of the fine-tuning methods at Stable Diffusion 1.5 scale: iterations/s and peak GPU memory.
 
-Three rows from ONE run over the same models (issue 7, part 5):
+Three rows from ONE run over the same models:
   distill              — the lower level only: L_ft = L_diff + 2 L_outKD + 0.1 L_featKD (eq. 1, 3, 4, 8);
-  bilevel_alternating  — a lower step every iteration and an ESD upper step after every K = 10th (method notes
-                         Sec. 3, the released code's solver), two AdamW optimisers over one set of weights;
+  bilevel_alternating  — a lower step every iteration and an ESD upper step after every K = 10th (seed paper
+                         Sec. 4, the released code's solver), two AdamW optimisers over one set of weights;
   unlearn_phase        — the upper level alone (two_stage's second stage): one ESD step per iteration.
-Each row runs the recipe's own code: `safeprune.recipes.finetune.build_training` (optimisers, Accelerate,
+Each row runs the recipe's own code: `safeprune.bilevel.training.build_training` (optimisers, Accelerate,
 `DiffusionProblem` with `safeprune.losses` and `safeprune.unlearning.esd`) stepped by the solvers of
 `safeprune.bilevel`; nothing is re-implemented here.
 
@@ -59,13 +59,15 @@ def build(args) -> tuple[object, dict]:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from safeprune.bilevel.problem import Pools
+    from safeprune.bilevel.training import build_training
     from safeprune.config import PruneConfig, load_config
     from safeprune.data.datasets import LatentPool
+    from safeprune.models.hooks import match_features
     from safeprune.models.toy import SCHEDULER_CONFIG
     from safeprune.pruning import prune
     from safeprune.pruning.measure import count_parameters
-    from safeprune.recipes.finetune import DTYPES, build_training, match_features
     from safeprune.unlearning import build_unlearning
+    from safeprune.utils import DTYPES
 
     cfg = load_config(base={"seed": 0, "device": args.device, "finetune": {
         "batch_size": args.batch, "upper": {"batch_size": args.batch, "every": K}, "unlearn": "esd",

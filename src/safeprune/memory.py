@@ -37,11 +37,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
 
+from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config
+from safeprune.models.hooks import feature_blocks
+from safeprune.optim import STATE_BYTES
+from safeprune.unlearning import PARAMETER_SETS, build_unlearning
+from safeprune.utils import DTYPES
 
 GIB = 2**30
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 # ----------------------------------------------------------------------------- meta-device measurement
@@ -159,7 +165,7 @@ def profile_activations(unet: torch.nn.Module, batch: int, latent_size: int, tex
         x = torch.empty(batch, cfg.in_channels, latent_size, latent_size)
         t = torch.zeros(batch, dtype=torch.long)
         emb = torch.empty(batch, text_tokens, cross)
-    low = None if mixed_precision == "no" else DTYPES[mixed_precision]
+    low = None if mixed_precision in ("", "no") else DTYPES[mixed_precision]  # "": not resolved yet = no
     with outer.hooks(), _MetaAutocast(low, weights):
         model(x, t, encoder_hidden_states=emb)
     profile.outside = outer.bytes - profile.block_inputs
@@ -168,8 +174,6 @@ def profile_activations(unet: torch.nn.Module, batch: int, latent_size: int, tex
 
 def feature_bytes(unet: torch.nn.Module, batch: int, latent_size: int, text_tokens: int, dtype: torch.dtype) -> int:
     """Bytes of the block outputs feature KD captures (every down, mid and up block) plus the prediction."""
-    from safeprune.models.hooks import feature_blocks
-
     model = meta_copy(unet).eval()  # shapes only: the bytes follow from `dtype`
     sizes = []
     # capture_features keeps a block's main output (a down block's first tuple element)
@@ -228,11 +232,8 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
     """Peak memory per process of `finetune` with `cfg` for this student/teacher pair (architectures only:
     pass meta-device models, e.g. from `meta_unet`). `latent_size` = image side / VAE scale; `encoder_params`
     = VAE + text encoder parameters; `prompts` = rows of the embedding table (default: one per pool image)."""
-    from safeprune.optim import STATE_BYTES
-    from safeprune.unlearning import PARAMETER_SETS, build_unlearning
-
     ft = cfg.finetune
-    unlearn = ft.method != "distill"
+    unlearn = uses_upper(build_method(ft))
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_upper = 0
@@ -262,7 +263,7 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
         "ddp_buckets": 4 * n_student if processes > 1 else 0,
         # autocast keeps a low-precision copy of each weight for the backward pass; checkpointed blocks
         # re-make theirs during recomputation, so with checkpointing (nearly) none is kept
-        "weight_copies": 2 * n_student if ft.mixed_precision != "no" and not ft.gradient_checkpointing else 0,
+        "weight_copies": 2 * n_student if ft.mixed_precision not in ("", "no") and not ft.gradient_checkpointing else 0,
         "activations": max(lower_act, upper_act),
         "encoders": 4 * encoder_params,
     }
@@ -271,9 +272,6 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
 
 def meta_unet(config: dict) -> torch.nn.Module:
     """A diffusers UNet2DConditionModel built from a config dict on the meta device (seconds at SD scale)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
     with init_empty_weights():
         return UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 

@@ -194,9 +194,13 @@ class RunFolder:
                     path.unlink()
             self.marker = None
         elif self.marker:  # a resumed run: an old result must not sit next to a newer config
-            for name in sorted(self.marker.get("result", []), key=lambda n: n != "config.json"):
-                with contextlib.suppress(FileNotFoundError):
-                    (self.out / name).unlink()
+            for name in self.marker.get("result", []):
+                path = self.out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
             self.marker["result"] = []
         self.out.mkdir(parents=True, exist_ok=True)
         self.marker = {**(self.marker or {"command": self.command, "files": []}), "state": "created", **fields}

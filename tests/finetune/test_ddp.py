@@ -1,4 +1,5 @@
-"""Two-process data-parallel fine-tuning on CPU (gloo), launched the way the platform notes say works.
+"""Two-process data-parallel fine-tuning on CPU (gloo), launched with torchrun (the `accelerate`
+command itself needs torchvision here, which this project must not install).
 
 `torchrun --nproc_per_node 2` starts two real DDP ranks; the recipe's Accelerator(cpu=True) joins them over
 gloo. The ranks draw different batches (the step seed includes the rank), so equal final weights on both

@@ -94,7 +94,10 @@ def straight(teacher, student, tmp_path_factory):
 def weights(folder):
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    # a run folder's model/ is a pipeline (its UNet in unet/); a bare UNet folder holds the file itself
+    path = next(p for p in (folder / "model" / "unet", folder / "unet", folder)
+                if (p / "diffusion_pytorch_model.safetensors").is_file())
+    return load_file(str(path / "diffusion_pytorch_model.safetensors"))
 
 
 def same_weights(a, b) -> bool:

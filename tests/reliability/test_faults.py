@@ -78,7 +78,7 @@ def test_an_exploding_run_names_a_checkpoint_that_resumes(finetune, tmp_path):
     line = _one_error_line(err)
     # the first upper step (step 2) multiplies the weights by ~1e5: refused before it is checkpointed
     assert code == 2 and "weights diverged at step 2" in line and "step_0000001" in line, line
-    assert not (out / "config.json").exists()
+    assert not (out / "model").exists()
     code, err = finetune(out, "--resume", "finetune.upper.lr=1e-3", "finetune.ckpt_every_steps=1")
     assert code == 0, err
     assert max(t.abs().max().item() for t in weights(out).values()) < 10  # a sane model, not the exploded one
@@ -110,7 +110,7 @@ def test_more_steps_interrupted_leaves_no_stale_result(finetune, tmp_path, monke
     restore()
     # config.yaml says 4 steps: the 2-step result must be gone, not left looking finished
     assert "max_steps: 4" in (out / "config.yaml").read_text()
-    assert not (out / "config.json").exists() and not (out / "summary.json").exists()
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
     assert json.loads((out / MARKER).read_text())["state"] == "training"
     assert finetune(out, "--method", "distill", "--max-steps", "4", "--resume")[0] == 0
     assert same_weights(out, ref)
@@ -171,7 +171,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(finetune, straight, tmp_pat
     code, err = finetune(out)
     line = _one_error_line(err)
     assert code == 2 and "No space left on device" in line and "free disk space" in line, line
-    assert not (out / "config.json").exists()
+    assert not (out / "model").exists()
     monkeypatch.setattr(safeprune.checkpoint, "save_file", real)
     assert finetune(out, "--resume")[0] == 0
     assert same_weights(out, straight)

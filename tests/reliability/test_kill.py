@@ -3,8 +3,8 @@ no temporary leftovers survive, and no killed folder ever looks like a finished 
 
 import json
 import random
-import sys
 import signal
+import sys
 import time
 
 import pytest
@@ -33,13 +33,13 @@ def test_kills_during_a_checkpoint_write_and_the_final_save_resume_bit_exact(str
     child = spawn(_argv(out, teacher, student), kill_on="safeprune.checkpoint:save_file:optim:1")
     assert child.wait(timeout=300) == -signal.SIGKILL, child.stderr.read()
     assert _leftovers(out) and not list((out / "checkpoints").glob("step_*"))  # a torn temporary, no checkpoint
-    assert not (out / "config.json").exists() and _state(out) == "training"
-    # 2. resumed (from step 0: nothing was checkpointed), killed right after the first result file moved in
-    child = spawn(_argv(out, teacher, student, "--resume"),
-                  kill_on="os:replace:diffusion_pytorch_model:1:after")
+    assert not (out / "model").exists() and _state(out) == "training"
+    # 2. resumed (from step 0: nothing was checkpointed), killed during the final save: the model folder is
+    #    written, not yet renamed into place
+    child = spawn(_argv(out, teacher, student, "--resume"), kill_on="os:replace:.model.tmp-:1")
     assert child.wait(timeout=300) == -signal.SIGKILL, child.stderr.read()
-    assert (out / "diffusion_pytorch_model.safetensors").exists() and not (out / "config.json").exists()
-    assert _state(out) == "training"  # not finished: the result is incomplete and does not load
+    assert not (out / "model").exists() and list(out.glob(".model.tmp-*"))
+    assert _state(out) == "training"  # not finished: no model that loads
     # 3. resumed again (in-process): the final save is redone
     code, err = cli(*_argv(out, teacher, student, "--resume"))
     assert code == 0, err
@@ -58,7 +58,7 @@ def test_kills_at_random_moments_resume_bit_exact(straight, teacher, student, tm
         time.sleep(rng.uniform(0.0, 1.5))
         child.send_signal(signal.SIGKILL)
         killed += child.wait(timeout=60) == -signal.SIGKILL
-        if (out / "config.json").exists():  # finished before the signal: nothing left to kill
+        if (out / "model").exists():  # finished before the signal: nothing left to kill
             break
     print(f"random kills: {killed} of {attempt + 1} children killed mid-run", file=sys.__stdout__)
     assert killed >= 1

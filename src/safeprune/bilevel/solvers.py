@@ -1,6 +1,6 @@
 """The fine-tuning methods as per-iteration step functions: distill, two-stage, and the bilevel solvers.
 
-Bilevel problem (method notes, Sec. 3): min_theta L_CU(theta)  s.t.  theta in argmin L_ft(theta).
+Bilevel problem (seed paper Sec. 4): min_theta L_CU(theta)  s.t.  theta in argmin L_ft(theta).
 
 - `Distill`      — the lower level only: one L_ft step per iteration.
 - `Alternating`  — the released code's first-order scheme: one set of weights, two optimisers; a lower
@@ -9,16 +9,22 @@ Bilevel problem (method notes, Sec. 3): min_theta L_CU(theta)  s.t.  theta in ar
                    grad L_CU + lambda grad L_ft (lambda constant or linearly scheduled) with the upper
                    optimiser. theta and vartheta share one space, so the K lower steps stand in for the
                    inner problem (vartheta -> argmin L_ft) and the outer gradient has no vartheta term
-                   (method notes, Sec. 3). The constraint gap L_ft(theta_after) - L_ft(theta_before) of the outer step, on
+                   (seed paper Sec. 4). The constraint gap L_ft(theta_after) - L_ft(theta_before) of the outer step, on
                    one batch, is logged: how far the outer step left the lower level's solution set.
 - `TwoStage`     — the baseline: `distill` for N iterations, then L_CU alone for M iterations
                    (M defaults to the bilevel methods' number of upper steps, so the budgets match).
 
 Upper and outer steps move only the parameters the unlearning loss selects (e.g. `esd_xattn`: cross-attention).
 Each method is a frozen dataclass called as `method(step, problem, update) -> logged scalars` and is a
-pure function of `step`, so a resumed run replays the same schedule. `problem` only accumulates
-gradients (see `Problem`); `update(which)` applies the `lower` or `upper` optimiser and clears them.
+pure function of `step` given its `schedule` (the stage boundary of two-stage, a varying lambda's span, K), so a
+resumed run replays the same schedule; checkpoints store `schedule` and `--resume` refuses to change it.
+`problem` only accumulates gradients (see `Problem`); `update(which)` applies the `lower` or `upper` optimiser
+and clears them.
 That split lets the same code solve a 2-D quadratic in the tests and a UNet in the recipe.
+
+`METHODS` (the `finetune.method` values) and `SOLVERS` (`finetune.solver`, for `bilevel`) map each name to
+the class's `from_config(finetune section)`; `build_method` looks the name up. Each method's `label` names
+it in progress bars and summary.json.
 """
 
 from __future__ import annotations
@@ -52,6 +58,13 @@ def _prefixed(prefix: str, logs: dict[str, float]) -> dict[str, float]:
 class Distill:
     max_steps: int
 
+    label = "distill"
+    solver = None  # the `finetune.solver` it runs (bilevel methods only)
+
+    @classmethod
+    def from_config(cls, cfg) -> Distill:
+        return cls(cfg.max_steps)
+
     @property
     def total_steps(self) -> int:
         return self.max_steps
@@ -59,6 +72,11 @@ class Distill:
     @property
     def upper_steps(self) -> int:
         return 0
+
+    @property
+    def schedule(self) -> dict:
+        """What decides each step's work besides `step` (see the module doc; a resume must not change it)."""
+        return {}
 
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         logs = _prefixed("lower", problem.lower(step))
@@ -81,10 +99,21 @@ class _EveryK:
     def upper_steps(self) -> int:
         return self.max_steps // self.every
 
+    @property
+    def schedule(self) -> dict:
+        return {"every": self.every}
+
 
 @dataclass(frozen=True)
 class Alternating(_EveryK):
     """K = an upper step after every K-th lower step."""
+
+    label = "bilevel/alternating"
+    solver = "alternating"  # the `finetune.solver` it runs (bilevel methods only)
+
+    @classmethod
+    def from_config(cls, cfg) -> Alternating:
+        return cls(cfg.max_steps, cfg.upper.every)
 
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         logs = _prefixed("lower", problem.lower(step))
@@ -101,6 +130,21 @@ class Penalty(_EveryK):
 
     penalty: float  # lambda at step 0
     penalty_end: float  # lambda at the last step (linear schedule); equal to `penalty` for a constant
+
+    label = "bilevel/penalty"
+    solver = "penalty"  # the `finetune.solver` it runs (bilevel methods only)
+
+    @classmethod
+    def from_config(cls, cfg) -> Penalty:
+        solver = cfg.solver
+        end = solver.penalty_lambda if solver.penalty_lambda_end < 0 else solver.penalty_lambda_end
+        return cls(cfg.max_steps, cfg.upper.every, solver.penalty_lambda, end)
+
+    @property
+    def schedule(self) -> dict:
+        # A lambda schedule is linear over max_steps: more steps would move it under a resumed run.
+        varying = {"max_steps": self.max_steps} if self.penalty_end != self.penalty else {}
+        return {"every": self.every, "penalty": self.penalty, "penalty_end": self.penalty_end, **varying}
 
     def penalty_at(self, step: int) -> float:
         frac = step / max(self.max_steps - 1, 1)
@@ -124,6 +168,19 @@ class TwoStage:
     distill_steps: int  # N: stage 1, the lower level alone
     unlearn_steps: int  # M: stage 2, the upper level alone
 
+    label = "two_stage"
+    solver = None  # the `finetune.solver` it runs (bilevel methods only)
+
+    @classmethod
+    def from_config(cls, cfg) -> TwoStage:
+        # Equal budget by default: as many unlearning steps as bilevel makes upper steps.
+        steps = cfg.two_stage.unlearn_steps
+        unlearn = steps if steps >= 0 else cfg.max_steps // cfg.upper.every
+        check(unlearn > 0, f"two_stage has no unlearning steps (finetune.max_steps={cfg.max_steps} < "
+                           f"finetune.upper.every={cfg.upper.every}); raise max_steps or set "
+                           "finetune.two_stage.unlearn_steps")
+        return cls(cfg.max_steps, unlearn)
+
     @property
     def total_steps(self) -> int:
         return self.distill_steps + self.unlearn_steps
@@ -131,6 +188,10 @@ class TwoStage:
     @property
     def upper_steps(self) -> int:
         return self.unlearn_steps
+
+    @property
+    def schedule(self) -> dict:
+        return {"distill_steps": self.distill_steps, "unlearn_steps": self.unlearn_steps}  # the stage boundary
 
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         if step < self.distill_steps:
@@ -142,28 +203,20 @@ class TwoStage:
         return logs
 
 
-METHODS = ("distill", "two_stage", "bilevel")
-SOLVERS = ("alternating", "penalty")
+SOLVERS: dict[str, Callable] = {"alternating": Alternating.from_config, "penalty": Penalty.from_config}
+
+
+def _bilevel(cfg):
+    """`bilevel`: the solver named by `finetune.solver`."""
+    return choose("bilevel solver", cfg.solver.name, SOLVERS)(cfg)
+
+
+METHODS: dict[str, Callable] = {"distill": Distill.from_config, "two_stage": TwoStage.from_config, "bilevel": _bilevel}
 
 
 def build_method(cfg):
     """The step function for the `finetune` config section (method, solver, K, budgets)."""
-    choose("fine-tuning method", cfg.method, dict.fromkeys(METHODS))
-    if cfg.method == "distill":
-        return Distill(cfg.max_steps)
-    if cfg.method == "two_stage":
-        # Equal budget by default: as many unlearning steps as bilevel makes upper steps.
-        steps = cfg.two_stage.unlearn_steps
-        unlearn = steps if steps >= 0 else cfg.max_steps // cfg.upper.every
-        check(unlearn > 0, f"two_stage has no unlearning steps (finetune.max_steps={cfg.max_steps} < "
-                           f"finetune.upper.every={cfg.upper.every}); raise max_steps or set finetune.two_stage.unlearn_steps")
-        return TwoStage(cfg.max_steps, unlearn)
-    solver = cfg.solver
-    choose("bilevel solver", solver.name, dict.fromkeys(SOLVERS))
-    if solver.name == "alternating":
-        return Alternating(cfg.max_steps, cfg.upper.every)
-    end = solver.penalty_lambda if solver.penalty_lambda_end < 0 else solver.penalty_lambda_end
-    return Penalty(cfg.max_steps, cfg.upper.every, solver.penalty_lambda, end)
+    return choose("fine-tuning method", cfg.method, METHODS)(cfg)
 
 
 def uses_upper(method) -> bool:

@@ -2,13 +2,17 @@
 
 Sources (`open_source` / `open_image_captions`), chosen by what `--data` points at:
   - the toy world's `finetune` / `concept` splits (image i is a pure function of (seed, split, i));
-  - an image folder with a diffusers-style `metadata.jsonl` (`file_name`, `text`, optional label columns),
-    e.g. one written by `safeprune toyworld export` or `safeprune concept-images`;
+  - an image folder with a diffusers-style `metadata.jsonl` or `metadata.csv` (`file_name`, `text`, optional
+    label columns), e.g. one written by `safeprune toyworld export` or `safeprune concept-images`;
   - Hugging Face `datasets`: a folder written by `save_to_disk`, or parquet/arrow files (one file, a folder
     of them, or a glob) read with `load_dataset("parquet"|"arrow", data_files=...)`; with
     `finetune.data.streaming=true` they are read lazily as an `IterableDataset`; a hub dataset id only with
     `finetune.data.hub_data=true` (offline by default);
   - webdataset tar shards of image + caption (`shards/{000..009}.tar`, a folder of .tar files): see shards.py.
+
+Column names: the image is `file_name` (folders) / `image` (tables), the caption the first of text / caption /
+prompt; `Columns` (finetune.image_column / caption_column, --image-column / --caption-column) names others,
+as diffusers' training scripts do.
 
 Map-style sources (toy, folder, datasets) expose `record(i)`; iterable ones (shards, streaming datasets)
 expose `records(...)` (shards.py). A record is {"image": PIL RGB, "text": str, "labels": dict, "key": str}.
@@ -22,63 +26,29 @@ Two consumers:
 
 from __future__ import annotations
 
+import csv
 import glob
-import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from safeprune.data.transforms import pil_to_tensor
+from safeprune.data.records import (
+    LABEL_COLUMNS,
+    Columns,
+    caption_column,
+    image_column,
+    to_model_image,
+    to_pil,
+)
+from safeprune.data.shards import HFStream, ShardStream
 from safeprune.errors import UserError, check
-from safeprune.utils import read_text
+from safeprune.utils import HUB_ID, numpy_rng, read_text
 
-CAPTION_COLUMNS = ("text", "caption", "prompt")
-LABEL_COLUMNS = ("shape", "colour", "style")
 TABLE_SUFFIXES = (".parquet", ".arrow")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, as on huggingface.co/datasets/owner/name
-
-
-def to_model_image(image, size: int) -> torch.Tensor:
-    """PIL image or uint8 array (H, W, 3) -> float tensor (3, size, size) in [-1, 1] (centre crop, bicubic)."""
-    from PIL import Image
-
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    return pil_to_tensor(image)
-
-
-def to_pil(value, where: str):
-    """An image cell as PIL RGB: a PIL image, encoded bytes, or a datasets {"bytes", "path"} dict."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(value, dict):  # an Image column read without its feature type (e.g. a foreign parquet)
-        value = value.get("bytes") or Path(value.get("path") or "").read_bytes()
-    if isinstance(value, np.ndarray):
-        return Image.fromarray(value).convert("RGB")
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            with Image.open(io.BytesIO(value)) as image:
-                return image.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"{where}: the image cannot be decoded ({err}); re-encode or drop that sample") from err
-    check(hasattr(value, "convert"), f"{where}: the image column holds {type(value).__name__}, not an image")
-    return value.convert("RGB")
-
-
-def caption_column(columns, where: str) -> str:
-    """The caption column among `columns`, or a one-line error naming what is there."""
-    found = next((c for c in CAPTION_COLUMNS if c in columns), None)
-    check(found is not None, f"{where} has no caption column ({', '.join(CAPTION_COLUMNS)}); it has {sorted(columns)}")
-    return found
 
 
 class _Resized(torch.utils.data.Dataset):
@@ -101,33 +71,50 @@ class ToySplit(_Resized):
         return self.n
 
     def record(self, i: int) -> dict:
-        from PIL import Image
-
         image, caption, labels = self.world.sample(self.split, i)
         return {"image": Image.fromarray(image), "text": caption, "labels": labels.as_dict(), "key": str(i)}
 
 
-class ImageFolder(_Resized):
-    """A folder of images with `metadata.jsonl` lines {"file_name": ..., "text": ..., [label columns]}."""
+def metadata_file(folder: Path) -> Path | None:
+    """An image folder's metadata: metadata.jsonl, else metadata.csv (the two formats diffusers' ImageFolder reads)."""
+    return next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).is_file()), None)
 
-    def __init__(self, folder: str | Path, size: int):
+
+def _metadata_rows(meta: Path):
+    """(line number, record) of a metadata.jsonl / metadata.csv file."""
+    if meta.suffix == ".csv":
+        with open(meta, newline="") as f:
+            yield from enumerate(csv.DictReader(f), 2)  # line 1 is the header
+        return
+    for n, line in enumerate(read_text(meta, "metadata file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{meta}:{n} is not valid JSON ({err.msg}); fix or remove that line") from err
+        check(isinstance(record, dict), f"{meta}:{n} is not a JSON object; write one {{...}} object per line")
+        yield n, record
+
+
+class ImageFolder(_Resized):
+    """A folder of images with `metadata.jsonl` lines {"file_name": ..., "text": ..., [label columns]}, or a
+    `metadata.csv` with those columns."""
+
+    def __init__(self, folder: str | Path, size: int, columns: Columns = Columns()):
         self.folder, self.size = Path(folder), size
-        meta = self.folder / "metadata.jsonl"
-        check(meta.is_file(), f"image folder {str(self.folder)!r} has no metadata.jsonl; write one line "
-                              '{"file_name": ..., "text": ...} per image (e.g. `safeprune toyworld export`)')
+        meta = metadata_file(self.folder)
+        check(meta is not None, f"image folder {str(self.folder)!r} has no metadata.jsonl or metadata.csv; write one "
+                                'line {"file_name": ..., "text": ...} per image (e.g. `safeprune toyworld export`)')
         self.records = []
-        for n, line in enumerate(read_text(meta, "metadata file").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{meta}:{n} is not valid JSON ({err.msg}); fix or remove that line") from err
-            check(isinstance(record, dict), f"{meta}:{n} is not a JSON object; write one {{...}} object per line")
-            caption = next((record[c] for c in CAPTION_COLUMNS if c in record), None)
-            check(isinstance(record.get("file_name"), str) and isinstance(caption, str),
-                  f"{meta}:{n} needs a `file_name` and a caption column ({', '.join(CAPTION_COLUMNS)})")
-            self.records.append({"file_name": record["file_name"], "text": caption,
+        for n, record in _metadata_rows(meta):
+            where = f"{meta}:{n}"
+            file_column = image_column(record, where, columns.image, default="file_name")
+            caption = record[caption_column(record, where, columns.caption)]
+            check(isinstance(caption, str), f"{where}: the caption must be text, got {caption!r}")
+            check(isinstance(record[file_column], str), f"{where}: {file_column} must be a file name, got "
+                                                        f"{record[file_column]!r}")
+            self.records.append({"file_name": record[file_column], "text": caption,
                                  "labels": {k: record[k] for k in LABEL_COLUMNS if k in record}})
         for record in self.records[:1]:  # a wrong folder usually fails on the first file already
             path = self.folder / record["file_name"]
@@ -139,7 +126,7 @@ class ImageFolder(_Resized):
     def record(self, i: int) -> dict:
         record = self.records[i]
         path = self.folder / record["file_name"]
-        check(path.is_file(), f"image {str(path)!r} listed in metadata.jsonl is missing")
+        check(path.is_file(), f"image {str(path)!r} listed in the folder's metadata is missing")
         return {"image": to_pil(path.read_bytes(), str(path)), "text": record["text"], "labels": record["labels"],
                 "key": record["file_name"]}
 
@@ -147,9 +134,9 @@ class ImageFolder(_Resized):
 class HFImageCaptions(_Resized):
     """A map-style `datasets.Dataset` (save_to_disk folder, parquet/arrow files): `image` + a caption column."""
 
-    def __init__(self, data, name: str, size: int | None):
-        self.caption = caption_column(data.column_names, f"dataset {name!r}")
-        check("image" in data.column_names, f"dataset {name!r} has no `image` column; it has {data.column_names}")
+    def __init__(self, data, name: str, size: int | None, columns: Columns = Columns()):
+        self.caption = caption_column(data.column_names, f"dataset {name!r}", columns.caption)
+        self.image = image_column(data.column_names, f"dataset {name!r}", columns.image)
         self.data, self.name, self.size = data, name, size
 
     def __len__(self) -> int:
@@ -157,16 +144,8 @@ class HFImageCaptions(_Resized):
 
     def record(self, i: int) -> dict:
         row = self.data[int(i)]
-        return {"image": to_pil(row["image"], f"{self.name} row {i}"), "text": row[self.caption],
+        return {"image": to_pil(row[self.image], f"{self.name} row {i}"), "text": row[self.caption],
                 "labels": {k: row[k] for k in LABEL_COLUMNS if k in row}, "key": str(i)}
-
-
-def _import_datasets(what: str):
-    try:
-        import datasets
-    except ImportError as err:
-        raise UserError(f"{what} needs the optional `datasets` package: pip install 'safeprune[data]'") from err
-    return datasets
 
 
 def _table_files(source: str) -> tuple[str, list[str]]:
@@ -181,7 +160,7 @@ def _table_files(source: str) -> tuple[str, list[str]]:
     return ("arrow" if files[0].endswith(".arrow") else "parquet"), files
 
 
-def _open_hf(source: str, *, streaming: bool, hub: bool):
+def _open_hf(source: str, *, streaming: bool, hub: bool, columns: Columns = Columns()):
     """A `datasets` source: HFImageCaptions (map-style) or shards.HFStream (streaming=True)."""
     try:
         import datasets
@@ -209,11 +188,9 @@ def _open_hf(source: str, *, streaming: bool, hub: bool):
               f"dataset {source!r} is empty; it needs at least one captioned image")
         raise UserError(f"cannot read dataset {source!r}: {first}") from err
     if streaming:
-        from safeprune.data.shards import HFStream
-
-        return HFStream(data, source)
+        return HFStream(data, source, columns)
     check(len(data) > 0, f"dataset {source!r} is empty; it needs at least one captioned image")
-    return HFImageCaptions(data, source, None)
+    return HFImageCaptions(data, source, None, columns)
 
 
 def is_shards(source: str) -> bool:
@@ -222,26 +199,25 @@ def is_shards(source: str) -> bool:
     return source.endswith(".tar") or (path.is_dir() and any(path.glob("*.tar")))
 
 
-def open_source(source: str | Path, *, streaming: bool = False, hub: bool = False):
-    """The records behind `--data`: map-style (`record(i)`, len) or iterable (`records(...)`, see shards.py)."""
+def open_source(source: str | Path, *, streaming: bool = False, hub: bool = False, columns: Columns = Columns()):
+    """The records behind `--data`: map-style (`record(i)`, len) or iterable (`records(...)`, see shards.py).
+    `columns` names the image / caption columns of folders and tables (shards: by file extension)."""
     text, path = str(source), Path(source)
     if is_shards(text):
-        from safeprune.data.shards import ShardStream
-
         return ShardStream(text)
-    if (path / "metadata.jsonl").is_file():
-        return ImageFolder(path, None)
+    if path.is_dir() and metadata_file(path) is not None:
+        return ImageFolder(path, None, columns)
     tables = path.suffix in TABLE_SUFFIXES or any(ch in text for ch in "*?[")
     if tables or any((path / n).is_file() for n in ("dataset_info.json", "dataset_dict.json")) \
             or any(p.suffix in TABLE_SUFFIXES for p in path.rglob("*") if path.is_dir()):
-        return _open_hf(text, streaming=streaming, hub=False)
+        return _open_hf(text, streaming=streaming, hub=False, columns=columns)
     check(not path.is_dir(), f"{text!r} is neither an image folder with metadata.jsonl, a Hugging Face dataset "
                              "folder (dataset_info.json), parquet/arrow files nor webdataset .tar shards; "
                              "point --data at one of those")
     if HUB_ID.match(text):
         check(hub, f"--data {text!r} is not a local path; if it is a Hugging Face hub dataset id, set "
                    "finetune.data.hub_data=true to download it (needs network), else fix the path")
-        return _open_hf(text, streaming=streaming, hub=True)
+        return _open_hf(text, streaming=streaming, hub=True, columns=columns)
     raise UserError(f"data source {text!r} not found; pass an image folder with metadata.jsonl, a Hugging Face "
                     "dataset folder, parquet/arrow files or webdataset shards (e.g. shards/{000..009}.tar)")
 
@@ -265,14 +241,14 @@ class _Items(torch.utils.data.Dataset):
 
 
 def open_image_captions(source: str | Path | None, *, world, split: str, n_toy: int, size: int,
-                        streaming: bool = False, hub: bool = False):
+                        streaming: bool = False, hub: bool = False, columns: Columns = Columns()):
     """Items {"image": (3, size, size), "text", "labels"} of `source`, or of the toy `split` when it is None.
 
     `n_toy` is the number of toy items, and the most an iterable source (shards, streaming) contributes.
     """
     if source is None:
         return ToySplit(world, split, n_toy, size)
-    data = open_source(source, streaming=streaming, hub=hub)
+    data = open_source(source, streaming=streaming, hub=hub, columns=columns)
     if not hasattr(data, "record"):  # iterable (shards, streaming): its first n samples
         data = _Items(data, n_toy, size)
     data.size = size
@@ -306,11 +282,12 @@ class LatentPool:
         return idx, self.mean[idx_dev] + self.std[idx_dev] * eps.to(self.mean.device)
 
 
-def pool_indices(length: int, n: int, seed: int) -> list[int]:
-    """Which dataset items form a pool of n: all of them if they fit, else a seeded sample in index order."""
+def pool_indices(length: int, n: int, rng: np.random.Generator) -> list[int]:
+    """Which dataset items form a pool of n: all of them if they fit, else a sample drawn with `rng`, in index
+    order."""
     if length <= n:
         return list(range(length))
-    return sorted(np.random.default_rng(seed).choice(length, n, replace=False).tolist())
+    return sorted(rng.choice(length, n, replace=False).tolist())
 
 
 @torch.no_grad()
@@ -324,9 +301,12 @@ def latent_gaussian(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def encode_pool(dataset, n: int, vae, *, seed: int = 0, batch_size: int = 64, device="cpu") -> LatentPool:
-    """VAE-encode up to `n` items of `dataset` once; keep the latent Gaussian (mean, std) of each."""
-    indices = pool_indices(len(dataset), n, seed)
+def encode_pool(dataset, n: int, vae, *, rng: np.random.Generator | None = None, batch_size: int = 64,
+                device="cpu") -> LatentPool:
+    """VAE-encode up to `n` items of `dataset` once; keep the latent Gaussian (mean, std) of each.
+
+    `rng` picks the pool when the dataset holds more than `n` items (default: `numpy_rng(0)`)."""
+    indices = pool_indices(len(dataset), n, rng if rng is not None else numpy_rng(0))
     check(bool(indices), "the dataset is empty; it needs at least one captioned image")
     means, stds, captions, labels = [], [], [], []
     for start in range(0, len(indices), batch_size):

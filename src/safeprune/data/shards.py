@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from safeprune.data.datasets import LABEL_COLUMNS, caption_column, to_pil
-from safeprune.data.transforms import sample_rng
+from safeprune.data.records import LABEL_COLUMNS, caption_column, image_column, to_pil
 from safeprune.errors import UserError, check
+from safeprune.utils import numpy_rng
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "caption", "text")
@@ -113,25 +113,25 @@ class ShardStream:
         slot, slots = rank * workers + worker, world * workers
         shards = list(self.shards)
         if shuffle_buffer > 0:
-            order = sample_rng(seed, epoch).permutation(len(shards))
+            order = numpy_rng(seed, epoch).permutation(len(shards))
             shards = [shards[i] for i in order]
         if len(shards) >= slots:
             raw = self._raw(shards[slot::slots])
         else:  # fewer shards than readers: all read everything, each keeps its own every-R-th sample
             raw = itertools.islice(self._raw(shards), slot, None, slots)
-        for sample in _shuffled(raw, shuffle_buffer, sample_rng(seed, epoch, slot)):
+        for sample in _shuffled(raw, shuffle_buffer, numpy_rng(seed, epoch, slot)):
             yield self._decode(sample)
 
 
 class HFStream:
     """A streaming `datasets.IterableDataset` with an `image` column and a caption column."""
 
-    def __init__(self, data, name: str):
+    def __init__(self, data, name: str, columns=None):
         self.data, self.name = data, name
         first = next(iter(data.take(1)), None)
         check(first is not None, f"dataset {name!r} is empty; it needs at least one captioned image")
-        self.caption = caption_column(first, f"dataset {name!r}")
-        check("image" in first, f"dataset {name!r} has no `image` column; it has {sorted(first)}")
+        self.caption = caption_column(first, f"dataset {name!r}", columns.caption if columns else "")
+        self.image = image_column(first, f"dataset {name!r}", columns.image if columns else "")
 
     def records(self, seed: int, epoch: int, rank: int, world: int, shuffle_buffer: int):
         from datasets.distributed import split_dataset_by_node
@@ -142,5 +142,5 @@ class HFStream:
             data = split_dataset_by_node(data, rank=rank, world_size=world)
         worker, _ = _reader()
         for n, row in enumerate(data):
-            yield {"image": to_pil(row["image"], f"{self.name} row {n}"), "text": row[self.caption],
+            yield {"image": to_pil(row[self.image], f"{self.name} row {n}"), "text": row[self.caption],
                    "labels": {k: row[k] for k in LABEL_COLUMNS if k in row}, "key": f"{rank}/{worker}/{n}"}

@@ -9,8 +9,8 @@ Toy world (issue 6 item 2), each on the training templates and, as `heldout_*`, 
   adherence  shape and colour accuracy (no object = failure; a forbidden attribute is not scored);
   fd         Frechet distance (our FID) between judge features of retain-prompt images and real renderer images
              with the same labels;
-  cp         CP score (method.md section 4): share of forget images judged less like the concept than the
-             reference model's image for the same prompt and seed (both must show an object);
+  cp         CP score (safeprune.eval.cp): share of forget images judged less like the concept, by a margin, than
+             the reference model's image for the same prompt and seed (the paper's reference: the distilled student);
   concept_affinity  sampling-free: on real concept images, the relative drop of the model's denoising error
              under the concept prompt versus the same prompt with the concept swapped out (seed eq. 1).
 Real scale: Frechet distance (Heusel et al. 2017), MMD with the Gaussian kernel of CMMD (Jayasumana et al.
@@ -32,6 +32,7 @@ import torch
 from safeprune.config import Config, SampleConfig
 from safeprune.data.toyworld import Labels, ToyWorld, draw
 from safeprune.errors import UserError, check, choose
+from safeprune.eval.cp import cp_score
 
 # ----------------------------------------------------------------------------- maths on features
 
@@ -305,7 +306,8 @@ class FD:
 
 @dataclass(frozen=True)
 class CP:
-    """Share of forget images (same prompt and seed) judged less like the concept than the reference's image."""
+    """Share of forget images (same prompt and seed) judged less like the concept than the reference's image
+    (safeprune.eval.cp.cp_score: by more than its margin)."""
 
     def __call__(self, ctx: EvalContext) -> dict:
         if ctx.reference_pipe is None:
@@ -313,13 +315,12 @@ class CP:
         out = {}
         for name in ctx.set_names("forget"):
             mine, ref = ctx.generated(name), ctx.generated(name, reference=True)
-            wins = []
+            p_mine, p_ref = [], []
             for i, r in enumerate(mine.records):
                 kinds = [k for k, names in ctx.world.forbidden.items() if r[k] in names]
-                p_mine = max(_concept_prob(mine.judged, k, r[k], i) for k in kinds)
-                p_ref = max(_concept_prob(ref.judged, k, r[k], i) for k in kinds)
-                wins.append(bool(mine.judged["valid"][i]) and p_mine < p_ref)
-            out[f"{_prefix(name)}cp"] = float(np.mean(wins))
+                p_mine.append(max(_concept_prob(mine.judged, k, r[k], i) for k in kinds))
+                p_ref.append(max(_concept_prob(ref.judged, k, r[k], i) for k in kinds))
+            out[f"{_prefix(name)}cp"] = cp_score(p_mine, p_ref, mine.judged["valid"])
         return out
 
 

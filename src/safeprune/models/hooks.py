@@ -7,10 +7,16 @@ that always removes its hooks, so a crashed step never leaves a hook behind that
 BK-SDM-style block removal (`blocks` pruning, presets `small`/`tiny`) drops the mid block and/or the
 innermost stage; `match_blocks` pairs what survives by position from the image side (down blocks from
 the input, up blocks from the output), so a missing block is left out instead of shifting every pair.
+After `tiny` the student's last down block has no downsampler while the teacher's block at that depth has
+one, so their outputs differ in resolution; as BK-SDM's feature KD does (Nota-NetsPresso/BK-SDM
+src/kd_train_text_to_image.py: teacher `down_blocks.2.attentions.1.proj_out` with student
+`down_blocks.2.attentions.0.proj_out`), that pair compares the last sub-block before the downsampler instead.
 
 Block names are those of the plain UNet. Distributed wrappers insert path segments (DDP `module.`, FSDP
 `_fsdp_wrapped_module.`, activation checkpointing `_checkpoint_wrapped_module.`, torch.compile `_orig_mod.`);
 `capture_features` strips them, so the same names work on a plain, a DDP- or an FSDP-wrapped UNet.
+`match_features` checks a student against its teacher with one dry forward pass and keeps the block pairs
+whose feature maps have the same shape.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import contextlib
 import re
 
 import torch
+
+from safeprune.errors import UserError, check
 
 # Path segments that wrappers insert between a module and its children (never a diffusers module name).
 WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
@@ -58,13 +66,28 @@ def match_blocks(teacher, student) -> list[tuple[str, str]]:
     """
     pairs = []
     n_down = min(len(teacher.down_blocks), len(student.down_blocks))
-    pairs += [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(n_down)]
+    for i in range(n_down):
+        t_block, s_block = teacher.down_blocks[i], student.down_blocks[i]
+        if t_block.downsamplers is not None and s_block.downsamplers is None:  # `tiny`: the student's last stage
+            pairs.append((f"down_blocks.{i}.{_before_downsampler(t_block)}",
+                          f"down_blocks.{i}.{_before_downsampler(s_block)}"))
+        else:
+            pairs.append((f"down_blocks.{i}", f"down_blocks.{i}"))
     if getattr(teacher, "mid_block", None) is not None and getattr(student, "mid_block", None) is not None:
         pairs.append(("mid_block", "mid_block"))
     t_up, s_up = len(teacher.up_blocks), len(student.up_blocks)
     for depth in reversed(range(min(t_up, s_up))):  # depth 0 = the block next to the output
         pairs.append((f"up_blocks.{t_up - 1 - depth}", f"up_blocks.{s_up - 1 - depth}"))
     return pairs
+
+
+def _before_downsampler(block) -> str:
+    """The down block's last sub-module before its downsampler: the last attention's `proj_out` (BK-SDM's
+    choice), else the last ResNet."""
+    attentions = getattr(block, "attentions", None)
+    if attentions:
+        return f"attentions.{len(attentions) - 1}.proj_out"
+    return f"resnets.{len(block.resnets) - 1}"
 
 
 @contextlib.contextmanager
@@ -93,3 +116,31 @@ def capture_features(unet, names: list[str] | tuple[str, ...]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def match_features(teacher, student, null_embedding: torch.Tensor) -> list[tuple[str, str]]:
+    """Check that student and teacher fit (same inputs, same output shape) and pair their feature maps.
+
+    One dry forward pass on a (1, C, h, w) input: a student that cannot take the teacher's latents or text
+    embeddings is a user error; block pairs whose shapes differ (e.g. a pruned block width) are dropped.
+    """
+    cfg = teacher.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+    x = torch.randn(1, cfg.in_channels, *size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])  # any valid timestep: only shapes are compared
+    emb = null_embedding[None]
+    pairs = match_blocks(teacher, student)
+    device, dtype = next(teacher.parameters()).device, next(teacher.parameters()).dtype
+    with capture_features(teacher, [p[0] for p in pairs]) as t_feats:
+        t_out = teacher(x.to(device, dtype), t.to(device), encoder_hidden_states=emb.to(device, dtype)).sample
+    s_device = next(student.parameters()).device
+    try:
+        with capture_features(student, [p[1] for p in pairs]) as s_feats:
+            s_out = student(x.to(s_device), t.to(s_device), encoder_hidden_states=emb.to(s_device)).sample
+    except (RuntimeError, ValueError, AttributeError) as err:
+        raise UserError(f"student and teacher do not match (the student cannot take the teacher's latents and text "
+                        f"embeddings: {str(err).splitlines()[0][:160]}); prune the student from this teacher") from err
+    check(s_out.shape == t_out.shape, f"student and teacher do not match: the student predicts {tuple(s_out.shape)} "
+                                      f"but the teacher {tuple(t_out.shape)}; prune the student from this teacher")
+    return [(tn, sn) for tn, sn in pairs if t_feats[tn].shape == s_feats[sn].shape]

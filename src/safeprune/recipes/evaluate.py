@@ -2,7 +2,8 @@
 
 Writes DIR/results.json ({model, reference, metrics: {key: value}}), DIR/grid.png (forget and retain samples,
 same seeds for every model) and DIR/config.yaml. The reference model of the CP score and of the teacher's
-concept affinity defaults to the shipped toy teacher.
+concept affinity defaults to the shipped toy teacher; the paper scores CP against the distilled, unerased
+student (`--reference RUN_DIR` of a `distill` run; safeprune.eval.cp), which the output then names.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from safeprune.config import Config, save_config
 from safeprune.data.toyworld import ToyWorld
 from safeprune.errors import choose
+from safeprune.eval.cp import CP_MARGIN
 from safeprune.eval.metrics import METRICS, EvalContext, run_metrics
 from safeprune.utils import atomic_folder, resolve_device
 
@@ -55,7 +57,7 @@ def run(cfg: Config, args) -> int:
         ctx = EvalContext(pipe, world, cfg, judge, reference_pipe, progress=True)
         results = run_metrics(ctx, names)
         record = {"model": model or "toy-teacher", "reference": reference or "toy-teacher",
-                  "metrics": results}
+                  "cp_margin": CP_MARGIN if "cp" in names else None, "metrics": results}
         (tmp / "results.json").write_text(json.dumps(record, indent=1))
         _grid(ctx, tmp / "grid.png")
         save_config(cfg, tmp)
@@ -63,5 +65,14 @@ def run(cfg: Config, args) -> int:
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) and not math.isnan(value) else
               f"{key:<{width}}  {value}")
+    if "cp" in names:  # which model CP is relative to changes its meaning: say it next to the number
+        print(f"cp: against {reference or 'the shipped toy teacher'} (margin {CP_MARGIN}); the paper's reference "
+              "is the distilled, unerased student (--reference)")
     print(f"wrote {cfg.paths.out}/results.json")
+    if model is not None:  # a model folder with a safeprune model card gets the results table
+        from safeprune.models.card import add_results
+        from safeprune.models.io import model_folder
+
+        if add_results(model_folder(model), results, source=f"{len(results)} metrics, results in {cfg.paths.out}"):
+            print(f"added the results to {model_folder(model)}/README.md")
     return 0

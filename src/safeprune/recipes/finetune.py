@@ -3,63 +3,86 @@
 One loop, top to bottom:
   1. load the frozen teacher pipeline and the pruned student; check they fit (a dry forward pass);
   2. build the fixed pools once: VAE latents of fine-tuning and concept images, text embeddings of every
-     caption and concept prompt (method notes: "embeddings of fixed prompts computed once");
+     caption and concept prompt (`safeprune.bilevel.pools`);
   3. run the method's step function (`safeprune.bilevel`: distill | two_stage | bilevel alternating/penalty)
      under Accelerate (device, mixed precision, DDP), with per-step metrics, TensorBoard, a progress bar,
      and atomic checkpoints every `finetune.ckpt_every_steps`;
-  4. save the student so the run folder is itself a pruned-UNet folder that `safeprune.load_pipeline` loads.
+  4. save the student as RUN/model/, a complete diffusers pipeline folder with a model card
+     (`DiffusionPipeline.from_pretrained(RUN/model)`; safeprune.models.io), apart from the training state.
 
-Run folder: the saved student (config.json, plan.json, safeprune.json, diffusion_pytorch_model.safetensors),
+Run folder: model/ (the result: model_index.json, unet/, the teacher's other components, README.md),
 config.yaml, concepts.json ([{target, anchor}] suppressed), summary.json (method, steps, upper_steps,
 world_size, params_in_sync / optimizer_states_in_sync (bit-identical on every DDP rank; null under FSDP),
-pass counts, matched feature blocks, wall time), checkpoints/step_NNNNNNN/, logs/ (TensorBoard),
+pass counts, matched feature blocks, wall time, training images used), checkpoints/step_NNNNNNN/ (each a
+--model for `generate` / `evaluate`: state.json records the plan and the teacher), logs/ (the tracker:
+finetune.report_to), validation/step_NNNNNNN.png (finetune.validation_every_steps),
 and metrics.jsonl, one line per iteration with the keys present that step:
   step; lower/diff, lower/out_kd, lower/feat_kd, lower/ft (batch means of eq. 1, 3, 4, 8); upper/cu (L_CU);
   outer/ft, outer/lambda, outer/gap (penalty outer steps); lr/lower, lr/upper; student_fwd, student_bwd,
   teacher_fwd (cumulative passes of this process, counted in images); time_s (since this process started).
 Exact resume: a step's randomness depends only on (seed, rank, step), and checkpoints hold the weights,
 both optimisers and the pass counters, so `--resume` continues bit-for-bit on CPU.
-Multi-GPU: `accelerate launch` with configs/accelerate/*.yaml (DDP or FSDP); what sharding changes in the
+Multi-GPU: `accelerate launch` with the shipped accelerate/*.yaml (`safeprune presets`; DDP or FSDP); what sharding changes in the
 two-optimiser step (evaluation through the wrapper, clipping, gathered checkpoints) is in safeprune.bilevel.distributed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import shutil
 import time
-import warnings
 from pathlib import Path
 
-import torch
-
-from safeprune.config import Config, FinetuneConfig, save_config, to_dict
+from safeprune.bilevel.pools import build_pools
+from safeprune.bilevel.training import build_training
+from safeprune.config import Config, save_config, to_dict
 from safeprune.errors import UserError, check
+from safeprune.models.hooks import match_features
+from safeprune.utils import DTYPES, warmup_cosine
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Config keys that may change when a run is resumed (e.g. a lower lr after a divergence, more steps);
 # any other difference would make the resumed run a different run.
 RESUMABLE_CHANGES = {f"finetune.{k}" for k in ("max_steps", "ckpt_every_steps", "keep_checkpoints",
-                                               "eval_every_steps", "lr", "upper.lr")} | {"paths.out"}
+                                               "eval_every_steps", "lr", "upper.lr", "report_to",
+                                               "validation_every_steps", "validation_prompts",
+                                               "validation_seeds")} | {"paths.out"}
+VALIDATION = "validation"  # RUN/validation/step_NNNNNNN.png: the validation grids
 
 
 def run(cfg: Config, args) -> int:
     """CLI target of `safeprune finetune`: its flags fill cfg.paths, cfg.model.teacher and finetune.concepts."""
-    print(finetune(cfg, resume=args.resume, overwrite=args.overwrite, allow_other_teacher=args.allow_other_teacher))
+    out = finetune(cfg, resume=args.resume, overwrite=args.overwrite, allow_other_teacher=args.allow_other_teacher)
+    print(out)
+    if getattr(args, "push_to_hub", None):
+        from safeprune.models.card import push_to_hub
+        from safeprune.models.io import MODEL
+
+        print(f"pushed to {push_to_hub(Path(out) / MODEL, args.push_to_hub)}")
     return 0
 
 
+def resolve_mixed_precision(cfg: Config) -> Config:
+    """`cfg` with the mixed precision the run uses, as diffusers' training scripts decide it: `accelerate launch`'s
+    (ACCELERATE_MIXED_PRECISION, from its config file or --mixed_precision) unless finetune.mixed_precision
+    names one; a named one that disagrees with the launcher's is a one-line error (a silent winner would
+    leave config.yaml or the launcher wrong)."""
+    import os
+
+    ft = cfg.finetune
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "")
+    check(not (ft.mixed_precision and launched and launched != ft.mixed_precision),
+          f"finetune.mixed_precision={ft.mixed_precision} but accelerate launch was given mixed_precision={launched} "
+          "(its config file or --mixed_precision); make them agree, or set finetune.mixed_precision='' to take "
+          "the launcher's")
+    chosen = ft.mixed_precision or launched or "no"
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(ft, mixed_precision=chosen))
+
+
 # ----------------------------------------------------------------------------- schedules (pure in step)
-
-
-def lower_lr(cfg: FinetuneConfig, step: int) -> float:
-    """Linear warm-up over `warmup_steps`, then constant (the paper code's schedule)."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -78,7 +101,7 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 # what a run writes at its top level besides the result (claimed in the run marker before it is written)
-RUN_FILES = ("config.yaml", "concepts.json", METRICS, "logs", CHECKPOINTS, "summary.json")
+RUN_FILES = ("config.yaml", "concepts.json", METRICS, "logs", CHECKPOINTS, "summary.json", VALIDATION)
 LINEAGE = "lineage.json"  # written by `safeprune prune`: the fingerprint of the teacher the student was pruned from
 
 
@@ -92,9 +115,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int, overwrite: bool = False,
-                     inputs: dict | None = None):
+                     inputs: dict | None = None, schedule: dict | None = None):
     """Validate `out` for a fresh run, an `--overwrite` or a resume (safeprune.runs); returns the RunFolder
-    and the checkpoint to resume from (None: from step 0, e.g. a run killed before its first checkpoint)."""
+    and the checkpoint to resume from (None: from step 0, e.g. a run killed before its first checkpoint).
+
+    `schedule` is the method's (safeprune.bilevel.solvers): a resume may add steps, never move a stage boundary
+    or a lambda schedule that the checkpointed steps already followed."""
     from safeprune.checkpoint import latest
     from safeprune.runs import open_run
 
@@ -110,6 +136,10 @@ def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int, ove
             raise UserError(f"--resume: {key} was {old.get(key)!r} when the run started but is {new.get(key)!r} now; "
                             "resume with the same configuration (and the same --forget flags)")
     _check_inputs(run.marker.get("inputs") or {}, inputs or {})
+    was = found[1].get("schedule") if found else None
+    check(schedule is None or was is None or was == schedule,
+          f"--resume: finetune.max_steps={cfg.finetune.max_steps} changes the {cfg.finetune.method} schedule of the "
+          f"checkpoint ({was} -> {schedule}); resume with --max-steps {old.get('finetune.max_steps')}, or start a new run")
     step = found[1]["step"] if found else 0
     check(not (run.state == "finished" and step >= total_steps),
           f"the run in {str(out)!r} is already complete ({step} steps); raise --max-steps to continue it")
@@ -200,235 +230,73 @@ def _check_memory(cfg: Config, student_dir: Path, pipe, device) -> None:
                                encoder_params=encoders), device)
 
 
-# ----------------------------------------------------------------------------- models
+
+# what a run read beyond the paths config.yaml names (the resume check compares those as config keys)
+INPUT_FLAGS = {"student_digest": "the --student folder's contents", "data_digest": "the --data contents",
+               "concept_data_digest": "the --concept-data contents", "teacher_fingerprint": "the teacher's weights"}
 
 
-@contextlib.contextmanager
-def _no_loading_bars():
-    """Hide diffusers'/transformers' per-component loading bars (noise around the training bar); restore after."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+def _check_inputs(old: dict, new: dict) -> None:
+    """--resume reads what the run started with: a changed input is a one-line error naming it."""
+    for key, flag in INPUT_FLAGS.items():
+        if key in old and key in new and old[key] != new[key]:
+            raise UserError(f"--resume: {flag} was {old[key]!r} when the run started but is {new[key]!r} now; "
+                            "resume with the inputs the run started with (or start again with --overwrite)")
 
-    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
+
+def _source(spec) -> tuple[str | None, str | None]:
+    """(how a --data/--concept-data/--student source is named, a digest of its index) for the resume check."""
+    from safeprune.utils import sha256_file
+
+    if spec is None:
+        return None, None
+    path = Path(spec)
+    if not path.exists():
+        return str(spec), None  # shards pattern, hub id, glob
+    index = [p for p in (path / "metadata.jsonl", path / "config.json", path / "plan.json") if p.is_file()]
+    weights = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    digest = "-".join([*(sha256_file(p)[:12] for p in index), *(str(p.stat().st_size) for p in weights)])
+    return str(path.resolve()), digest or None
+
+
+def _is_main_rank() -> bool:
+    """Before Accelerate starts: whether this process is rank 0 (`accelerate launch` sets RANK)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _check_lineage(student_dir: Path, teacher_fp: str, allow_other: bool) -> None:
+    """The student must come from this teacher (`safeprune prune` records the fingerprint) unless allowed."""
+    path = student_dir / LINEAGE
+    if not path.is_file():  # pruned before lineage was recorded (or saved through the Python API): unknown
+        return
     try:
-        yield
-    finally:
-        if was[0]:
-            dlog.enable_progress_bar()
-        if was[1]:
-            tlog.enable_progress_bar()
+        recorded = json.loads(path.read_text()).get("teacher_fingerprint")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{str(path)!r} is corrupt ({type(err).__name__}); prune the student again") from err
+    check(allow_other or recorded == teacher_fp,
+          f"the student in {str(student_dir)!r} was pruned from another teacher (fingerprint {recorded}, this teacher "
+          f"{teacher_fp}); pass the --teacher it was pruned from, or --allow-other-teacher to distil it anyway")
 
 
-def _load_teacher(path: Path):
-    from diffusers import StableDiffusionPipeline
-
-    check((path / "model_index.json").is_file(),
-          f"teacher folder {str(path)!r} is not a diffusers pipeline (no model_index.json); pass --teacher PATH "
-          "to a Stable Diffusion pipeline folder")
-    try:
-        with _no_loading_bars():
-            return StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None,
-                                                           requires_safety_checker=False, local_files_only=True,
-                                                           use_safetensors=True)
-    except (OSError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"cannot load the teacher pipeline from {str(path)!r}: {str(err).splitlines()[0]}") from err
-
-
-@torch.no_grad()
-def match_features(teacher, student, null_embedding: torch.Tensor) -> list[tuple[str, str]]:
-    """Check that student and teacher fit (same inputs, same output shape) and pair their feature maps.
-
-    One dry forward pass on a (1, C, h, w) input: a student that cannot take the teacher's latents or text
-    embeddings is a user error; block pairs whose shapes differ (e.g. a pruned block width) are dropped.
-    """
-    from safeprune.models.hooks import capture_features, match_blocks
-
-    cfg = teacher.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-    x = torch.randn(1, cfg.in_channels, *size, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([500])  # any valid timestep: only shapes are compared
-    emb = null_embedding[None]
-    pairs = match_blocks(teacher, student)
-    device, dtype = next(teacher.parameters()).device, next(teacher.parameters()).dtype
-    with capture_features(teacher, [p[0] for p in pairs]) as t_feats:
-        t_out = teacher(x.to(device, dtype), t.to(device), encoder_hidden_states=emb.to(device, dtype)).sample
-    s_device = next(student.parameters()).device
-    try:
-        with capture_features(student, [p[1] for p in pairs]) as s_feats:
-            s_out = student(x.to(s_device), t.to(s_device), encoder_hidden_states=emb.to(s_device)).sample
-    except (RuntimeError, ValueError, AttributeError) as err:
-        raise UserError(f"student and teacher do not match (the student cannot take the teacher's latents and text "
-                        f"embeddings: {str(err).splitlines()[0][:160]}); prune the student from this teacher") from err
-    check(s_out.shape == t_out.shape, f"student and teacher do not match: the student predicts {tuple(s_out.shape)} "
-                                      f"but the teacher {tuple(t_out.shape)}; prune the student from this teacher")
-    return [(tn, sn) for tn, sn in pairs if t_feats[tn].shape == s_feats[sn].shape]
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
-    """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed)."""
-    from safeprune.bilevel.problem import Pools
-    from safeprune.data.datasets import embed_prompts, encode_pool, open_image_captions
-    from safeprune.data.stream import data_mode, open_stream_pool
-    from safeprune.data.toyworld import ToyWorld
-    from safeprune.unlearning.concepts import derive_concepts, pair_images
+def _check_memory(cfg: Config, student_dir: Path, pipe, device) -> None:
+    """Refuse, before the run folder is made, a run whose estimated peak (safeprune.memory) exceeds the device.
+    The estimate runs on meta-device copies built from the configs (no second copy of the weights)."""
+    from safeprune.memory import check_fits, estimate_memory, meta_unet
+    from safeprune.models.io import load_plan
+    from safeprune.pruning import apply_plan
 
     ft = cfg.finetune
-    world = ToyWorld(cfg.toyworld, cfg.seed)
+    plan = load_plan(student_dir)
+    base = meta_unet(plan["base_config"])
+    student = apply_plan(base, plan) if plan["method"] != "none" else base
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    # finetune.resolution, else the image side the VAE maps onto the UNet's native latent size
-    size = ft.resolution or pipe.unet.config.sample_size * vae_scale
-    missing = [flag for flag, given, needed in (("--data", data, True), ("--concept-data", concept_data,
-                                                unlearning is not None)) if needed and given is None]
-    if missing and size != cfg.toyworld.size:  # legal, but a teacher of another image size is surely not a toy
-        warnings.warn(f"no {' / '.join(missing)} given: fine-tuning a {size} px teacher on the toy world's "
-                      f"{cfg.toyworld.size} px images; pass your own image folder or dataset", stacklevel=1)
-    vae = pipe.vae.to(device).eval()
+    latent = ft.resolution // vae_scale if ft.resolution else pipe.unet.config.sample_size
+    encoders = sum(p.numel() for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())
+    check_fits(estimate_memory(cfg, student, meta_unet(dict(pipe.unet.config)), latent_size=latent,
+                               encoder_params=encoders), device)
 
-    sources = {"streaming": ft.data.streaming, "hub": ft.data.hub_data}
-    if data_mode(ft, data) == "stream":  # fresh images every step, VAE-encoded per batch (safeprune.data.stream)
-        lower = open_stream_pool(data, ft, world=world, vae=vae, tokenizer=pipe.tokenizer,
-                                 text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
-                                 dtype=DTYPES[ft.teacher_dtype])
-    else:
-        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data.pool, size=size, **sources)
-        lower = encode_pool(lower_set, ft.data.pool, vae, seed=cfg.seed, device=device)
-
-    concepts, concept, pairing = [], None, []
-    if unlearning is not None:
-        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.data.concept_pool, size=size,
-                                          **sources)
-        concept = encode_pool(concept_set, ft.data.concept_pool, vae, seed=cfg.seed + 1, device=device)
-        concepts = list(ft.concepts)
-        if concepts:
-            pairing = pair_images(concepts, concept.captions)
-        else:  # derived from the concept images' captions (see safeprune.unlearning.concepts)
-            concepts, pairing = derive_concepts(concept.captions, concept.labels, world.forbidden)
-
-    prompts = list(dict.fromkeys(["", *lower.captions, *(c.target for c in concepts), *(c.anchor for c in concepts)]))
-    row = {p: i for i, p in enumerate(prompts)}
-    embeddings = embed_prompts(prompts, pipe.tokenizer, pipe.text_encoder.to(device).eval(), device=device)
-    lower_prompt = torch.tensor([row[c] for c in lower.captions], dtype=torch.long)
-    if hasattr(lower, "attach"):  # stream: rows that each draw fills with its own captions' embeddings
-        embeddings, lower_prompt = lower.attach(embeddings)
-    pools = Pools(lower=lower, lower_prompt=lower_prompt, embeddings=embeddings,
-                  null_prompt=row[""])
-    if concept is not None:
-        pools.concept = concept
-        pools.concept_target = torch.tensor([row[concepts[k].target] for k in pairing])
-        pools.concept_anchor = torch.tensor([row[concepts[k].anchor] for k in pairing])
-    return pools, concepts
-
-
-# ----------------------------------------------------------------------------- optimisers and updates
-
-
-@dataclasses.dataclass(eq=False)
-class Training:
-    """What a run steps: the problem, its two optimisers (Accelerate-prepared), the EMA copy, the update rule."""
-
-    accelerator: object
-    problem: object  # safeprune.bilevel.problem.DiffusionProblem
-    optimizers: dict  # "lower" (every weight) and, when the method unlearns, "upper"
-    ema: torch.nn.Module | None
-    max_grad_norm: float
-    ema_decay: float
-
-    def update(self, which: str) -> None:
-        """Clip, step one optimiser, clear EVERY gradient (an upper step's gradients outside its parameter
-        set must not leak into the next lower step), keep pruned weights at zero, update the EMA."""
-        from safeprune.bilevel.distributed import clip_grad_norm_
-        from safeprune.pruning import reapply_masks
-
-        student, opt = self.problem.student_core, self.optimizers[which]
-        if self.max_grad_norm > 0:  # the norm of this optimiser's parameters only (FSDP: over all shards)
-            clip_grad_norm_(self.accelerator, [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm,
-                            optimizer=opt)
-        opt.step()
-        student.zero_grad(set_to_none=True)
-        reapply_masks(student)
-        if self.ema is not None:  # hand-written: one fused lerp; a module (not EMAModel) so it checkpoints as one
-            torch._foreach_lerp_(list(self.ema.parameters()), list(student.parameters()), 1.0 - self.ema_decay)
-
-    def modules(self) -> dict:
-        """What checkpoints hold; under FSDP views that gather / scatter full weights (see bilevel.distributed)."""
-        from safeprune.bilevel.distributed import StateDictView
-
-        if self.problem.sharded:
-            return {"student": StateDictView(self.accelerator, self.problem.student)}
-        return {"student": self.problem.student_core} | ({"ema": self.ema} if self.ema is not None else {})
-
-    def raw_optimizers(self) -> dict:
-        """The optimisers unwrapped from Accelerate, for state dicts (FSDP: full-state views, as `modules`)."""
-        from safeprune.bilevel.distributed import StateDictView
-
-        if self.problem.sharded:
-            return {k: StateDictView(self.accelerator, self.problem.student, o.optimizer)
-                    for k, o in self.optimizers.items()}
-        return {k: o.optimizer for k, o in self.optimizers.items()}
-
-    def checkpoint_state(self) -> tuple[dict, dict]:
-        """(modules, optimisers) ready for `save_checkpoint`. A collective under FSDP: call it on every rank."""
-        modules, optimizers = self.modules(), self.raw_optimizers()
-        for item in [*modules.values(), *optimizers.values()]:
-            if hasattr(item, "gather"):
-                item.gather()
-        return modules, optimizers
-
-    def result(self):
-        """What the run folder saves: the EMA copy, else the student. A collective under FSDP (every rank)."""
-        from safeprune.bilevel.distributed import StateDictView
-
-        if self.problem.sharded:
-            return StateDictView(self.accelerator, self.problem.student).gather()
-        return self.ema if self.ema is not None else self.problem.student_core
-
-    def in_sync(self) -> dict:
-        """{"params_in_sync", "optimizer_states_in_sync"}: whether every rank holds bit-identical weights and
-        moments of both optimisers (DDP's promise, checked; None under FSDP, where ranks hold shards)."""
-        from safeprune.bilevel.distributed import in_sync, optimizer_tensors
-
-        moments = [t for o in self.optimizers.values() for t in optimizer_tensors(o.optimizer)]
-        return {"params_in_sync": in_sync(self.accelerator, list(self.problem.student_core.parameters())),
-                "optimizer_states_in_sync": in_sync(self.accelerator, moments)}
-
-
-def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning) -> Training:
-    """Optimisers and the diffusion problem for a loaded student/teacher pair and its pools."""
-    from safeprune.bilevel.distributed import check_shardable, is_sharded
-    from safeprune.bilevel.problem import DiffusionProblem
-    from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
-    from safeprune.optim import build_optimizer
-    from safeprune.unlearning import select_parameters
-
-    ft = cfg.finetune
-    check_shardable(accelerator, student_core, ft.ema_decay)
-    if ft.gradient_checkpointing:
-        student_core.enable_gradient_checkpointing()
-    # The lower level moves every weight; the upper level those its unlearning loss selects.
-    # finetune.optimizer: fused AdamW (default) or 8-bit AdamW, for both levels (safeprune.optim).
-    params = [p for p in student_core.parameters() if p.requires_grad]
-    optimizers = {"lower": build_optimizer(ft.optimizer, params, ft.lr, ft.weight_decay)}
-    if unlearning is not None:
-        optimizers["upper"] = build_optimizer(ft.optimizer, select_parameters(student_core, unlearning.params),
-                                              ft.upper.lr, ft.weight_decay)
-    names = list(optimizers)
-    # One call for the student and BOTH optimisers: Accelerate wraps each, and FSDP re-points their params.
-    student, *prepared = accelerator.prepare(student_core, *optimizers.values())
-    ema = copy.deepcopy(student_core).requires_grad_(False) if ft.ema_decay > 0 else None
-    problem = DiffusionProblem(
-        student=student, student_core=student_core, teacher=teacher, scheduler=scheduler,
-        lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, ft.snr_gamma), FeatureKD(tuple(pairs)),
-                                  ft.lambda_diff, ft.lambda_out, ft.lambda_feat),
-        pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper.batch_size,
-        grad_accum=ft.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
-        teacher_dtype=DTYPES[ft.teacher_dtype], backward=accelerator.backward,
-        no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator))
-    return Training(accelerator, problem, dict(zip(names, prepared)), ema, ft.max_grad_norm, ft.ema_decay)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -450,12 +318,16 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
 
     check(bool(cfg.paths.student) and bool(cfg.paths.out),
           "safeprune finetune needs --student DIR (from `safeprune prune`) and --out DIR (the run folder)")
+    cfg = resolve_mixed_precision(cfg)  # config.yaml records the precision the run really used
     ft = cfg.finetune
     out, student = Path(cfg.paths.out), Path(cfg.paths.student)
     data, concept_data = cfg.paths.data or None, cfg.paths.concept_data or None
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
     unlearning = build_unlearning(ft.unlearn.name, ft.unlearn) if uses_upper(method) else None
     check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
+    check(getattr(unlearning, "images", "concept") != "anchor" or bool(cfg.paths.anchor_data) or concept_data is None,
+          f"--unlearn {ft.unlearn.name} noises images of the anchor prompts (concept ablation); with --concept-data "
+          "pass --anchor-data DIR too, e.g. the teacher's samples from `safeprune concept-images --prompts ANCHOR`")
     check(ft.eval_every_steps == 0 or on_eval is not None,
           "finetune.eval_every_steps needs an evaluation callback (Python API: finetune(..., on_eval=...)); "
           "set it to 0 and evaluate the run folder with `safeprune evaluate`")
@@ -475,7 +347,7 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     inputs = {f"{key}_digest": _source(spec)[1] for key, spec in (("student", student), ("data", data),
                                                                      ("concept_data", concept_data))}
     with lock(out, "finetune") if _is_main_rank() else contextlib.nullcontext():
-        run, resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps, overwrite, inputs)
+        run, resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps, overwrite, inputs, method.schedule)
         return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
                       concept_data, resume_from, on_eval, run=run, inputs=inputs,
                       allow_other_teacher=allow_other_teacher)
@@ -490,19 +362,33 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     from safeprune.bilevel.problem import NonFiniteLoss
     from safeprune.checkpoint import WeightsDiverged, check_weights, load_checkpoint, max_abs, save_step
-    from safeprune.models.io import check_prediction_type, load_unet
+    from safeprune.models.io import (
+        MODEL,
+        check_prediction_type,
+        check_supported_unet,
+        checkpoint_record,
+        load_pipeline,
+        load_plan,
+        load_unet,
+    )
     from safeprune.utils import fingerprint, resolve_device, seed_everything
 
     ft = cfg.finetune
+    if ft.report_to == "wandb":
+        import importlib.util
+
+        check(importlib.util.find_spec("wandb") is not None,
+              "finetune.report_to=wandb needs wandb: pip install 'safeprune[wandb]' (or report_to=tensorboard)")
     accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu", mixed_precision=ft.mixed_precision,
-                              log_with="tensorboard",
+                              log_with=None if ft.report_to == "none" else ft.report_to,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     device, main = accelerator.device, accelerator.is_main_process
     seed_everything(cfg.seed)
 
     # 1. models: the frozen teacher (eval, no grad, optionally low precision) and the trainable student.
-    pipe = _load_teacher(teacher_dir)
+    pipe = load_pipeline(teacher_dir)
     check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
+    check_supported_unet(pipe.unet.config, f"teacher {str(cfg.model.teacher or teacher_dir)!r}")
     inputs = {**(inputs or {}), "teacher_fingerprint": fingerprint(pipe.unet)}
     _check_lineage(student_dir, inputs["teacher_fingerprint"], allow_other_teacher)
     if run is not None and run.marker:
@@ -510,14 +396,21 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     _check_memory(cfg, student_dir, pipe, device)
     student_core = load_unet(student_dir).to(device).train()
     start_max = max_abs({"student": student_core})  # the bound of check_weights (before any resumed weights)
+    check_supported_unet(student_core.config, f"student {str(student_dir)!r}")
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
     if ft.teacher_dtype != "fp32":
         teacher = teacher.to(DTYPES[ft.teacher_dtype])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # 2. pools and embeddings, once; the VAE and text encoder are not needed afterwards.
-    pools, concepts = _build_pools(cfg, pipe, unlearning, data, concept_data, device)
-    del pipe
+    pools, concepts = build_pools(cfg, pipe, unlearning, data, concept_data, device)
+    data_info = _data_info(pools, data, cfg)
+    if main:
+        shown = data_info["training_images"] or "fresh images every step"
+        print(f"training images: {shown} (source: {data_info['source_images'] or 'size unknown'}; "
+              f"{data_info['data_mode']} mode)", flush=True)
+    validate = _validation(cfg, pipe, student_core, concepts, pools, out) if ft.validation_every_steps and main else None
+    del pipe  # the VAE and text encoder live on in `validate` only when validation images are asked for
     pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt])
     check(bool(pairs) or ft.lambda_feat == 0,
           "no block of the student matches the teacher's feature shapes, so feature distillation has nothing to "
@@ -526,6 +419,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     # 3. optimisers, the problem and the update rule (shared with benchmarks/bench_finetune.py).
     training = build_training(cfg, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning)
     problem, optimizers = training.problem, training.optimizers
+    check(validate is None or not problem.sharded, "finetune.validation_every_steps needs DDP or one process (FSDP "
+                                                   "shards the student); set it to 0 and sample checkpoints with "
+                                                   "`safeprune generate --model RUN/checkpoints/step_N`")
     start = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, training.modules(), training.raw_optimizers())
@@ -533,11 +429,15 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         if "data" in state:  # stream mode: continue after the images already drawn
             pools.lower.load_state_dict(state["data"])
 
+    # What load_pipeline needs to sample from a checkpoint (generate / evaluate --model RUN/checkpoints/step_N).
+    model_record = checkpoint_record(load_plan(student_dir), base_model)
+
     def checkpoint(step: int, modules: dict, optims: dict) -> Path:
         check_weights(modules, start_max, ft.max_weight_growth, step)  # a bad checkpoint is never written
         data = {"data": pools.lower.state_dict()} if hasattr(pools.lower, "state_dict") else {}
-        return save_step(out / CHECKPOINTS, step, modules, optims,
-                         extra={"counts": problem.counts, "config": to_dict(cfg), **data}, keep=ft.keep_checkpoints)
+        extra = {"counts": problem.counts, "config": to_dict(cfg), "schedule": method.schedule,
+                 "model": model_record, **data}
+        return save_step(out / CHECKPOINTS, step, modules, optims, extra=extra, keep=ft.keep_checkpoints)
 
     # 4. the loop: one method call per iteration; logging and checkpoints on the main process.
     accelerator.wait_for_everyone()  # every process has validated `out` before the main one writes into it
@@ -551,18 +451,20 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         _truncate_metrics(out / METRICS, start)
         if run is not None:
             run.save(state="training")
-    accelerator.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": start}})
+    accelerator.init_trackers("finetune", config=_flat(to_dict(cfg)) if ft.report_to == "wandb" else None,
+                              init_kwargs={"tensorboard": {"purge_step": start}, "wandb": {"dir": str(out / "logs")}})
     last_good = str(resume_from) if resume_from else None
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:  # closes the log file and the bar, then ends training (DDP too)
         stack.callback(_forget_accelerate_settings)
         stack.callback(accelerator.end_training)
-        bar = stack.enter_context(tqdm(total=method.total_steps, initial=start, desc=f"finetune {_method_name(ft)}",
+        bar = stack.enter_context(tqdm(total=method.total_steps, initial=start, desc=f"finetune {method.label}",
                                        unit="it", disable=not main, dynamic_ncols=True))
         metrics = stack.enter_context(open(out / METRICS, "a")) if main else None
         try:
             for step in range(start, method.total_steps):
-                lrs = {"lower": lower_lr(ft, step), "upper": ft.upper.lr}
+                # the paper code's schedule: linear warm-up of the lower level, then constant
+                lrs = {"lower": warmup_cosine(step, ft.lr, ft.warmup_steps), "upper": ft.upper.lr}
                 for which, opt in optimizers.items():
                     for group in opt.param_groups:
                         group["lr"] = lrs[which]
@@ -570,7 +472,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                 if on_eval is not None and ft.eval_every_steps and main \
                         and _due(step, ft.eval_every_steps, method.total_steps):
                     logs |= {f"eval/{k}": v for k, v in on_eval(step + 1, student_core).items()}
-                accelerator.log(logs, step=step + 1)
+                accelerator.log({**logs, **{f"lr/{k}": lrs[k] for k in optimizers}}, step=step + 1)
+                if validate is not None and _due(step, ft.validation_every_steps, method.total_steps):
+                    validate(step + 1, accelerator)
                 if main:
                     record = {"step": step + 1, **logs, **{f"lr/{k}": lrs[k] for k in optimizers},
                               **problem.counts, "time_s": round(time.perf_counter() - t0, 3)}
@@ -591,19 +495,26 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                             "--resume (or start again with --overwrite)") from err
         bar.close()
 
-        # 5. the result: the run folder becomes a saved pruned-UNet folder (EMA weights when enabled).
+        # 5. the result: RUN/model/, a complete pipeline folder with a model card (EMA weights when enabled).
         in_sync, result = training.in_sync(), training.result()  # collectives: every rank
         if main:
+            facts = {"method": load_plan(student_dir)["method"],
+                     "concepts": [dataclasses.asdict(c) for c in concepts], "recipe": _recipe(cfg)}
+            if run is not None:  # claimed before it is written; removed if the run ever trains on
+                run.save(result=[MODEL, "summary.json", LINEAGE])
+            if (student_dir / LINEAGE).is_file():  # the run folder is a student of the same teacher
+                shutil.copyfile(student_dir / LINEAGE, out / LINEAGE)
+            model_dir = _save_result(result, student_dir, teacher_dir, base_model, out, facts)
             world = accelerator.num_processes
-            summary = {"method": ft.method, "solver": ft.solver.name if ft.method == "bilevel" else None,
+            summary = {"method": ft.method, "solver": method.solver,
                        "unlearn": ft.unlearn.name if unlearning is not None else None, "steps": method.total_steps,
                        "upper_steps": method.upper_steps, "world_size": world, **in_sync,
                        "counts_per_process": problem.counts,
                        "counts": {k: v * world for k, v in problem.counts.items()},
                        "feature_blocks": [list(p) for p in pairs], "concepts": len(concepts),
-                       "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir)}
+                       "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir),
+                       "model": str(model_dir.relative_to(out)), **data_info}
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
-            _save_result(result, student_dir, base_model, out, run)
             if run is not None:
                 run.save(state="finished")
         accelerator.wait_for_everyone()
@@ -619,31 +530,93 @@ def _forget_accelerate_settings() -> None:
     GradientState._reset_state()
 
 
-def _method_name(ft: FinetuneConfig) -> str:
-    return f"bilevel/{ft.solver.name}" if ft.method == "bilevel" else ft.method
+def _save_result(unet, student_dir: Path, teacher_dir: Path, base_model: str | None, out: Path, facts: dict) -> Path:
+    """Write the run's model folder `out`/model: a complete diffusers pipeline (the fine-tuned student + the
+    teacher's other components) with its model card, atomically (a crash leaves no folder that looks valid)."""
+    from safeprune.models.io import MODEL, load_plan, save_model
+
+    # overwrite: `out` is this run's own folder (checked by _prepare_run_dir); a resumed run replaces its model
+    return save_model(unet, out / MODEL, load_plan(student_dir), teacher_dir, base_model,
+                      card={**facts, "prune_report": _prune_report(student_dir)}, overwrite=True)
 
 
-def _save_result(unet, student_dir: Path, base_model: Path | None, out: Path, run=None) -> None:
-    """Make `out` a saved pruned-UNet folder: the student's plan and base config, the fine-tuned weights.
+def _prune_report(student_dir: Path) -> dict:
+    """The student's prune_report.json (`safeprune prune` writes it beside model/), or {} when there is none."""
+    for folder in (student_dir, student_dir.parent, student_dir.parent.parent):
+        if (folder / "prune_report.json").is_file():
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                return json.loads((folder / "prune_report.json").read_text())
+    return {}
 
-    Written into a temporary folder inside `out`, then moved in with config.json last: `load_unet`
-    recognises the folder by config.json, so a crash never leaves a half-saved model that looks valid.
-    """
-    import os
-    import tempfile
 
-    from safeprune.models.io import load_plan, write_unet
+def _recipe(cfg: Config) -> dict:
+    """The settings a model card lists as the training recipe."""
+    ft = cfg.finetune
+    recipe = {k: getattr(ft, k) for k in ("method", "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps",
+                                          "lambda_diff", "lambda_out", "lambda_feat", "snr_gamma", "mixed_precision")}
+    if ft.method != "distill":  # the upper level: its loss, optimiser and period
+        recipe |= {"unlearn": ft.unlearn.name, "eta": ft.unlearn.eta, "upper lr": ft.upper.lr, "upper every": ft.upper.every}
+    if ft.method == "bilevel":
+        recipe["solver"] = ft.solver.name
+    return {"teacher": cfg.model.teacher or "safeprune toy teacher", **recipe, "seed": cfg.seed}
 
-    plan = load_plan(student_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".result.", dir=out))
-    try:
-        write_unet(unet, tmp, plan, plan["base_config"], base_model)
-        if (student_dir / LINEAGE).is_file():  # the result is a student of the same teacher
-            shutil.copyfile(student_dir / LINEAGE, tmp / LINEAGE)
-        if run is not None:  # claimed before the files move in; removed if the run ever trains on
-            run.save(result=sorted({p.name for p in tmp.iterdir()} | {"summary.json"}))
-        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-            path.chmod(0o644)  # safetensors writes 0600; a saved model should be as shareable as its folder
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _data_info(pools, data, cfg: Config) -> dict:
+    """How many images the lower level trains on, for the log and summary.json; warns when a pool samples a
+    subset of a larger --data (the pool is encoded once: the rest is never seen)."""
+    import warnings
+
+    lower = pools.lower
+    if hasattr(lower, "images"):  # stream: fresh images every step (repeats once an epoch ends)
+        length = getattr(getattr(lower.images, "source", None), "__len__", None)
+        return {"data_mode": "stream", "training_images": None, "source_images": length() if length else None}
+    used, available = len(lower), getattr(lower, "source_size", None) or len(lower)
+    if data is not None and available > used:
+        warnings.warn(f"finetune.data.mode=pool trains on {used} of the {available} images in --data (a random "
+                      f"subset, finetune.data.pool={cfg.finetune.data.pool}); raise finetune.data.pool or set "
+                      "finetune.data.mode=stream to see them all", stacklevel=1)
+    return {"data_mode": "pool", "training_images": used, "source_images": available}
+
+
+def _validation(cfg: Config, pipe, student, concepts, pools, out: Path):
+    """validate(step, accelerator): draw the validation images with the student (fixed prompts and seeds, so
+    grids of different steps compare), save RUN/validation/step_N.png and log them to the tracker.
+
+    Prompts: finetune.validation_prompts, else each suppressed concept and its anchor (suppression and what
+    must survive side by side), else the first fine-tuning captions."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from safeprune.recipes.generate import generate_images
+    from safeprune.viz import make_grid, save_image
+
+    ft = cfg.finetune
+    prompts = list(ft.validation_prompts) or list(dict.fromkeys(
+        [p for c in concepts for p in (c.target, c.anchor) if p])) or list(dict.fromkeys(pools.lower.captions))[:2]
+    prompts = prompts[:8]
+    seeds = list(range(ft.validation_seeds))
+    sampler = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                      unet=student, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def validate(step: int, accelerator) -> None:
+        was_training = student.training
+        student.eval()
+        try:
+            images = generate_images(sampler, [p for p in prompts for _ in seeds], seeds * len(prompts),
+                                     cfg.sample.steps, cfg.sample.guidance, cfg.sample.batch_size, progress=False)
+        finally:
+            student.train(was_training)
+        rows = [list(images[i * len(seeds):(i + 1) * len(seeds)]) for i in range(len(prompts))]
+        (out / VALIDATION).mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(rows, [p[:40] for p in prompts], [f"seed {s}" for s in seeds]),
+                   out / VALIDATION / f"step_{step:07d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", images, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                captions = [f"{p} (seed {s})" for p in prompts for s in seeds]
+                tracker.log({"validation": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+
+    return validate

@@ -5,9 +5,11 @@
   --unet-config FILE   only a UNet config.json: the architecture is built on the meta device (no weights,
                        seconds even at SD scale) to plan a pruning and read its parameter and MAC counts
 
-The output folder holds the saved form (see `safeprune.models.io`) plus `prune_report.json`: parameters,
-MACs of one UNet call and, when weights exist, the measured latency of one call, before and after. With
-`--unet-config` only `plan.json` and the report are written: there is nothing to load.
+The output folder holds `model/`, a complete diffusers pipeline folder with the student UNet and a model card
+(see `safeprune.models.io`; a bare UNet folder when --model is a UNet folder without a pipeline), plus
+`prune_report.json`: parameters, MACs of one UNet call and, when weights exist, the measured latency of one
+call, before and after, and `config.yaml`. With `--unet-config` only `plan.json` and the report are written:
+there is nothing to load. `--push-to-hub REPO` uploads model/ (safeprune.models.card.push_to_hub).
 """
 
 from __future__ import annotations
@@ -17,10 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from safeprune.config import Config, save_config
-from safeprune.errors import UserError, check
-from safeprune.utils import atomic_folder, fingerprint, resolve_device, seed_everything
+from safeprune.data.datasets import encode_pool, open_image_captions
+from safeprune.data.toyworld import ToyWorld
+from safeprune.errors import UserError, check, choose
+from safeprune.losses.denoising import DenoisingLoss
+from safeprune.models.io import (
+    MODEL,
+    check_supported_unet,
+    is_hub_id,
+    load_pipeline,
+    load_plan,
+    load_unet,
+    pretrained_folder,
+    write_model,
+    write_unet,
+)
+from safeprune.models.shipped import teacher_path
+from safeprune.pruning import METHODS, is_pruned, prune
+from safeprune.pruning.measure import count_macs, count_parameters, latency_ms
+from safeprune.utils import atomic_folder, fingerprint, numpy_rng, resolve_device, seed_everything, torch_rng
 
 DEFAULT_TEXT_TOKENS = 77  # CLIP's context length: what SD's UNet cross-attends to
 
@@ -31,7 +52,7 @@ class Source:
 
     unet: torch.nn.Module
     weights: bool  # False: built on the meta device from --unet-config
-    base_model: str | None  # teacher pipeline folder for safeprune.json (None = the shipped toy teacher)
+    base_model: str | None  # the teacher's hub id (model card, safeprune.json); None = a local or the toy teacher
     pipeline_folder: Path | None  # where its VAE and text encoder live (taylor calibration)
     text_tokens: int  # the tokenizer's context length (cross-attention cost)
     label: str  # what was pruned, for the report
@@ -39,7 +60,13 @@ class Source:
 
 def run(cfg: Config, args=None) -> int:
     """CLI target of `safeprune prune` (its flags fill cfg.paths and cfg.model.teacher)."""
-    prune_student(cfg)
+    out = prune_student(cfg)
+    if getattr(args, "push_to_hub", None):
+        from safeprune.models.card import push_to_hub
+
+        check((out / MODEL / "model_index.json").is_file(), "--push-to-hub needs a pipeline model folder (prune a "
+                                                            "pipeline with weights, not --unet-config)")
+        print(f"pushed to {push_to_hub(out / MODEL, args.push_to_hub)}")
     return 0
 
 
@@ -56,10 +83,8 @@ def prune_student(cfg: Config) -> Path:
     device = resolve_device(cfg.device)
     source = _load_source(cfg, device)
     calib = None
-    if cfg.prune.method == "channels" and cfg.prune.channels.importance == "taylor" and source.weights:
+    if source.weights and choose("pruning method", cfg.prune.method, METHODS).needs_calibration(cfg.prune):
         calib = taylor_calibration(cfg, source.pipeline_folder, cfg.paths.calib_data or None, device)
-
-    from safeprune.pruning import prune
 
     unet = source.unet
     # lineage: `finetune` checks that the teacher it distils from is this model (safeprune.utils.fingerprint)
@@ -70,10 +95,12 @@ def prune_student(cfg: Config) -> Path:
     report = _report(cfg, plan, source, before, after)
 
     with atomic_folder(out) as tmp:
-        if source.weights:
-            from safeprune.models.io import write_unet
-
-            write_unet(student, tmp, plan, plan["base_config"], source.base_model)
+        if source.weights and source.pipeline_folder is not None:
+            card = {"method": plan["method"], "prune_report": report, "concepts": [],
+                    "title": f"{plan['method']}-pruned student (not fine-tuned)"}
+            write_model(student, tmp / MODEL, plan, source.pipeline_folder, source.base_model, card)
+        elif source.weights:  # a bare UNet folder was pruned: no pipeline components to ship with it
+            write_unet(student, tmp / MODEL, plan, plan["base_config"], source.base_model)
         else:  # a plan for an architecture, not a model: no config.json, so nothing here looks loadable
             (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=1))
@@ -81,7 +108,7 @@ def prune_student(cfg: Config) -> Path:
             (tmp / "lineage.json").write_text(json.dumps(lineage, indent=1))
         save_config(cfg, tmp)
     print(json.dumps(report, indent=1))
-    print(f"wrote {out}/ ({'loadable with safeprune.load_unet / load_pipeline' if source.weights else 'plan only'})")
+    print(f"wrote {out}/ ({'model/: DiffusionPipeline.from_pretrained, safeprune.load_pipeline' if source.weights else 'plan only'})")
     return out
 
 
@@ -92,26 +119,23 @@ def _load_source(cfg: Config, device) -> Source:
     """--unet-config (meta device), --model (= model.teacher), or the shipped toy teacher."""
     if cfg.paths.unet_config:
         return _from_config(Path(cfg.paths.unet_config))
-    from safeprune.models.io import is_hub_id, load_plan, load_unet, pretrained_folder
-    from safeprune.models.shipped import teacher_path
-
     model = cfg.model.teacher
     folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else teacher_path()
+    check(not (folder / "model_index.json").is_file() or (folder / "unet").is_dir(),
+          f"--model {str(folder)!r} has no unet/; pass a Stable Diffusion pipeline folder")
     check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")
-    check(load_plan(folder)["method"] == "none", f"{str(folder)!r} is already pruned; prune its base model instead")
+    check(not is_pruned(load_plan(folder)), f"{str(folder)!r} is already pruned; prune its base model instead")
     is_pipeline = (folder / "model_index.json").is_file()
     pipeline = folder if is_pipeline else (folder.parent if (folder.parent / "model_index.json").is_file() else None)
     unet = load_unet(folder).to(device)
-    # base_model None = the shipped toy teacher (portable: no install path inside the saved folder); a hub id
-    # stays an id (its cache path is machine-specific)
-    base_model = (model if is_hub_id(model) else str(pipeline.resolve())) if (pipeline and model) else None
+    check_supported_unet(unet.config, f"--model {str(folder)!r}")
+    # Only a hub id is recorded (model card, safeprune.json): the model folder carries copies of the other
+    # components, and a local path would break when either folder moves.
+    base_model = str(model) if model and is_hub_id(model) else None
     return Source(unet, True, base_model, pipeline, _text_tokens(pipeline), str(folder))
 
 
 def _from_config(path: Path) -> Source:
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
     check(path.is_file(), f"--unet-config {str(path)!r} not found; pass a UNet config.json")
     try:
         config = json.loads(path.read_text())
@@ -120,6 +144,7 @@ def _from_config(path: Path) -> Source:
     check(isinstance(config, dict) and config.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel",
           f"--unet-config {str(path)!r} is not a UNet2DConditionModel config")
     config = {k: v for k, v in config.items() if not k.startswith("_")}  # `_use_default_values` would undo edits
+    check_supported_unet(config, f"--unet-config {str(path)!r}")
     try:
         with init_empty_weights():
             unet = UNet2DConditionModel.from_config(config)
@@ -142,15 +167,8 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     """calib(unet, i) -> denoising loss (eq. 1, plain MSE) of calibration batch i of the teacher's training data.
 
     Data: `--calib-data` (an image folder with metadata.jsonl) or the toy world's `pretrain` split (what
-    the toy teacher was trained on). Batch i depends only on (seed, i).
+    the toy teacher was trained on). Batch i depends only on (seed, "calibration", i).
     """
-    from diffusers import DDPMScheduler
-
-    from safeprune.data.datasets import encode_pool, open_image_captions
-    from safeprune.data.toyworld import ToyWorld
-    from safeprune.losses.denoising import DenoisingLoss
-    from safeprune.models.io import load_pipeline
-
     check(pipeline_folder is not None, "importance 'taylor' needs the model's VAE and text encoder: pass --model as "
                                        "a Stable Diffusion pipeline folder (model_index.json)")
     pipe = load_pipeline(pipeline_folder, device=device)
@@ -158,7 +176,7 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     n = p.calibration_batches * p.calibration_batch_size
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = open_image_captions(calib_data, world=ToyWorld(cfg.toyworld, cfg.seed), split="pretrain", n_toy=n, size=size)
-    pool = encode_pool(data, n, pipe.vae, seed=cfg.seed, device=device)
+    pool = encode_pool(data, n, pipe.vae, rng=numpy_rng(cfg.seed, "calibration"), device=device)
     tokens = pipe.tokenizer(pool.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
@@ -167,7 +185,7 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     loss_fn = DenoisingLoss(scheduler, snr_gamma=0.0)  # Diff-Pruning's Taylor score uses the plain loss
 
     def calib(unet, i: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+        gen = torch_rng(cfg.seed, "calibration", i)
         idx, latents = pool.draw(gen, p.calibration_batch_size)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
@@ -181,8 +199,6 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
 
 
 def _measure(unet, plan: dict, cfg: Config, source: Source) -> dict:
-    from safeprune.pruning.measure import count_macs, count_parameters, latency_ms
-
     stored = count_parameters(unet)
     m = {"params": stored - int(plan.get("zeroed", 0)), "params_stored": stored, **count_macs(unet, source.text_tokens)}
     if source.weights:
@@ -191,14 +207,8 @@ def _measure(unet, plan: dict, cfg: Config, source: Source) -> dict:
 
 
 def _report(cfg: Config, plan: dict, source: Source, before: dict, after: dict) -> dict:
-    method = plan["method"]
-    report = {"method": method, "source": source.label, "weights": source.weights}
-    if method == "blocks":
-        report["preset"] = plan["preset"]
-    if method in ("channels", "magnitude"):
-        report |= {"ratio": cfg.prune.ratio, "ratio_of": "total parameters"}
-    if method == "channels":
-        report["importance"] = plan["importance"]
+    report = {"method": plan["method"], "source": source.label, "weights": source.weights}
+    report |= METHODS[plan["method"]].report(plan)
     for key in ("params", "macs", "macs_excl_attention", "latency_ms"):
         if key in before:
             report[f"{key}_before"], report[f"{key}_after"] = before[key], after[key]
@@ -207,8 +217,8 @@ def _report(cfg: Config, plan: dict, source: Source, before: dict, after: dict) 
         if key in report:
             report[key] = round(report[key], 2)
     report["removed_share"] = round(1 - after["params"] / before["params"], 4)
-    if method == "magnitude":
-        report["params_stored_after"] = after["params_stored"]  # the zeros are still stored (dense kernels)
+    if after["params_stored"] != after["params"]:  # zeroed weights (magnitude) are still stored: dense kernels
+        report["params_stored_after"] = after["params_stored"]
     if source.weights:
         report |= {"latency_batch": cfg.prune.latency_batch, "latency_runs": cfg.prune.latency_runs,
                    "device": str(next(source.unet.parameters()).device)}

@@ -2,22 +2,12 @@
 lineage), a second teacher, and a runner for in-process `safeprune` calls that returns (exit code, stderr)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from reliability_helpers import FAST, RUN
 
 from safeprune.cli import main
-
-# Seconds per run on 2 CPU cores; checkpoints every 2 steps, two kept (fallback needs an older one).
-FAST = ["finetune.batch_size=2", "finetune.upper.batch_size=2", "finetune.data.pool=12", "finetune.data.concept_pool=6",
-        "finetune.warmup_steps=0", "finetune.upper.every=2", "finetune.ckpt_every_steps=2",
-        "finetune.keep_checkpoints=2"]
-RUN = ["--max-steps", "6", "--method", "bilevel"]
-KILL_ENTRY = Path(__file__).with_name("kill_entry.py")
 
 
 @pytest.fixture
@@ -89,30 +79,3 @@ def straight(teacher, student, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
     assert main(["finetune", "--out", str(out), *FAST, *RUN, "--student", str(student), "--teacher", str(teacher)]) == 0
     return out
-
-
-def weights(folder):
-    from safetensors.torch import load_file
-
-    # a run folder's model/ is a pipeline (its UNet in unet/); a bare UNet folder holds the file itself
-    path = next(p for p in (folder / "model" / "unet", folder / "unet", folder)
-                if (p / "diffusion_pytorch_model.safetensors").is_file())
-    return load_file(str(path / "diffusion_pytorch_model.safetensors"))
-
-
-def same_weights(a, b) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def metric_rows(folder):
-    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
-            for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def spawn(argv, kill_on: str = "", **kwargs) -> subprocess.Popen:
-    """`safeprune ARGV` in a child process; kill_on='module:attr:needle:nth[:after]' makes the child SIGKILL
-    itself on the nth call of module.attr whose arguments mention `needle` (before the call, or after it)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "KILL_ON": kill_on, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(KILL_ENTRY), *map(str, argv)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import metric_rows, same_weights, weights
+from reliability_helpers import metric_rows, same_weights, weights
 
 import safeprune.checkpoint
 from safeprune.checkpoint import CorruptCheckpoint, save_checkpoint, verify

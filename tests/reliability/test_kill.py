@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import FAST, RUN, metric_rows, same_weights, spawn
+from reliability_helpers import FAST, RUN, metric_rows, same_weights, spawn
 
 from safeprune.runs import MARKER
 

@@ -89,6 +89,8 @@ def _pretrain_args(p):
     p.add_argument("what", choices=("teacher", "judge"), help="which embedded model to train")
     _out(p, "run folder (checkpoints, samples, the trained model)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out an earlier pretrain run wrote (its files only are deleted)")
 
 
 def _allow_download(p, what: str) -> None:
@@ -137,6 +139,10 @@ def _finetune_args(p):
                    help="anchor-prompt images for --unlearn ablation (default: rendered toy anchors)")
     _out(p, "run folder (required)", required=False)
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out an earlier finetune run wrote (its files only are deleted)")
+    p.add_argument("--allow-other-teacher", action="store_true",
+                   help="distil a student that was pruned from another teacher (normally an error)")
     _push_arg(p)
 
 
@@ -328,9 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"safeprune: error: unrecognized arguments: {' '.join(unknown)} (see `safeprune --help`)", file=sys.stderr)
         return 2
     try:
+        import safeprune.runs
         from safeprune.config import to_dict
         from safeprune.errors import UserError
 
+        safeprune.runs.current_command = args.command + (f" {args.action}" if getattr(args, "action", None) else "")
+        _quiet_libraries()
         try:
             cfg = resolve(args)
             # the user asked for the network (a hub-id teacher or a hub data set): lift our default
@@ -347,14 +356,51 @@ def main(argv: list[str] | None = None) -> int:
             module, func = COMMANDS[args.command].target.split(":")
             result = getattr(importlib.import_module(module), func)(cfg, args)
             return int(result or 0)
-        except UserError as err:
+        except (UserError, OSError, UnicodeDecodeError, RecursionError, MemoryError) as err:
             if args.debug:
                 raise
-            print(f"safeprune {args.command}: error: {err}", file=sys.stderr)
+            print(f"safeprune {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         print(f"safeprune {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """A UserError's own message; for the OS and the decoder, what went wrong and what to do, in one line."""
+    from safeprune.errors import UserError
+
+    if isinstance(err, UserError):
+        return " ".join(str(err).split("\n"))
+    if isinstance(err, OSError):  # read-only folder, full disk, permissions, a file where a folder should be
+        if err.filename:
+            return (f"cannot read or write {str(err.filename)!r}: {err.strerror or type(err).__name__}; check the "
+                    "path, its permissions and the free disk space")
+        return f"{(str(err) or type(err).__name__).splitlines()[0][:300]}; check the path and its permissions"
+    if isinstance(err, UnicodeDecodeError):
+        return f"an input text file is not UTF-8 (byte {err.start}: {err.reason}); save it as UTF-8"
+    if isinstance(err, MemoryError):
+        return "out of memory; lower the batch size, resolution or pool sizes"
+    return "the input nests too deeply (e.g. a config file that includes itself); remove the cycle"
+
+
+def _quiet_libraries() -> None:
+    """One line per warning, and none for what is missing on purpose: transformers says once per image
+    processor that it "requires torchvision" (never installed here), which would turn a one-line error into
+    several lines."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # transformers logs it from this module's logger (a filter on a parent logger would not see the record)
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(getattr(f, "__name__", "") == "_no_torchvision" for f in logger.filters):
+        logger.addFilter(_no_torchvision)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"safeprune: warning: {message}\n"
+
+
+def _no_torchvision(record) -> bool:
+    return "torchvision" not in record.getMessage()
 
 
 if __name__ == "__main__":

@@ -104,7 +104,11 @@ def clip_embeddings(folder: str | Path, images: np.ndarray | None = None, texts:
                  "set eval.clip_path to a local transformers CLIP folder (e.g. a saved openai/clip-vit-base-patch32)")
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval()
+    try:
+        model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).eval()
+    except OSError as err:  # e.g. only pytorch_model.bin: a pickle, never loaded
+        raise UserError(f"eval.clip_path {str(folder)!r} holds no safetensors CLIP weights "
+                        f"({str(err).splitlines()[0][:120]}); save the model with safetensors") from err
     proc = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
     def projected(out) -> np.ndarray:  # transformers 5 wraps the projected embedding in `pooler_output`
         return (out if torch.is_tensor(out) else out.pooler_output).numpy()

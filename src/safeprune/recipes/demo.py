@@ -18,11 +18,9 @@ from pathlib import Path
 
 from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config, save_config
-from safeprune.errors import check
 from safeprune.recipes.report import aggregate, model_grid, table, write_report
 
 METHODS = ("distill", "two_stage", "bilevel")  # the runs compared (registry keys of safeprune.bilevel.METHODS)
-MARKER = ".safeprune-demo"  # lets a later demo replace this folder, and nothing else
 
 
 def _with(cfg: Config, **sections) -> Config:
@@ -181,13 +179,20 @@ def judge_claims(rows: dict[str, dict]) -> tuple[dict, list[str]]:
 
 
 def run(cfg: Config, args) -> int:
-    import shutil
+    from safeprune.runs import lock, open_run
 
     out = Path(cfg.paths.out or "runs/demo")
-    check(not out.exists() or not any(out.iterdir()) or (out / MARKER).is_file(),
-          f"{str(out)!r} exists and is not a demo folder; pass a new --out")
-    shutil.rmtree(out, ignore_errors=True)  # an earlier demo's output: replaced, never mixed with this run
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("written by `safeprune demo`; the folder is replaced by the next demo run\n")
-    demo(cfg, out)
+    seeds = [f"seed{s}" for s in range(cfg.seed, cfg.seed + cfg.demo.seeds)]
+    with lock(out, "demo"):
+        # a re-run replaces an earlier demo's files (only those: anything a person added stops it)
+        run = open_run(out, "demo", replace_own=True,
+                       legacy=lambda folder: (folder / LEGACY_MARKER).is_file() and (*DEMO_FILES, LEGACY_MARKER))
+        run.begin(claim=(*DEMO_FILES, *seeds)).save(state="training")
+        demo(cfg, out)
+        run.save(state="finished")
     return 0
+
+
+# what a demo writes at the top level of its folder; seed folders are added per run
+DEMO_FILES = ("config.yaml", "student", "report.md", "results.json", "grid.png", "curves.png")
+LEGACY_MARKER = ".safeprune-demo"  # older demos marked their folder with this file

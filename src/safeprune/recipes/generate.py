@@ -19,7 +19,7 @@ import torch
 from safeprune.config import Config, save_config
 from safeprune.data.toyworld import ToyWorld
 from safeprune.errors import UserError, check
-from safeprune.utils import atomic_folder, resolve_device
+from safeprune.utils import atomic_folder, read_text, resolve_device
 
 # ----------------------------------------------------------------------------- models and prompts
 
@@ -47,7 +47,7 @@ def _load_stock_pipeline(folder: Path):
           f"{str(folder)!r} has no model_index.json; pass a diffusers StableDiffusionPipeline folder")
     try:
         return StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+                                                       requires_safety_checker=False, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"cannot load the pipeline in {str(folder)!r}: {str(err).splitlines()[0]}") from err
 
@@ -59,7 +59,7 @@ def read_prompts(spec: str, world: ToyWorld) -> list[str]:
     path = Path(spec)
     check(path.is_file(), f"prompt file {spec!r} not found; pass a text file (one prompt per line) or toy:SET, "
                           "e.g. toy:forget")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [line.strip() for line in read_text(path, "prompt file").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     check(bool(prompts), f"prompt file {spec!r} holds no prompts; write one prompt per line")
     return prompts

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from safeprune.config import Config, save_config
-from safeprune.errors import UserError, check
-from safeprune.utils import atomic_folder
+from safeprune.errors import check
+from safeprune.utils import atomic_folder, read_json, read_text
 
 # (results key, column title, format); a missing key prints as "-".
 COLUMNS = (
@@ -132,19 +132,21 @@ def read_run(folder: Path) -> tuple[dict, list[dict]]:
     path = next((p for p in (folder / "results.json", folder / "eval" / "results.json") if p.is_file()), None)
     check(path is not None, f"{str(folder)!r} has no results.json; evaluate it first with "
                             f"`safeprune evaluate --model {folder} --out {folder}/eval`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{str(path)!r} is not valid JSON ({err.msg}); re-run the evaluation") from err
-    row = dict(data.get("metrics", data))
+    data = read_json(path, "results file")
+    row = data.get("metrics", data)
+    check(isinstance(row, dict), f"{str(path)!r}: `metrics` is not a JSON object; re-run the evaluation")
+    row = dict(row)
     summary = folder / "summary.json"
     if summary.is_file():
-        row["train_s"] = json.loads(summary.read_text()).get("wall_s")
+        row["train_s"] = read_json(summary, "run summary").get("wall_s")
     curve = []
     if (folder / "metrics.jsonl").is_file():
-        for line in (folder / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if any(k.startswith("eval/") for k in rec):
+        for line in read_text(folder / "metrics.jsonl", "metrics log").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill: the curve has one point fewer
+            if isinstance(rec, dict) and any(k.startswith("eval/") for k in rec):
                 curve.append(rec)
     return row, curve
 

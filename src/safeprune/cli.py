@@ -97,24 +97,57 @@ def _concept_images_args(p):
     p.add_argument("--out", required=True, help="output image folder (metadata.jsonl + PNGs)")
 
 
-def _generate_args(p):
-    p.add_argument("--model", default=None, help="pipeline or pruned-UNet folder (default: the toy teacher)")
-    p.add_argument("--prompts", required=True, help="a text file (one prompt per line) or toy:SET (e.g. toy:forget)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
+def _sample_args(p):
     p.add_argument("--steps", dest="sample.steps", help="sampler steps")
     p.add_argument("--guidance", dest="sample.guidance", help="classifier-free guidance scale")
+    p.add_argument("--scheduler", dest="sample.scheduler", choices=("ddim", "pndm", "dpm++"),
+                   help="sampler (recorded in results.json); default ddim")
+    p.add_argument("--resolution", dest="sample.resolution", help="image side in pixels (default: the model's own)")
+
+
+def _generate_args(p):
+    p.add_argument("--model", default=None, help="pipeline or pruned-UNet folder (default: the toy teacher)")
+    p.add_argument("--prompts", required=True,
+                   help="toy:SET (e.g. toy:forget), a text file (one prompt per line), an I2P CSV, COCO captions JSON "
+                        "or a concept YAML")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
+    _sample_args(p)
     p.add_argument("--out", required=True, help="output folder")
 
 
+def _protocol_names() -> list[str]:
+    from importlib import resources
+
+    folder = resources.files("safeprune.eval") / "protocols"  # file names only: no heavy import for --help
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def _evaluate_args(p):
-    p.add_argument("--model", default=None, help="pipeline or pruned-UNet folder (default: the toy teacher)")
-    p.add_argument("--reference", default=None, help="unsuppressed reference model for the CP score (default: the toy teacher)")
-    p.add_argument("--metrics", default=None, help="comma-separated metric names (default: eval.metrics)")
-    p.add_argument("--out", required=True, help="output folder (results.json)")
+    p.add_argument("--model", default=None, help="pipeline or pruned-UNet folder, or a hub id in the HF cache "
+                                                 "(default: the toy teacher)")
+    p.add_argument("--protocol", dest="eval.protocol", choices=_protocol_names(), help="evaluation protocol "
+                   "(default toy)")
+    p.add_argument("--reference", default=None,
+                   help="reference model of the CP and CSD scores (the paper's: the distilled, unerased pruned model; "
+                        "default: model.teacher, else the toy teacher)")
+    p.add_argument("--prompts", dest="eval.prompts", help="replace the protocol's prompts: a text file, an I2P CSV "
+                                                          "(the nudity check), COCO captions JSON or a concept YAML")
+    p.add_argument("--coco-dir", dest="eval.coco_dir", help="coco: folder with annotations/captions_val2017.json "
+                                                            "and val2017/")
+    p.add_argument("--reference-set", dest="eval.reference_set",
+                   help="real images for FID/CMMD: an image folder, a datasets table or clean-fid statistics (.npz)")
+    p.add_argument("--images", dest="eval.images", help="score an earlier evaluation's folder (no sampling)")
+    p.add_argument("--n-images", dest="eval.n_images", help="images per prompt set at most")
+    _sample_args(p)
+    p.add_argument("--allow-download", dest="model.allow_download", action="store_const", const=True, default=None,
+                   help="fetch models and metric weights missing from the local Hugging Face cache")
+    p.add_argument("--metrics", default=None, help="comma-separated metric names (default: the protocol's)")
+    p.add_argument("--out", required=True, help="output folder (results.json, images/)")
 
 
 def _report_args(p):
-    p.add_argument("runs", nargs="+", help="run folders (finetune runs and evaluations)")
+    p.add_argument("runs", nargs="+", help="run folders (finetune runs and evaluations); a folder's evaluations in "
+                                           "RUN/eval/*/ are merged into its row")
     p.add_argument("--out", required=True, help="output folder (report.md, results.json, grid.png, curves.png)")
 
 

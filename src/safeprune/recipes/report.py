@@ -96,7 +96,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
 
 def model_grid(pipes: dict, world, cfg: Config, n_forget: int = 6, n_retain: int = 6, seed: int = 1234):
     """Fig. 1: rows = models, columns = forget then retain prompts, the same seed per column for every model."""
-    from safeprune.recipes.generate import generate_images
+    from safeprune.sampling import generate_images
     from safeprune.viz import make_grid
 
     forget = world.prompts("forget")[:: max(1, len(world.prompts("forget")) // n_forget)][:n_forget]
@@ -151,7 +151,7 @@ def read_run(folder: Path) -> tuple[dict, list[dict]]:
 
 def run(cfg: Config, args) -> int:
     from safeprune.data.toyworld import ToyWorld
-    from safeprune.recipes.generate import load_model
+    from safeprune.sampling import load_model
 
     folders = [Path(r) for r in args.runs]
     for folder in folders:

@@ -200,7 +200,10 @@ def generate_to_folder(pipe, records: list[dict], folder: str | Path, steps: int
     log = folder / (PROMPTS_FILE if world == 1 else f"prompts.rank{rank}.jsonl")
     bar = tqdm(total=len(todo), desc=desc, unit="img", dynamic_ncols=True, disable=rank != 0 or not todo)
     drawn = 0
+    torn = log.is_file() and log.stat().st_size > 0 and not log.read_bytes().endswith(b"\n")
     with open(log, "a") as f:
+        if torn:  # a kill mid-line: end that line so the next record starts on its own
+            f.write("\n")
         for g, idx in _guided_batches(todo, records, guidance, batch_size):
             for part, images in _draw_shrinking(pipe, records, idx, steps, g, precision, resolution):
                 for i, image in zip(part, images):

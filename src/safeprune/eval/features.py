@@ -1,5 +1,7 @@
 """Maths on feature sets: Frechet distance (FID, Heusel et al. 2017, eq. 6), CMMD (Jayasumana et al. 2024,
-eq. 3 with the reference code's constants) and CLIP score (Hessel et al. 2021, eq. 1 with torchmetrics' scale).
+eq. 3 with the reference code's constants) and CLIP score (Hessel et al. 2021, eq. 1 with torchmetrics' scale;
+written here because torchmetrics 1.9's CLIPScore cannot read transformers 5's CLIP outputs, and tested against
+torchmetrics' formula in tests/eval/test_field.py).
 
 clean-fid's own `frechet_distance` lives in `cleanfid.fid`, which imports torchvision at module level (not
 installable beside this torch), so the distance is written here and tested against clean-fid's code and
@@ -79,8 +81,14 @@ def clip_score(image_embeddings, text_embeddings) -> float:
     return float(100 * torch.nn.functional.cosine_similarity(a, b, dim=1).clamp(min=0).mean())
 
 
-def clip_scores(image_embeddings, text_embeddings) -> np.ndarray:
-    """Per-row 100 * max(cos(image_i, text_i), 0) (N,)."""
+def clip_similarity(image_embeddings, text_embeddings) -> np.ndarray:
+    """Per-row 100 * cos(image_i, text_i) (N,); torchmetrics' CLIPScore is max(mean of these, 0)."""
     a, b = _f64(image_embeddings), _f64(text_embeddings)
     check(a.shape == b.shape, f"clip_score needs one text per image, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return (100 * torch.nn.functional.cosine_similarity(a, b, dim=1).clamp(min=0)).numpy()
+    return (100 * torch.nn.functional.cosine_similarity(a, b, dim=1)).numpy()
+
+
+def torchmetrics_clip_score(similarities) -> float:
+    """torchmetrics' CLIPScore from per-image similarities: the mean, clamped at 0 (Hessel et al. clamp each image;
+    with real CLIP models cosines are positive and both agree)."""
+    return float(max(float(np.mean(similarities)), 0.0))

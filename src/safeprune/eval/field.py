@@ -1,9 +1,9 @@
 """The field's metrics (the paper's Sec. 5 protocol) on images drawn to disk, and the context they read.
 
   fid          clean-fid FID (Inception pool features) of the quality set vs its reference set;
-  clip_score   CLIP score (ViT-B/32, torchmetrics' definition) of each image vs its own prompt;
+  clip_score   CLIP score (ViT-B/32, torchmetrics' definition: max(mean 100 cos, 0)) of each image vs its prompt;
   cmmd         CMMD (normalised ViT-L/14@336 embeddings) of the quality set vs its reference set;
-  style_clip   per concept: CLIP similarity of image and concept prompt (lower is better for suppressed ones);
+  style_clip   per concept: CLIP score of its images and the concept prompt (lower is better for suppressed ones);
   style_cp     CP score: share of forget images less similar to their prompt than the reference model's image for
                the same prompt and seed (the paper's reference: the distilled, unerased pruned model);
   csd          CSD style similarity (x100) of each image to the reference model's image of the same prompt and seed;
@@ -21,7 +21,14 @@ import numpy as np
 
 from safeprune.errors import check
 from safeprune.eval import extractors as ex
-from safeprune.eval.features import clip_scores, cmmd, feature_stats, frechet_distance, frechet_from_stats
+from safeprune.eval.features import (
+    clip_similarity,
+    cmmd,
+    feature_stats,
+    frechet_distance,
+    frechet_from_stats,
+    torchmetrics_clip_score,
+)
 from safeprune.eval.references import FeatureStats
 from safeprune.sampling import load_images
 
@@ -160,7 +167,7 @@ class CLIPScore:
         name = ctx.quality_set
         img = _features(ctx, name, "clip")
         txt = _clip(ctx).texts(ctx.texts(name))
-        return {"clip_score": float(clip_scores(img, txt).mean())}
+        return {"clip_score": torchmetrics_clip_score(clip_similarity(img, txt))}
 
 
 @dataclass(frozen=True)
@@ -180,7 +187,7 @@ class StyleCLIP:
         out = {}
         for role in _roles(ctx):
             sims = _concept_similarity(ctx, role, reference=False)
-            per = {c: float(v.mean()) for c, v in sims.items()}
+            per = {c: torchmetrics_clip_score(v) for c, v in sims.items()}
             out |= {f"style_clip/{c}": v for c, v in per.items()}
             out[f"style_clip_{role}"] = float(np.mean(list(per.values())))
         return out
@@ -191,7 +198,8 @@ def _concept_similarity(ctx, role: str, reference: bool) -> dict[str, np.ndarray
     img = _features(ctx, role, "clip", reference)
     groups = _by_concept(records)
     texts = _clip(ctx).texts(list(groups))
-    return {c: clip_scores(img[idx], np.repeat(texts[k:k + 1], len(idx), 0)) for k, (c, idx) in enumerate(groups.items())}
+    return {c: clip_similarity(img[idx], np.repeat(texts[k:k + 1], len(idx), 0))
+            for k, (c, idx) in enumerate(groups.items())}
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,15 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(VENV)/bin/pip install -q $(PIP_C) --no-deps clean-fid  # its torchvision dependency is never imported here
 	touch $@
 
-.PHONY: install test demo lint
+.PHONY: install test test-slow demo lint
 install: $(VENV)/.installed
 
+# the fast set (a few minutes on 2 cores); CI also runs the slow end-to-end tests and the linter
 test: $(VENV)/.installed
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not slow"
+
+test-slow: $(VENV)/.installed  # exit code 5 = no test is marked slow
+	$(VENV)/bin/pytest -m slow || [ $$? -eq 5 ]
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/safeprune demo --out runs/demo

@@ -8,7 +8,7 @@ process's resident-set high-water mark, reset per block; GPU: torch's peak alloc
 in interleaved, rotated rounds; the median wall time and the minimum CPU time of this process are kept,
 which damps noise from other processes on the machine (on a shared CPU the CPU-time ratio decides).
 
-Floor (issue 5): bilevel alternating <= 1.15x distill per iteration (the paper: about the cost of plain
+Floor: bilevel alternating <= 1.15x distill per iteration (the paper: about the cost of plain
 fine-tuning); aim 1.10x. Architectures: `toy` (the toy teacher, `channels`-pruned student), `sd-mini`
 (the SD-1.5 block layout at reduced width, 32x32 latents, 77 x 768 text tokens, BK-SDM `base` student),
 `sd15` (the real SD-1.5 UNet config, 64x64 latents; for a GPU, e.g. --device cuda --mixed-precision bf16).
@@ -55,8 +55,8 @@ def _sd15() -> dict:
 # name -> (UNet config, text tokens, default batch per step, pruning method of the student, prune overrides)
 ARCHS = {
     "toy": (_toy, 24, 16, "channels", {"ratio": 0.3}),
-    "sd-mini": (_sd_mini, 77, 2, "blocks", {"preset": "base"}),
-    "sd15": (_sd15, 77, 8, "blocks", {"preset": "base"}),
+    "sd-mini": (_sd_mini, 77, 2, "blocks", {"blocks": {"preset": "base"}}),
+    "sd15": (_sd15, 77, 8, "blocks", {"blocks": {"preset": "base"}}),
 }
 
 
@@ -114,23 +114,24 @@ def build(arch: str, device: str, mixed_precision: str, batch: int | None, seed:
 
     from safeprune.bilevel import Alternating, Distill, Penalty, TwoStage
     from safeprune.bilevel.problem import Pools
-    from safeprune.config import PruneConfig, load_config
+    from safeprune.bilevel.training import build_training
+    from safeprune.config import PruneConfig, from_dict, load_config
     from safeprune.data.datasets import LatentPool
+    from safeprune.models.hooks import match_features
     from safeprune.models.toy import SCHEDULER_CONFIG
     from safeprune.pruning import prune
     from safeprune.pruning.measure import count_parameters
-    from safeprune.recipes.finetune import build_training, match_features
     from safeprune.unlearning import build_unlearning
 
     config_fn, tokens, default_batch, prune_method, prune_overrides = ARCHS[arch]
     batch = batch or default_batch
     cfg = load_config(base={"seed": seed, "device": device, "finetune": {
-        "batch_size": batch, "upper_batch_size": batch, "upper_every": K, "mixed_precision": mixed_precision}})
+        "batch_size": batch, "upper": {"batch_size": batch, "every": K}, "mixed_precision": mixed_precision}})
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
     dev = accelerator.device
     torch.manual_seed(seed)
     teacher = UNet2DConditionModel(**config_fn())
-    student, _ = prune(teacher, prune_method, PruneConfig(**prune_overrides))
+    student, _ = prune(teacher, prune_method, from_dict(PruneConfig, prune_overrides))
     teacher = teacher.to(dev).eval().requires_grad_(False)
     student = student.to(dev).train()
 
@@ -145,7 +146,7 @@ def build(arch: str, device: str, mixed_precision: str, batch: int | None, seed:
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     pairs = match_features(teacher, student, pools.embeddings[0])
     training = build_training(cfg, accelerator, student, teacher, scheduler, pools, pairs,
-                              build_unlearning("esd", cfg.finetune))
+                              build_unlearning("esd", cfg.finetune.unlearn))
     huge = 10**9
     methods = {
         "distill": Distill(huge),

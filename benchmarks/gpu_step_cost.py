@@ -1,11 +1,11 @@
 """Step cost of the fine-tuning methods at Stable Diffusion 1.5 scale: iterations/s and peak GPU memory.
 
-Three rows from ONE run over the same models (issue 7, part 5):
+Three rows from ONE run over the same models:
   distill              — the lower level only: L_ft = L_diff + 2 L_outKD + 0.1 L_featKD (eq. 1, 3, 4, 8);
-  bilevel_alternating  — a lower step every iteration and an ESD upper step after every K = 10th (method notes
-                         Sec. 3, the released code's solver), two AdamW optimisers over one set of weights;
+  bilevel_alternating  — a lower step every iteration and an ESD upper step after every K = 10th (seed paper
+                         Sec. 4, the released code's solver), two AdamW optimisers over one set of weights;
   unlearn_phase        — the upper level alone (two_stage's second stage): one ESD step per iteration.
-Each row runs the recipe's own code: `safeprune.recipes.finetune.build_training` (optimisers, Accelerate,
+Each row runs the recipe's own code: `safeprune.bilevel.training.build_training` (optimisers, Accelerate,
 `DiffusionProblem` with `safeprune.losses` and `safeprune.unlearning.esd`) stepped by the solvers of
 `safeprune.bilevel`; nothing is re-implemented here.
 
@@ -59,16 +59,18 @@ def build(args) -> tuple[object, dict]:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from safeprune.bilevel.problem import Pools
+    from safeprune.bilevel.training import build_training
     from safeprune.config import PruneConfig, load_config
     from safeprune.data.datasets import LatentPool
+    from safeprune.models.hooks import match_features
     from safeprune.models.toy import SCHEDULER_CONFIG
     from safeprune.pruning import prune
     from safeprune.pruning.measure import count_parameters
-    from safeprune.recipes.finetune import DTYPES, build_training, match_features
     from safeprune.unlearning import build_unlearning
+    from safeprune.utils import DTYPES
 
     cfg = load_config(base={"seed": 0, "device": args.device, "finetune": {
-        "batch_size": args.batch, "upper_batch_size": args.batch, "upper_every": K, "unlearn": "esd",
+        "batch_size": args.batch, "upper": {"batch_size": args.batch, "every": K}, "unlearn": "esd",
         "mixed_precision": args.mixed_precision, "teacher_dtype": args.teacher_dtype,
         "gradient_checkpointing": args.gradient_checkpointing}})
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
@@ -94,7 +96,7 @@ def build(args) -> tuple[object, dict]:
                   concept_target=torch.full((POOL,), 6), concept_anchor=torch.full((POOL,), 7))
     pairs = match_features(teacher, student, pools.embeddings[0])
     training = build_training(cfg, accelerator, student, teacher, DDPMScheduler(**SCHEDULER_CONFIG), pools, pairs,
-                              build_unlearning("esd", cfg.finetune))
+                              build_unlearning("esd", cfg.finetune.unlearn))
     info = {"teacher_params_m": round(count_parameters(teacher) / 1e6, 1), "student_params_m": round(count_parameters(student) / 1e6, 1),
             "student": f"channels ratio {args.ratio}", "latent": [c, size, size], "text": [tokens, width],
             "feature_blocks": len(pairs)}

@@ -5,7 +5,7 @@ the overrides for each seed, evaluates leakage / retention / adherence / fd exac
 `eval.*`, same judge; the evaluation is never a tuning knob), and appends one JSON line per seed to
 OUT/results.jsonl. docs/demo/tuning.md lists the runs behind the demo's defaults.
 
-    OMP_NUM_THREADS=1 python benchmarks/sweep_bilevel.py esd_anchor_eta2 finetune.unlearn=esd_anchor finetune.esd_eta=2
+    OMP_NUM_THREADS=1 python benchmarks/sweep_bilevel.py esd_anchor_eta2 finetune.unlearn=esd_anchor finetune.unlearn.eta=2
 """
 
 import argparse
@@ -21,8 +21,8 @@ from safeprune.eval.judge import load_judge
 from safeprune.eval.metrics import evaluate_model
 from safeprune.models.io import load_pipeline
 from safeprune.models.shipped import load_teacher
-from safeprune.recipes import prune as prune_recipe
 from safeprune.recipes.finetune import finetune
+from safeprune.recipes.prune import prune_student
 
 
 def main() -> None:
@@ -36,14 +36,14 @@ def main() -> None:
     base = load_config(None, ["eval.metrics=[valid,leakage,retention,adherence,fd]", *args.overrides])
     student = root / "student"
     if not student.exists():  # every configuration starts from the same pruned student
-        prune_recipe.run(base, argparse.Namespace(model=None, unet_config=None, out=str(student), calib_data=None))
+        prune_student(dataclasses.replace(base, paths=dataclasses.replace(base.paths, out=str(student))))
     world, judge, teacher = ToyWorld(base.toyworld, seed=base.seed), load_judge(), load_teacher()
     for seed in map(int, args.seeds.split(",")):
-        cfg = dataclasses.replace(base, seed=seed)
         out = root / "runs" / f"{args.name}_s{seed}"
+        cfg = dataclasses.replace(base, seed=seed, paths=dataclasses.replace(base.paths, student=str(student), out=str(out)))
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        finetune(cfg, student=student, out=out)
+        finetune(cfg)
         train_s = time.perf_counter() - start
         row = evaluate_model(load_pipeline(out), world, cfg, teacher, judge, {})
         record = {"name": args.name, "seed": seed, "overrides": args.overrides, "train_s": round(train_s),

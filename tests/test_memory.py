@@ -20,8 +20,8 @@ BATCH, LATENT, TOKENS, POOL = 6, 32, 24, 32
 
 
 def _cfg(checkpointing: bool):
-    return load_config(None, [f"finetune.batch_size={BATCH}", f"finetune.upper_batch_size={BATCH}",
-                              f"finetune.data_pool={POOL}", "finetune.concept_pool=1",
+    return load_config(None, [f"finetune.batch_size={BATCH}", f"finetune.upper.batch_size={BATCH}",
+                              f"finetune.data.pool={POOL}", "finetune.data.concept_pool=1",
                               f"finetune.gradient_checkpointing={str(checkpointing).lower()}"])
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import yaml
 
 # Model hubs are unreachable by design: fail fast instead of retrying for ~25 s (platform notes).
-# `model.allow_download=true` / `finetune.hub_data=true` lift this default (not a user's own HF_HUB_OFFLINE)
+# `model.allow_download=true` / `finetune.data.hub_data=true` lift this default (not a user's own HF_HUB_OFFLINE)
 # before any hub import.
 _OFFLINE_BY_DEFAULT = "HF_HUB_OFFLINE" not in os.environ
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,10 +34,50 @@ class Command:
     describe: str = ""  # "module:function" -> text printed after the resolved config by --dry-run (derived figures)
 
 
+class Registry:
+    """The names of a registry dict, read when argparse first needs them (a check or `--help`), so the choices
+    are the registry's own keys and `safeprune --help` imports nothing heavy."""
+
+    def __init__(self, where: str):
+        self.where = where  # "module:attribute", a dict (or tuple) of registered names
+
+    def names(self) -> list[str]:
+        module, attr = self.where.split(":")
+        return list(getattr(importlib.import_module(module), attr))
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, name) -> bool:
+        return name in self.names()
+
+
+# Every flag whose value is a registry key: flag dest (a config key) -> the registry. The tests check that each
+# registered name is accepted here, so the CLI cannot drift from the registries.
+REGISTRY_FLAGS = {
+    "prune.method": Registry("safeprune.pruning:METHODS"),
+    "prune.blocks.preset": Registry("safeprune.pruning.blocks:PRESETS"),
+    "prune.channels.importance": Registry("safeprune.pruning.channels:IMPORTANCES"),
+    "finetune.method": Registry("safeprune.bilevel.solvers:METHODS"),
+    "finetune.solver.name": Registry("safeprune.bilevel.solvers:SOLVERS"),
+    "finetune.unlearn.name": Registry("safeprune.unlearning:UNLEARNING"),
+    "eval.protocol": Registry("safeprune.eval.protocols:PROTOCOLS"),
+}
+
+
+def _choice(p, flag: str, dest: str, help: str) -> None:
+    """A flag that sets config key `dest` to one of its registry's names (listed in --help)."""
+    p.add_argument(flag, dest=dest, choices=REGISTRY_FLAGS[dest], metavar="NAME", help=f"{help}: %(choices)s")
+
+
+def _out(p, help: str = "output folder", required: bool = True) -> None:
+    p.add_argument("--out", dest="paths.out", required=required, help=f"{help} (paths.out)")
+
+
 def _toyworld_args(p):
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     pre = sub.add_parser("preview", help="write OUT/preview.png: a labelled grid, one row per style")
-    pre.add_argument("--out", required=True, help="output folder")
+    _out(pre)
     exp = sub.add_parser("export", help="write N images + metadata.jsonl (a diffusers-style image folder)")
     exp.add_argument("folder", help="output folder (must not exist or be empty)")
     exp.add_argument("--split", default="finetune", help="pretrain | finetune | concept (default finetune)")
@@ -48,86 +88,81 @@ def _toyworld_args(p):
 
 def _pretrain_args(p):
     p.add_argument("what", choices=("teacher", "judge"), help="which embedded model to train")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, samples, the trained model)")
+    _out(p, "run folder (checkpoints, samples, the trained model)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
 
+def _allow_download(p, what: str) -> None:
+    p.add_argument("--allow-download", dest="model.allow_download", action="store_const", const=True, default=None,
+                   help=f"fetch a hub-id {what} that is not in the local Hugging Face cache")
+
+
 def _prune_args(p):
-    p.add_argument("--method", dest="prune.method", help="blocks | channels | magnitude | none")
-    p.add_argument("--preset", dest="prune.preset", help="blocks preset: base | small | tiny")
+    _choice(p, "--method", "prune.method", "pruning method")
+    _choice(p, "--preset", "prune.blocks.preset", "blocks preset")
     p.add_argument("--ratio", dest="prune.ratio",
                    help="share of the UNet's total parameters removed (channels) or zeroed (magnitude), in [0, 1)")
-    p.add_argument("--importance", dest="prune.importance", help="channels importance: magnitude | taylor")
-    p.add_argument("--model", default=None,
-                   help="diffusers Stable Diffusion folder or hub id in the HF cache (default: model.teacher, else the toy "
+    _choice(p, "--importance", "prune.channels.importance", "channels importance")
+    p.add_argument("--model", dest="model.teacher",
+                   help="diffusers Stable Diffusion folder or hub id in the HF cache (model.teacher; default: the toy "
                         "teacher)")
-    p.add_argument("--allow-download", dest="model.allow_download", action="store_const", const=True, default=None,
-                   help="fetch a hub-id --model that is not in the local Hugging Face cache")
-    p.add_argument("--unet-config", default=None, help="prune a UNet config.json on the meta device (no weights)")
-    p.add_argument("--calib-data", default=None,
+    _allow_download(p, "--model")
+    p.add_argument("--unet-config", dest="paths.unet_config", help="prune a UNet config.json on the meta device (no weights)")
+    p.add_argument("--calib-data", dest="paths.calib_data",
                    help="taylor importance: image folder with metadata.jsonl (default: the toy pretrain split)")
-    p.add_argument("--out", required=True, help="output folder for the pruned UNet, plan.json, prune_report.json")
+    _out(p, "output folder for the pruned UNet, plan.json, prune_report.json")
 
 
 def _finetune_args(p):
-    p.add_argument("--student", default=None, help="pruned UNet folder written by `safeprune prune` (required)")
-    p.add_argument("--teacher", default=None,
-                   help="teacher pipeline: a local diffusers folder or a hub id in the HF cache (default: model.teacher, "
-                        "else the toy teacher)")
-    p.add_argument("--allow-download", dest="model.allow_download", action="store_const", const=True, default=None,
-                   help="fetch a hub-id teacher that is not in the local Hugging Face cache")
-    p.add_argument("--method", dest="finetune.method", help="distill | two_stage | bilevel")
-    p.add_argument("--solver", dest="finetune.solver", help="bilevel solver: alternating | penalty")
-    p.add_argument("--unlearn", dest="finetune.unlearn", help="upper-level loss (esd | ablation | ...)")
+    p.add_argument("--student", dest="paths.student", help="pruned UNet folder written by `safeprune prune` (required)")
+    p.add_argument("--teacher", dest="model.teacher",
+                   help="teacher pipeline: a local diffusers folder or a hub id in the HF cache (model.teacher; default: "
+                        "the toy teacher)")
+    _allow_download(p, "teacher")
+    _choice(p, "--method", "finetune.method", "fine-tuning method")
+    _choice(p, "--solver", "finetune.solver.name", "bilevel solver")
+    _choice(p, "--unlearn", "finetune.unlearn.name", "upper-level (unlearning) loss")
     p.add_argument("--forget", action="append", default=None,
-                   help='concept prompt to suppress; repeatable; "TARGET=>ANCHOR" sets an anchor')
+                   help='concept prompt to suppress (finetune.concepts); repeatable; "TARGET=>ANCHOR" sets an anchor')
     p.add_argument("--max-steps", dest="finetune.max_steps", help="lower-level iterations")
-    p.add_argument("--data", default=None,
+    p.add_argument("--data", dest="paths.data",
                    help="image folder with metadata.jsonl, a HF dataset folder, parquet/arrow files, or webdataset "
-                        "shards such as 'shards/{000..099}.tar' (default: toy finetune split; see finetune.data_mode)")
-    p.add_argument("--concept-data", default=None, help="concept images folder (default: toy concept split)")
-    p.add_argument("--out", default=None, help="run folder (required)")
+                        "shards such as 'shards/{000..099}.tar' (default: toy finetune split; see finetune.data.mode)")
+    p.add_argument("--concept-data", dest="paths.concept_data", help="concept images folder (default: toy concept split)")
+    _out(p, "run folder (required)", required=False)
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
 
 
 def _concept_images_args(p):
     p.add_argument("--prompts", action="append", required=True, help="prompt to draw; repeatable")
     p.add_argument("--n", type=int, default=16, help="images per prompt")
-    p.add_argument("--model", default=None, help="pipeline folder (default: the toy teacher)")
-    p.add_argument("--out", required=True, help="output image folder (metadata.jsonl + PNGs)")
+    p.add_argument("--model", dest="paths.model", help="pipeline folder (default: the toy teacher)")
+    _out(p, "output image folder (metadata.jsonl + PNGs)")
 
 
 def _sample_args(p):
     p.add_argument("--steps", dest="sample.steps", help="sampler steps")
     p.add_argument("--guidance", dest="sample.guidance", help="classifier-free guidance scale")
-    p.add_argument("--scheduler", dest="sample.scheduler", choices=("ddim", "pndm", "dpm++"),
-                   help="sampler (recorded in results.json); default ddim")
+    p.add_argument("--scheduler", dest="sample.scheduler", choices=Registry("safeprune.sampling:SCHEDULERS"),
+                   metavar="NAME", help="sampler, recorded in results.json: %(choices)s (default ddim)")
     p.add_argument("--resolution", dest="sample.resolution", help="image side in pixels (default: the model's own)")
 
 
 def _generate_args(p):
-    p.add_argument("--model", default=None, help="pipeline or pruned-UNet folder (default: the toy teacher)")
+    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder (default: the toy teacher)")
     p.add_argument("--prompts", required=True,
                    help="toy:SET (e.g. toy:forget), a text file (one prompt per line), an I2P CSV, COCO captions JSON "
                         "or a concept YAML")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
     _sample_args(p)
-    p.add_argument("--out", required=True, help="output folder")
-
-
-def _protocol_names() -> list[str]:
-    from importlib import resources
-
-    folder = resources.files("safeprune.eval") / "protocols"  # file names only: no heavy import for --help
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    _out(p)
 
 
 def _evaluate_args(p):
-    p.add_argument("--model", default=None, help="pipeline or pruned-UNet folder, or a hub id in the HF cache "
-                                                 "(default: the toy teacher)")
-    p.add_argument("--protocol", dest="eval.protocol", choices=_protocol_names(), help="evaluation protocol "
-                   "(default toy)")
-    p.add_argument("--reference", default=None,
+    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder, or a hub id in the HF cache "
+                                                      "(default: the toy teacher)")
+    _choice(p, "--protocol", "eval.protocol", "evaluation protocol (default toy)")
+    p.add_argument("--reference", dest="paths.reference",
                    help="reference model of the CP and CSD scores (the paper's: the distilled, unerased pruned model; "
                         "default: model.teacher, else the toy teacher)")
     p.add_argument("--prompts", dest="eval.prompts", help="replace the protocol's prompts: a text file, an I2P CSV "
@@ -139,20 +174,21 @@ def _evaluate_args(p):
     p.add_argument("--images", dest="eval.images", help="score an earlier evaluation's folder (no sampling)")
     p.add_argument("--n-images", dest="eval.n_images", help="images per prompt set at most")
     _sample_args(p)
-    p.add_argument("--allow-download", dest="model.allow_download", action="store_const", const=True, default=None,
-                   help="fetch models and metric weights missing from the local Hugging Face cache")
-    p.add_argument("--metrics", default=None, help="comma-separated metric names (default: the protocol's)")
-    p.add_argument("--out", required=True, help="output folder (results.json, images/)")
+    _allow_download(p, "model or metric weight")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated metric names, registry safeprune.eval.metrics.METRICS (default: the "
+                        "protocol's)")
+    _out(p, "output folder (results.json, images/)")
 
 
 def _report_args(p):
     p.add_argument("runs", nargs="+", help="run folders (finetune runs and evaluations); a folder's evaluations in "
-                                           "RUN/eval/*/ are merged into its row")
-    p.add_argument("--out", required=True, help="output folder (report.md, results.json, grid.png, curves.png)")
+                                           "RUN/eval/*/ merge into its row")
+    _out(p, "output folder (report.md, results.json, grid.png, curves.png)")
 
 
 def _demo_args(p):
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    _out(p, "output folder (default runs/demo)", required=False)
     p.add_argument("--seeds", dest="demo.seeds", help="repeat with N seeds and report mean +- std")
 
 
@@ -205,13 +241,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace):
-    """The run config: defaults <- --config <- flags <- positional overrides (later wins)."""
-    from safeprune.config import load_config
+    """The run config: defaults <- --config <- flags <- positional overrides (later wins). Flags whose dest holds
+    a dot are config keys (`--out` = paths.out); `--forget` fills finetune.concepts."""
+    from safeprune.config import load_config, to_dict
 
-    flags = [f"{k}={v}" for k, v in vars(args).items() if "." in k and v is not None]
+    values = {k: v for k, v in vars(args).items() if "." in k and v is not None}
     if getattr(args, "seed", None) is not None:
-        flags.append(f"seed={args.seed}")
-    return load_config(args.config, flags + list(args.overrides))
+        values["seed"] = args.seed
+    flags = {}
+    for key, value in values.items():
+        *sections, name = key.split(".")
+        node = flags
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value if key.startswith("paths.") or key in TEXT_FLAGS else _typed(value)
+    if getattr(args, "forget", None):  # CLI concepts replace finetune.concepts
+        from safeprune.unlearning.concepts import parse_forget
+
+        flags.setdefault("finetune", {})["concepts"] = [to_dict(c) for c in parse_forget(args.forget)]
+    return load_config(args.config, list(args.overrides), flags=flags)
+
+
+TEXT_FLAGS = ("model.teacher", "eval.prompts", "eval.coco_dir", "eval.reference_set", "eval.images")  # never YAML-read
+
+
+def _typed(value):
+    """A flag's text as YAML reads it (`--ratio 0.5` is a number), except paths and prompts, which stay text."""
+    from safeprune.config import parse_override
+
+    return value if not isinstance(value, str) else parse_override(f"x={value}")[1]
 
 
 def _in_given_order(argv: list[str], presets: list[str], flagged: list[str]) -> list[str]:
@@ -236,14 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides are free-standing `key=value` words anywhere after the command (argparse cannot mix a
     # trailing variadic positional with sub-commands and options, so they are collected here).
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as stop:  # --help (0) or a one-line usage error (2): a code, as from every other path
+        return stop.code
     args.overrides = [word for word in extra if "=" in word and not word.startswith("-")]
     presets = [word for word in extra if word.endswith((".yaml", ".yml")) and word not in args.overrides]
     # `safeprune finetune configs/sd21.yaml` = --config; later files win, in command-line order
     args.config = _in_given_order(sys.argv[1:] if argv is None else list(argv), presets, args.config or []) or None
     unknown = [word for word in extra if word not in args.overrides and word not in presets]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        print(f"safeprune: error: unrecognized arguments: {' '.join(unknown)} (see `safeprune --help`)", file=sys.stderr)
+        return 2
     try:
         from safeprune.config import to_dict
         from safeprune.errors import UserError
@@ -251,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = resolve(args)
             # the user asked for the network (a hub-id teacher or a hub data set): lift our default
-            if (cfg.model.allow_download or cfg.finetune.hub_data) and _OFFLINE_BY_DEFAULT:
+            if (cfg.model.allow_download or cfg.finetune.data.hub_data) and _OFFLINE_BY_DEFAULT:
                 os.environ.pop("HF_HUB_OFFLINE", None)
                 os.environ.pop("TRANSFORMERS_OFFLINE", None)
             if args.dry_run:

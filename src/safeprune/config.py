@@ -70,23 +70,36 @@ class JudgeConfig:
 
 
 @dataclass
-class PruneConfig:
-    method: str = "channels"  # registry key: blocks | channels | magnitude | none
-    preset: str = "base"  # `blocks` preset: base | small | tiny (BK-SDM's three students)
-    ratio: float = 0.3  # share of the UNet's TOTAL parameters removed (`channels`) or zeroed (`magnitude`)
-    importance: str = "magnitude"  # `channels` importance: magnitude (L_p norm) | taylor (|w * dL/dw|)
+class BlocksOptions:
+    preset: str = "base"  # BK-SDM's three students: base | small | tiny (safeprune.pruning.blocks.PRESETS)
+
+
+@dataclass
+class ChannelsOptions:
+    importance: str = "magnitude"  # magnitude (L_p norm) | taylor (|w * dL/dw| on calibration batches)
     magnitude_p: int = 2  # p of the L_p norm behind `magnitude` importance: 1 or 2
-    channel_multiple: int = 16  # `channels`: kept ResNet/FFN widths are multiples of this where possible (AVX-512: 16)
+    channel_multiple: int = 16  # kept ResNet/FFN widths are multiples of this where possible (AVX-512: 16)
     calibration_batches: int = 4  # batches of the teacher's training data behind `taylor` importance
     calibration_batch_size: int = 16  # images per calibration batch
+
+    def __post_init__(self):
+        check(self.magnitude_p in (1, 2), f"prune.channels.magnitude_p={self.magnitude_p}; choose 1 or 2")
+        for name in ("channel_multiple", "calibration_batches", "calibration_batch_size"):
+            check(getattr(self, name) >= 1, f"prune.channels.{name} must be >= 1")
+
+
+@dataclass
+class PruneConfig:
+    method: str = "channels"  # registry key (safeprune.pruning.METHODS): blocks | channels | magnitude | none
+    ratio: float = 0.3  # share of the UNet's TOTAL parameters removed (`channels`) or zeroed (`magnitude`)
+    blocks: BlocksOptions = field(default_factory=BlocksOptions)  # options of `blocks`
+    channels: ChannelsOptions = field(default_factory=ChannelsOptions)  # options of `channels`
     latency_batch: int = 2  # UNet batch for the report's latency (2 = one image with classifier-free guidance)
     latency_runs: int = 5  # timed UNet calls per model; the report gives their median
 
     def __post_init__(self):
         check(0.0 <= self.ratio < 1.0, f"prune.ratio={self.ratio} is out of range; use a value in [0, 1)")
-        check(self.magnitude_p in (1, 2), f"prune.magnitude_p={self.magnitude_p}; choose 1 or 2")
-        for name in ("channel_multiple", "calibration_batches", "calibration_batch_size", "latency_batch",
-                     "latency_runs"):
+        for name in ("latency_batch", "latency_runs"):
             check(getattr(self, name) >= 1, f"prune.{name} must be >= 1")
 
 
@@ -100,45 +113,90 @@ class Concept:
 
 
 @dataclass
-class FinetuneConfig:
-    method: str = "bilevel"  # distill | two_stage | bilevel
-    solver: str = "alternating"  # bilevel solver: alternating | penalty
-    # upper-level loss: esd | esd_xattn | esd_anchor | ablation (see safeprune.unlearning). The toy default is
-    # esd_anchor at eta 2: toy concept prompts name whole scenes, so guidance relative to the empty prompt also
+class UnlearnLossConfig:
+    # upper-level loss (safeprune.unlearning.UNLEARNING): esd | esd_xattn | esd_anchor | ablation. The toy default
+    # is esd_anchor at eta 2: toy concept prompts name whole scenes, so guidance relative to the empty prompt also
     # erases the object (docs/demo/tuning.md); the SD presets use the paper's esd at eta 1.
-    unlearn: str = "esd_anchor"
-    concepts: list[Concept] = field(default_factory=list)  # [] = derived from the concept images' captions
-    max_steps: int = 300  # lower-level iterations (two_stage: fine-tune part; see unlearn_steps)
-    unlearn_steps: int = -1  # two_stage unlearning steps; -1 = bilevel's upper-step count (equal budget)
-    batch_size: int = 16  # lower-level images per micro-batch per process (x grad_accum x processes per step)
-    upper_batch_size: int = 16  # concept images per upper step (per process)
-    lr: float = 5e-4  # lower-level AdamW learning rate
-    upper_lr: float = 1e-3  # upper-level AdamW learning rate (also the penalty solver's outer step)
-    warmup_steps: int = 50  # linear warm-up of the lower-level learning rate
-    weight_decay: float = 1e-2  # AdamW weight decay of both optimisers
-    max_grad_norm: float = 1.0  # gradient-norm clip before every optimiser step; 0 disables it
-    upper_every: int = 10  # K: alternating = an upper step after every K-th lower step; penalty = K inner steps
-    penalty_lambda: float = 1.0  # penalty solver: weight of grad L_ft in the outer step (at step 0)
-    penalty_lambda_end: float = -1.0  # penalty solver: lambda at the last step, linear in between; -1 = constant
-    lambda_diff: float = 1.0  # weight of the denoising loss (eq. 1)
-    lambda_out: float = 2.0  # weight of output distillation (eq. 3)
-    lambda_feat: float = 0.1  # weight of feature distillation (eq. 4)
-    snr_gamma: float = 5.0  # Min-SNR-gamma weighting of the denoising loss; 0 disables it
-    esd_eta: float = 2.0  # negative-guidance strength eta of the esd losses (the paper: 1.0, see unlearn)
-    data_pool: int = 1024  # lower-level images VAE-encoded once per run (the loop samples from this pool)
+    name: str = "esd_anchor"
+    eta: float = 2.0  # negative-guidance strength eta of the esd losses (seed paper eq. 5; the paper: 1.0)
+
+
+@dataclass
+class UpperConfig:
+    lr: float = 1e-3  # upper-level AdamW learning rate (also the penalty solver's outer step)
+    batch_size: int = 16  # concept images per upper step (per process)
+    every: int = 10  # K: alternating = an upper step after every K-th lower step; penalty = K inner steps
+
+    def __post_init__(self):
+        check(self.lr > 0, "finetune.upper.lr must be > 0")
+        check(self.batch_size > 0, "finetune.upper.batch_size must be > 0")
+        check(self.every >= 1, "finetune.upper.every must be >= 1")
+
+
+@dataclass
+class SolverConfig:
+    name: str = "alternating"  # bilevel solver (safeprune.bilevel.SOLVERS): alternating | penalty
+    penalty_lambda: float = 1.0  # penalty: weight of grad L_ft in the outer step (at step 0)
+    penalty_lambda_end: float = -1.0  # penalty: lambda at the last step, linear in between; -1 = constant
+
+    def __post_init__(self):
+        check(self.penalty_lambda >= 0 and (self.penalty_lambda_end >= 0 or self.penalty_lambda_end == -1),
+              "finetune.solver.penalty_lambda must be >= 0 and penalty_lambda_end >= 0 (or -1 = constant)")
+
+
+@dataclass
+class TwoStageConfig:
+    unlearn_steps: int = -1  # unlearning steps after distillation; -1 = bilevel's upper-step count (equal budget)
+
+    def __post_init__(self):
+        check(self.unlearn_steps >= -1,
+              "finetune.two_stage.unlearn_steps must be >= 0, or -1 for bilevel's upper-step count")
+
+
+@dataclass
+class DataConfig:
+    # Data at scale (safeprune.data.stream). pool = VAE-encode `pool` images once (exact resume, fast at toy
+    # scale); stream = DataLoader workers feed fresh images that are VAE-encoded every step (real data sets);
+    # auto = stream for webdataset shards and `streaming` sources, pool otherwise.
+    mode: str = "auto"  # auto | pool | stream
+    pool: int = 1024  # lower-level images VAE-encoded once per run (the loop samples from this pool)
     concept_pool: int = 256  # concept images VAE-encoded once per run
-    # Data at scale (safeprune.data.stream). pool = VAE-encode `data_pool` images once (exact resume, fast at
-    # toy scale); stream = DataLoader workers feed fresh images that are VAE-encoded every step (real data
-    # sets); auto = stream for webdataset shards and `streaming` sources, pool otherwise.
-    data_mode: str = "auto"  # auto | pool | stream
     random_crop: bool = True  # stream: random crop after the shorter side is resized (False: centre crop)
     random_flip: bool = True  # stream: horizontal flip with probability 1/2
     num_workers: int = 4  # stream: DataLoader worker processes decoding images (0 = in the training process)
     shuffle_buffer: int = 1000  # shards / streaming sources: samples in each reader's shuffle buffer (0 = in order)
     streaming: bool = False  # read `datasets` sources (parquet, arrow, hub) lazily as an IterableDataset
-    hub_data: bool = False  # let --data name a Hugging Face hub dataset id (downloads); offline by default
+    hub_data: bool = False  # let paths.data name a Hugging Face hub dataset id (downloads); offline by default
     text_cache: str = ""  # stream: folder caching caption embeddings (safetensors per caption); "" = no cache
+
+    def __post_init__(self):
+        check(self.pool > 0 and self.concept_pool > 0, "finetune.data.pool and concept_pool must be > 0")
+        check(self.mode in ("auto", "pool", "stream"),
+              f"finetune.data.mode={self.mode!r}; choose auto, pool or stream")
+        check(self.num_workers >= 0 and self.shuffle_buffer >= 0,
+              "finetune.data.num_workers and finetune.data.shuffle_buffer must be >= 0")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "bilevel"  # registry key (safeprune.bilevel.METHODS): distill | two_stage | bilevel
+    unlearn: UnlearnLossConfig = field(default_factory=UnlearnLossConfig)  # the upper level's loss L_CU
+    upper: UpperConfig = field(default_factory=UpperConfig)  # the upper level's optimiser, batch and period K
+    solver: SolverConfig = field(default_factory=SolverConfig)  # `bilevel`: how the two levels are combined
+    two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)  # `two_stage`: the unlearning stage
+    data: DataConfig = field(default_factory=DataConfig)  # how images reach the lower and upper levels
+    concepts: list[Concept] = field(default_factory=list)  # [] = derived from the concept images' captions
+    max_steps: int = 300  # lower-level iterations (two_stage: the fine-tuning stage)
+    batch_size: int = 16  # lower-level images per micro-batch per process (x grad_accum x processes per step)
     grad_accum: int = 1  # gradient accumulation steps (lower level)
+    lr: float = 5e-4  # lower-level AdamW learning rate
+    warmup_steps: int = 50  # linear warm-up of the lower-level learning rate
+    weight_decay: float = 1e-2  # AdamW weight decay of both optimisers
+    max_grad_norm: float = 1.0  # gradient-norm clip before every optimiser step; 0 disables it
+    lambda_diff: float = 1.0  # weight of the denoising loss (eq. 1)
+    lambda_out: float = 2.0  # weight of output distillation (eq. 3)
+    lambda_feat: float = 0.1  # weight of feature distillation (eq. 4)
+    snr_gamma: float = 5.0  # Min-SNR-gamma weighting of the denoising loss; 0 disables it
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the frozen teacher's forward passes
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, `pip install safeprune[bnb]`): both optimisers
@@ -151,8 +209,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         check(self.max_steps > 0, "finetune.max_steps must be > 0")
-        check(self.upper_every >= 1, "finetune.upper_every must be >= 1")
-        check(self.batch_size > 0 and self.upper_batch_size > 0, "finetune batch sizes must be > 0")
+        check(self.batch_size > 0, "finetune.batch_size must be > 0")
         check(self.mixed_precision in ("no", "fp16", "bf16"),
               f"finetune.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
         check(self.teacher_dtype in ("fp32", "bf16", "fp16"),
@@ -161,20 +218,12 @@ class FinetuneConfig:
         check(self.resolution >= 0 and self.resolution % 8 == 0,
               f"finetune.resolution={self.resolution} must be a multiple of 8 (0 = the teacher's own size)")
         check(0.0 <= self.ema_decay < 1.0, "finetune.ema_decay must lie in [0, 1)")
-        check(self.unlearn_steps >= -1, "finetune.unlearn_steps must be >= 0, or -1 for bilevel's upper-step count")
-        check(self.lr > 0 and self.upper_lr > 0, "finetune.lr and finetune.upper_lr must be > 0")
+        check(self.lr > 0, "finetune.lr must be > 0")
         check(self.warmup_steps >= 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0,
               "finetune.warmup_steps, weight_decay and max_grad_norm must be >= 0")
-        check(self.penalty_lambda >= 0 and (self.penalty_lambda_end >= 0 or self.penalty_lambda_end == -1),
-              "finetune.penalty_lambda must be >= 0 and finetune.penalty_lambda_end >= 0 (or -1 = constant)")
         check(min(self.lambda_diff, self.lambda_out, self.lambda_feat) >= 0,
               "finetune.lambda_diff, lambda_out and lambda_feat must be >= 0")
         check(self.snr_gamma >= 0, "finetune.snr_gamma must be >= 0 (0 disables Min-SNR weighting)")
-        check(self.data_pool > 0 and self.concept_pool > 0, "finetune.data_pool and concept_pool must be > 0")
-        check(self.data_mode in ("auto", "pool", "stream"),
-              f"finetune.data_mode={self.data_mode!r}; choose auto, pool or stream")
-        check(self.num_workers >= 0 and self.shuffle_buffer >= 0,
-              "finetune.num_workers and finetune.shuffle_buffer must be >= 0")
         check(self.grad_accum >= 1, "finetune.grad_accum must be >= 1")
         check(self.ckpt_every_steps > 0 and self.keep_checkpoints >= 1,
               "finetune.ckpt_every_steps and keep_checkpoints must be >= 1")
@@ -266,9 +315,25 @@ class ModelConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Where a command reads and writes. The CLI's path flags fill this section (--out = paths.out, ...), so
+    the config.yaml of every run names all of its inputs and `--resume` can check them."""
+
+    out: str = ""  # the command's output (run) folder
+    student: str = ""  # finetune: the pruned student folder written by `safeprune prune`
+    data: str = ""  # finetune: lower-level images (folder, datasets table, shards); "" = the toy finetune split
+    concept_data: str = ""  # finetune: concept images of the upper level; "" = the toy concept split
+    model: str = ""  # generate / evaluate / concept-images: the model used; "" = the shipped toy teacher
+    reference: str = ""  # evaluate: the unsuppressed reference of the CP score; "" = the shipped toy teacher
+    unet_config: str = ""  # prune: a UNet config.json pruned on the meta device (no weights)
+    calib_data: str = ""  # prune, taylor importance: calibration images; "" = the toy pretrain split
+
+
+@dataclass
 class Config:
     seed: int = 0  # master seed: data order, noise, per-image sampling seeds
     device: str = "auto"  # auto | cpu | cuda
+    paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -287,9 +352,29 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# Keys that moved into nested sections (issue 11's schema step); the error names the new key.
+MOVED = {f"finetune.{old}": f"finetune.{new}" for old, new in {
+    "esd_eta": "unlearn.eta", "upper_lr": "upper.lr", "upper_batch_size": "upper.batch_size",
+    "upper_every": "upper.every", "penalty_lambda": "solver.penalty_lambda",
+    "penalty_lambda_end": "solver.penalty_lambda_end", "unlearn_steps": "two_stage.unlearn_steps",
+    "data_pool": "data.pool", "concept_pool": "data.concept_pool", "data_mode": "data.mode",
+    **{k: f"data.{k}" for k in ("random_crop", "random_flip", "num_workers", "shuffle_buffer", "streaming",
+                                "hub_data", "text_cache")}}.items()} | {
+    "prune.preset": "prune.blocks.preset",
+    **{f"prune.{k}": f"prune.channels.{k}" for k in ("importance", "magnitude_p", "channel_multiple",
+                                                     "calibration_batches", "calibration_batch_size")}}
+
+
+def _named(tp) -> bool:
+    """A section chosen by name (finetune.unlearn, finetune.solver): a bare string means {name: string}."""
+    return dataclasses.is_dataclass(tp) and "name" in {f.name for f in dataclasses.fields(tp)}
+
+
 def _coerce(value, tp, key: str):
     """Return `value` checked against annotation `tp`; ints widen to floats, nothing else converts."""
     origin = typing.get_origin(tp)
+    if _named(tp) and isinstance(value, str):
+        value = {"name": value}
     if dataclasses.is_dataclass(tp):
         check(isinstance(value, dict), f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
         return from_dict(tp, value, prefix=key)
@@ -321,6 +406,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
+        check(full not in MOVED, f"config key {full!r} moved to {MOVED.get(full)!r}; write {MOVED.get(full)}=...")
         check(key in hints, f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
@@ -334,6 +420,8 @@ def _merge(base: dict, update: dict) -> dict:
     """Deep-merge `update` into a copy of `base` (presets hold only overrides)."""
     out = dict(base)
     for key, value in update.items():
+        if isinstance(value, str) and isinstance(out.get(key), dict):
+            value = {"name": value}  # `unlearn: esd` over a nested unlearn section changes only its name
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
@@ -382,19 +470,23 @@ def read_yaml(path: str | Path) -> dict:
     return _merge(base, data)
 
 
-def load_config(path: str | Path | list | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Defaults <- `base` <- YAML preset(s) at `path` (a list merges left to right) <- `overrides`
-    ('section.field=value'), strictly checked."""
+def load_config(path: str | Path | list | None = None, overrides: list[str] = (), base: dict | None = None,
+                flags: dict | None = None) -> Config:
+    """Defaults <- `base` <- YAML preset(s) at `path` (a list merges left to right) <- `flags` (a nested dict:
+    the CLI's flags) <- `overrides` ('section.field=value'), strictly checked."""
     data = _merge({}, base or {})
     for one in path if isinstance(path, (list, tuple)) else [path] if path else []:
         data = _merge(data, read_yaml(one))
+    data = _merge(data, flags or {})
     for text in overrides:
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
+            if isinstance(node.get(k), str):  # a named section given as a bare string earlier
+                node[k] = {"name": node[k]}
             node = node.setdefault(k, {})
             check(isinstance(node, dict), f"override {text!r}: {k!r} is not a section")
-        node[keys[-1]] = value
+        node.update(_merge(node, {keys[-1]: value}))
     return from_dict(Config, data)
 
 

@@ -37,11 +37,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
 
+from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config
+from safeprune.models.hooks import feature_blocks
+from safeprune.optim import STATE_BYTES
+from safeprune.unlearning import PARAMETER_SETS, build_unlearning
+from safeprune.utils import DTYPES
 
 GIB = 2**30
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 # ----------------------------------------------------------------------------- meta-device measurement
@@ -168,8 +174,6 @@ def profile_activations(unet: torch.nn.Module, batch: int, latent_size: int, tex
 
 def feature_bytes(unet: torch.nn.Module, batch: int, latent_size: int, text_tokens: int, dtype: torch.dtype) -> int:
     """Bytes of the block outputs feature KD captures (every down, mid and up block) plus the prediction."""
-    from safeprune.models.hooks import feature_blocks
-
     model = meta_copy(unet).eval()  # shapes only: the bytes follow from `dtype`
     sizes = []
     # capture_features keeps a block's main output (a down block's first tuple element)
@@ -228,37 +232,34 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
     """Peak memory per process of `finetune` with `cfg` for this student/teacher pair (architectures only:
     pass meta-device models, e.g. from `meta_unet`). `latent_size` = image side / VAE scale; `encoder_params`
     = VAE + text encoder parameters; `prompts` = rows of the embedding table (default: one per pool image)."""
-    from safeprune.optim import STATE_BYTES
-    from safeprune.unlearning import PARAMETER_SETS, build_unlearning
-
     ft = cfg.finetune
-    unlearn = ft.method != "distill"
+    unlearn = uses_upper(build_method(ft))
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_upper = 0
     if unlearn:  # the upper optimiser holds state only for the parameters its loss moves
-        keep = PARAMETER_SETS[build_unlearning(ft.unlearn, ft).params]
+        keep = PARAMETER_SETS[build_unlearning(ft.unlearn.name, ft.unlearn).params]
         n_upper = sum(p.numel() for n, p in student.named_parameters() if keep(n))
     t_dtype = DTYPES[ft.teacher_dtype]
     cfg_u = student.config
     cross = cfg_u.cross_attention_dim[0] if isinstance(cfg_u.cross_attention_dim, (list, tuple)) else \
         cfg_u.cross_attention_dim
     latent_bytes = 2 * cfg_u.in_channels * latent_size**2 * 4  # mean + std, fp32
-    prompts = prompts if prompts is not None else ft.data_pool + 2 * len(ft.concepts) + 1
+    prompts = prompts if prompts is not None else ft.data.pool + 2 * len(ft.concepts) + 1
 
     lower = profile_activations(student, ft.batch_size, latent_size, text_tokens, ft.mixed_precision)
     lower_act = lower.total(ft.gradient_checkpointing)
     lower_act += feature_bytes(teacher, ft.batch_size, latent_size, text_tokens, t_dtype)
     upper_act = 0
     if unlearn:
-        upper = profile_activations(student, ft.upper_batch_size, latent_size, text_tokens, ft.mixed_precision)
+        upper = profile_activations(student, ft.upper.batch_size, latent_size, text_tokens, ft.mixed_precision)
         upper_act = upper.total(ft.gradient_checkpointing)
     parts = {
         "student": 4 * n_student,
         "grads": 4 * n_student,
         "optimizer": STATE_BYTES[ft.optimizer] * (n_student + n_upper),
         "teacher": n_teacher * torch.finfo(t_dtype).bits // 8,
-        "pools": latent_bytes * (ft.data_pool + (ft.concept_pool if unlearn else 0)) + prompts * text_tokens * cross * 4,
+        "pools": latent_bytes * (ft.data.pool + (ft.data.concept_pool if unlearn else 0)) + prompts * text_tokens * cross * 4,
         "ddp_buckets": 4 * n_student if processes > 1 else 0,
         # autocast keeps a low-precision copy of each weight for the backward pass; checkpointed blocks
         # re-make theirs during recomputation, so with checkpointing (nearly) none is kept
@@ -271,8 +272,5 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
 
 def meta_unet(config: dict) -> torch.nn.Module:
     """A diffusers UNet2DConditionModel built from a config dict on the meta device (seconds at SD scale)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
     with init_empty_weights():
         return UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})

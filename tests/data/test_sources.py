@@ -85,7 +85,7 @@ def test_corrupt_incomplete_and_empty_sources(tmp_path, records, make_shards):
 def test_hub_ids_need_an_explicit_opt_in(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    message = _one_line_error(lambda: open_source("someone/laion-art"), "finetune.hub_data=true")
+    message = _one_line_error(lambda: open_source("someone/laion-art"), "finetune.data.hub_data=true")
     assert "not a local path" in message
     _one_line_error(lambda: open_source("someone/laion-art", hub=True), "cannot read dataset 'someone/laion-art'")
     _one_line_error(lambda: open_source(tmp_path / "a" / "b" / "c"), "not found")

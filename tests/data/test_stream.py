@@ -9,7 +9,8 @@ from PIL import Image
 
 from safeprune.data.datasets import open_source
 from safeprune.data.stream import ImageStream, _EpochSampler
-from safeprune.data.transforms import sample_rng, train_image
+from safeprune.data.transforms import train_image
+from safeprune.utils import numpy_rng
 
 pytest.importorskip("webdataset")
 pytest.importorskip("datasets")
@@ -27,32 +28,32 @@ def _pixels(t):
 
 def test_centre_crop_and_flip_on_a_known_image():
     image = _ramp(24, 8)  # already 8 high: no resize at resolution 8, only the crop
-    centre = _pixels(train_image(image, 8, random_crop=False, random_flip=False, rng=sample_rng(0)))
+    centre = _pixels(train_image(image, 8, random_crop=False, random_flip=False, rng=numpy_rng(0)))
     assert (centre[0, :, 0] == np.arange(8, 16)).all() and (centre[:, 0, 1] == np.arange(8)).all()
     for seed in range(20):  # the flip mirrors columns; a random crop is some 8-wide window of the ramp
-        flipped = _pixels(train_image(image, 8, random_crop=False, random_flip=True, rng=sample_rng(seed)))
+        flipped = _pixels(train_image(image, 8, random_crop=False, random_flip=True, rng=numpy_rng(seed)))
         assert (flipped == centre).all() or (flipped == centre[:, ::-1]).all()
-        crop = _pixels(train_image(image, 8, random_crop=True, random_flip=False, rng=sample_rng(seed)))
+        crop = _pixels(train_image(image, 8, random_crop=True, random_flip=False, rng=numpy_rng(seed)))
         left = crop[0, 0, 0]
         assert 0 <= left <= 16 and (crop[0, :, 0] == np.arange(left, left + 8)).all()
-    flips = [bool((_pixels(train_image(image, 8, random_crop=False, random_flip=True, rng=sample_rng(s))) != centre)
+    flips = [bool((_pixels(train_image(image, 8, random_crop=False, random_flip=True, rng=numpy_rng(s))) != centre)
                   .any()) for s in range(40)]
     assert 10 < sum(flips) < 30  # about half
 
 
 def test_shorter_side_is_resized_like_torchvision():
-    out = train_image(_ramp(60, 30), 16, random_crop=False, random_flip=False, rng=sample_rng(0))
+    out = train_image(_ramp(60, 30), 16, random_crop=False, random_flip=False, rng=numpy_rng(0))
     assert out.shape == (3, 16, 16) and out.dtype == torch.float32 and -1 <= out.min() and out.max() <= 1
-    tall = train_image(_ramp(30, 90), 10, random_crop=True, random_flip=True, rng=sample_rng(1))
+    tall = train_image(_ramp(30, 90), 10, random_crop=True, random_flip=True, rng=numpy_rng(1))
     assert tall.shape == (3, 10, 10)
 
 
 def test_transforms_are_deterministic_under_a_seed():
     image = _ramp(40, 30)
     args = {"random_crop": True, "random_flip": True}
-    a = train_image(image, 16, rng=sample_rng(3, 1, "k"), **args)
-    assert torch.equal(a, train_image(image, 16, rng=sample_rng(3, 1, "k"), **args))
-    others = [train_image(image, 16, rng=sample_rng(s, 1, "k"), **args) for s in range(4, 10)]
+    a = train_image(image, 16, rng=numpy_rng(3, 1, "k"), **args)
+    assert torch.equal(a, train_image(image, 16, rng=numpy_rng(3, 1, "k"), **args))
+    others = [train_image(image, 16, rng=numpy_rng(s, 1, "k"), **args) for s in range(4, 10)]
     assert any(not torch.equal(a, b) for b in others)
 
 

@@ -64,8 +64,8 @@ def test_write_report_without_grid(tmp_path):
     assert "a note" in text and "grid.png" not in text and not (tmp_path / "curves.png").exists()
 
 
-TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper_batch_size=2", "finetune.data_pool=8",
-        "finetune.concept_pool=4", "finetune.upper_every=2", "finetune.warmup_steps=1", "eval.seeds_per_prompt=1",
+TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper.batch_size=2", "finetune.data.pool=8",
+        "finetune.data.concept_pool=4", "finetune.upper.every=2", "finetune.warmup_steps=1", "eval.seeds_per_prompt=1",
         "eval.max_prompts=2", "eval.real_per_image=1", "eval.affinity_images=4", "eval.resurgence_steps=2",
         "sample.steps=2", "demo.curve_every=2", "demo.curve_prompts=2", "prune.ratio=0.3"]
 

@@ -6,8 +6,8 @@ import torch
 from safeprune.cli import main
 
 # Small enough for seconds per run on 2 CPU cores; every code path (lower, upper, checkpoints) still runs.
-FAST = ["finetune.batch_size=2", "finetune.upper_batch_size=2", "finetune.data_pool=12", "finetune.concept_pool=6",
-        "finetune.warmup_steps=0", "finetune.upper_every=2", "finetune.ckpt_every_steps=100"]
+FAST = ["finetune.batch_size=2", "finetune.upper.batch_size=2", "finetune.data.pool=12", "finetune.data.concept_pool=6",
+        "finetune.warmup_steps=0", "finetune.upper.every=2", "finetune.ckpt_every_steps=100"]
 
 
 @pytest.fixture(scope="session")

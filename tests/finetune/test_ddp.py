@@ -1,4 +1,5 @@
-"""Two-process data-parallel fine-tuning on CPU (gloo), launched the way the platform notes say works.
+"""Two-process data-parallel fine-tuning on CPU (gloo), launched with torchrun (the `accelerate`
+command itself needs torchvision here, which this project must not install).
 
 `torchrun --nproc_per_node 2` starts two real DDP ranks; the recipe's Accelerator(cpu=True) joins them over
 gloo. The ranks draw different batches (the step seed includes the rank), so equal final weights on both
@@ -23,7 +24,7 @@ def test_two_cpu_processes_train_one_model(tmp_path, toy_teacher, magnitude_stud
     cmd = [launcher("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "safeprune.cli", "finetune",
            "--student", str(magnitude_student), "--teacher", str(toy_teacher), "--out", str(out),
            "--method", "bilevel", "--solver", "alternating", "--max-steps", "6", *fast_flags,
-           "finetune.upper_every=2"]
+           "finetune.upper.every=2"]
     launch(cmd)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_in_sync"] is True

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # three 2-process launches: ~60-80 s on 2 cores
 
 def _finetune(out, student, teacher, flags, steps):
     return ["finetune", "--student", str(student), "--teacher", str(teacher), "--out", str(out), "--method", "bilevel",
-            "--solver", "alternating", "--unlearn", "esd_xattn", "--max-steps", str(steps), *flags, "finetune.upper_every=2",
+            "--solver", "alternating", "--unlearn", "esd_xattn", "--max-steps", str(steps), *flags, "finetune.upper.every=2",
             "finetune.ckpt_every_steps=2"]
 
 

@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
+from safeprune.cli import main
 from safeprune.models.io import load_pipeline, load_unet
 
 RUNS = {
     "distill": ["--method", "distill"],
     "two_stage": ["--method", "two_stage"],
     "alternating": ["--method", "bilevel", "--solver", "alternating"],
-    "penalty": ["--method", "bilevel", "--solver", "penalty", "finetune.penalty_lambda=10"],
+    "penalty": ["--method", "bilevel", "--solver", "penalty", "finetune.solver.penalty_lambda=10"],
 }
 
 
@@ -46,3 +47,15 @@ def test_every_method_runs_and_the_run_folder_loads_and_samples(finetune_cli, tm
     tuned = pipe.unet.state_dict()
     assert tuned.keys() == student_weights.keys()
     assert any(not torch.equal(tuned[k], student_weights[k]) for k in tuned)
+
+
+def test_config_yaml_alone_reproduces_the_run(finetune_cli, tmp_path):
+    """Every input is in config.yaml (paths, teacher, concepts), so `--config RUN/config.yaml` reruns the run."""
+    first = tmp_path / "first"
+    assert finetune_cli(first, "--max-steps", "2", "--forget", "a striped red circle=>a red circle")[0] == 0
+    again = tmp_path / "again"
+    code = main(["finetune", "--config", str(first / "config.yaml"), "--out", str(again)])
+    assert code == 0
+    a, b = load_unet(first).state_dict(), load_unet(again).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [c["target"] for c in json.loads((again / "concepts.json").read_text())] == ["a striped red circle"]

@@ -21,16 +21,19 @@ def empty_folder(tmp_path_factory):
 
 
 CASES = {
-    "unknown method": (["--method", "magic"], "unknown fine-tuning method 'magic'"),
-    "unknown solver": (["--solver", "newton"], "unknown bilevel solver 'newton'"),
-    "unknown unlearning": (["--unlearn", "uce"], "unknown unlearning loss 'uce'"),
+    "unknown method": (["--method", "magic"], "invalid choice: 'magic' (choose from 'distill'"),
+    "unknown solver": (["--solver", "newton"], "invalid choice: 'newton'"),
+    "unknown solver override": (["finetune.solver=newton"], "unknown bilevel solver 'newton'"),
+    "unknown unlearning": (["--unlearn", "magic"], "invalid choice: 'magic'"),
+    "unknown unlearning override": (["finetune.unlearn.name=magic"], "unknown unlearning loss 'magic'"),
+    "moved key": (["finetune.esd_eta=1"], "moved to 'finetune.unlearn.eta'"),
     "missing student": (["--student", "{tmp}/nope"], "student folder"),
     "missing teacher": (["--teacher", "{tmp}/nope"], "is not a diffusers pipeline"),
     "mismatched student": (["--student", "{mismatched}"], "student and teacher do not match"),
     "empty dataset": (["--data", "{empty}"], "is empty"),
     "missing data": (["--data", "{tmp}/nope"], "data source"),
     "bad forget": (["--forget", "=>a painting"], "empty target"),
-    "bad config": (["finetune.batch_size=0"], "batch sizes must be > 0"),
+    "bad config": (["finetune.batch_size=0"], "finetune.batch_size must be > 0"),
     "resume without checkpoint": (["--resume"], "no checkpoint"),
 }
 

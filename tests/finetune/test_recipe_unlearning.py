@@ -25,7 +25,7 @@ def test_esd_xattn_unlearning_moves_only_cross_attention(finetune_cli, tmp_path,
     """two_stage with esd_xattn: between the end of distillation and the end, only attn2 weights change."""
     out = tmp_path / "run"
     code, err = finetune_cli(out, "--max-steps", "2", "--method", "two_stage", "--unlearn", "esd_xattn",
-                             "finetune.unlearn_steps=2", "finetune.ckpt_every_steps=2", "finetune.keep_checkpoints=2")
+                             "finetune.two_stage.unlearn_steps=2", "finetune.ckpt_every_steps=2", "finetune.keep_checkpoints=2")
     assert code == 0, err
     after_distill = load_unet(student_dir)
     load_checkpoint(out / "checkpoints" / "step_0000002", {"student": after_distill})

@@ -5,12 +5,13 @@ transformers, per-stage head counts, v-prediction) at tiny widths, with the pres
 in bf16 and gradient checkpointing of the student.
 """
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from safeprune.config import load_config
+from safeprune.config import ChannelsOptions, load_config
 from safeprune.errors import UserError
 from safeprune.recipes.finetune import finetune
 
@@ -39,8 +40,13 @@ def sd21_like(tmp_path_factory):
     unet = toy.build_unet(**TINY_SD21)
     toy.assemble_pipeline(toy.build_vae(), toy.build_text_encoder(tokenizer), tokenizer, unet,
                           sampler).save_pretrained(root / "teacher")
-    student, plan = prune(unet, "channels", PruneConfig(ratio=0.2, channel_multiple=4))
+    student, plan = prune(unet, "channels", PruneConfig(ratio=0.2, channels=ChannelsOptions(channel_multiple=4)))
     return root / "teacher", save_unet(student, root / "student", plan, base_model=root / "teacher")
+
+
+def _paths(cfg, student, out, teacher):
+    return dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, student=str(student), out=str(out)),
+                               model=dataclasses.replace(cfg.model, teacher=str(teacher)))
 
 
 def test_bilevel_step_bf16_teacher_and_checkpointing(sd21_like, tmp_path, fast_flags):
@@ -49,7 +55,7 @@ def test_bilevel_step_bf16_teacher_and_checkpointing(sd21_like, tmp_path, fast_f
                              "finetune.gradient_checkpointing=true", "model.prediction_type=v_prediction",
                              "finetune.resolution=64"])  # as SD: trained at another size than the toy images
     with pytest.warns(UserWarning, match="no --data / --concept-data given: fine-tuning a 64 px teacher"):
-        out = finetune(cfg, student=student, out=tmp_path / "run", teacher=teacher)
+        out = finetune(_paths(cfg, student, tmp_path / "run", teacher))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["upper_steps"] == 1 and len(summary["feature_blocks"]) == 9  # 4 down + mid + 4 up
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -61,4 +67,4 @@ def test_a_preset_prediction_type_must_match_the_teacher(sd21_like, tmp_path, fa
     teacher, student = sd21_like
     cfg = load_config(None, [*fast_flags, "finetune.max_steps=1", "model.prediction_type=epsilon"])
     with pytest.raises(UserError, match="predicts 'v_prediction'"):
-        finetune(cfg, student=student, out=tmp_path / "run", teacher=teacher)
+        finetune(_paths(cfg, student, tmp_path / "run", teacher))

@@ -44,8 +44,8 @@ def _rows(out):
 
 def test_streamed_finetune_from_shards(finetune_cli, shards, tmp_path):
     cache = tmp_path / "text_cache"
-    code, err = finetune_cli(tmp_path / "run", "--data", shards, "--max-steps", "3", "finetune.num_workers=1",
-                             f"finetune.text_cache={cache}")
+    code, err = finetune_cli(tmp_path / "run", "--data", shards, "--max-steps", "3", "finetune.data.num_workers=1",
+                             f"finetune.data.text_cache={cache}")
     assert code == 0, err
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3] and "upper/cu" in rows[1]
@@ -57,7 +57,7 @@ def test_streamed_finetune_from_shards(finetune_cli, shards, tmp_path):
 
 def test_streamed_run_resumes_exactly(finetune_cli, shards, tmp_path, monkeypatch):
     run = ["--data", shards, "--max-steps", "4", "--method", "distill", "finetune.ckpt_every_steps=2",
-           "finetune.num_workers=0"]
+           "finetune.data.num_workers=0"]
     assert finetune_cli(tmp_path / "straight", *run)[0] == 0
     real_save = safeprune.checkpoint.save_checkpoint
 
@@ -77,8 +77,8 @@ def test_streamed_run_resumes_exactly(finetune_cli, shards, tmp_path, monkeypatc
 
 
 def test_stream_mode_on_the_toy_split_and_bad_shards(finetune_cli, tmp_path):
-    code, err = finetune_cli(tmp_path / "toy", "--max-steps", "2", "--method", "distill", "finetune.data_mode=stream",
-                             "finetune.num_workers=0")
+    code, err = finetune_cli(tmp_path / "toy", "--max-steps", "2", "--method", "distill", "finetune.data.mode=stream",
+                             "finetune.data.num_workers=0")
     assert code == 0, err
     (tmp_path / "bad.tar").write_bytes(b"\0" * 100)
     code, err = finetune_cli(tmp_path / "bad", "--data", str(tmp_path / "bad.tar"), "--max-steps", "2")

@@ -13,8 +13,8 @@ from safeprune.errors import UserError
 def test_sd21_is_the_papers_recipe():
     cfg = load_config("sd21")
     ft = cfg.finetune
-    assert (ft.method, ft.solver, ft.unlearn, ft.upper_every, ft.max_steps) == ("bilevel", "alternating", "esd", 10, 20000)
-    assert (ft.lr, ft.upper_lr, ft.warmup_steps, ft.snr_gamma) == (1e-6, 5e-6, 250, 5.0)
+    assert (ft.method, ft.solver.name, ft.unlearn.name, ft.upper.every, ft.max_steps) == ("bilevel", "alternating", "esd", 10, 20000)
+    assert (ft.lr, ft.upper.lr, ft.warmup_steps, ft.snr_gamma) == (1e-6, 5e-6, 250, 5.0)
     assert (ft.lambda_diff, ft.lambda_out, ft.lambda_feat) == (1.0, 2.0, 0.1)
     assert ft.batch_size * 4 * ft.grad_accum == 64  # the paper's global batch on its 4 GPUs
     assert (ft.resolution, ft.mixed_precision, ft.teacher_dtype, ft.gradient_checkpointing) == (512, "bf16", "bf16", True)
@@ -73,9 +73,9 @@ def test_presets_merge_in_command_line_order(capsys):
             assert concepts[0]["target"] == first_target, argv
 
 
-@pytest.mark.parametrize("flag", ["model.allow_download=true", "finetune.hub_data=true"])
+@pytest.mark.parametrize("flag", ["model.allow_download=true", "finetune.data.hub_data=true"])
 def test_asking_for_the_hub_lifts_the_offline_default(monkeypatch, capsys, flag):
-    """finetune.hub_data=true must be able to download (its error message says so), as --allow-download can."""
+    """finetune.data.hub_data=true must be able to download (its error message says so), as --allow-download can."""
     import safeprune.cli
 
     monkeypatch.setattr(safeprune.cli, "_OFFLINE_BY_DEFAULT", True)

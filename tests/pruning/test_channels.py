@@ -6,7 +6,7 @@ import pytest
 import torch
 from pruning_helpers import meta_unet, run_unet, sd_config, unet_inputs
 
-from safeprune.config import PruneConfig
+from safeprune.config import ChannelsOptions, PruneConfig
 from safeprune.errors import UserError
 from safeprune.models.hooks import capture_features, feature_blocks
 from safeprune.pruning import apply_plan, prune
@@ -14,8 +14,8 @@ from safeprune.pruning.channels import find_sites
 from safeprune.pruning.measure import count_parameters
 
 
-def channels(ratio, **kw):
-    return PruneConfig(method="channels", ratio=ratio, **kw)
+def channels(ratio, options=None):
+    return PruneConfig(method="channels", ratio=ratio, channels=options or ChannelsOptions())
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_taylor_uses_the_calibration_loss(tiny_sd_unet):
         inputs = unet_inputs(unet, seed=i)
         return unet(**inputs).sample.pow(2).mean()
 
-    student, plan = prune(tiny_sd_unet, "channels", channels(0.3, importance="taylor", calibration_batches=2), calib)
+    student, plan = prune(tiny_sd_unet, "channels", channels(0.3, ChannelsOptions(importance="taylor", calibration_batches=2)), calib)
     _, magnitude_plan = prune(tiny_sd_unet, "channels", channels(0.3))
     assert calls == [0, 1] and plan["importance"] == "taylor"
     assert plan["groups"] != magnitude_plan["groups"]  # a different criterion picks different units
@@ -110,7 +110,7 @@ def test_taylor_uses_the_calibration_loss(tiny_sd_unet):
 
 def test_taylor_without_calibration_is_a_user_error(tiny_sd_unet):
     with pytest.raises(UserError, match="calib"):
-        prune(tiny_sd_unet, "channels", channels(0.3, importance="taylor"))
+        prune(tiny_sd_unet, "channels", channels(0.3, ChannelsOptions(importance="taylor")))
 
 
 def test_unreachable_ratio_is_a_user_error(tiny_sd_unet):

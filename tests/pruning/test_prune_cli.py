@@ -46,8 +46,8 @@ def test_channels_on_the_toy_teacher_then_generate(capsys, tmp_path, toy_teacher
 
 def test_taylor_importance_from_the_toy_training_data(capsys, tmp_path, toy_teacher_dir):
     code, _, err = run(capsys, "prune", "--model", toy_teacher_dir, "--method", "channels", "--ratio", "0.3",
-                       "--importance", "taylor", "--out", tmp_path / "d", "prune.calibration_batches=1",
-                       "prune.calibration_batch_size=4", "prune.latency_runs=1")
+                       "--importance", "taylor", "--out", tmp_path / "d", "prune.channels.calibration_batches=1",
+                       "prune.channels.calibration_batch_size=4", "prune.latency_runs=1")
     assert code == 0, err
     assert json.loads((tmp_path / "d" / "plan.json").read_text())["importance"] == "taylor"
     assert safeprune.load_unet(tmp_path / "d").config.sample_size == 16

@@ -7,13 +7,13 @@ import torch
 from pruning_helpers import run_unet, unet_inputs
 
 import safeprune
-from safeprune.config import PruneConfig
+from safeprune.config import BlocksOptions, PruneConfig
 from safeprune.errors import UserError
 from safeprune.models.io import load_plan, load_unet, save_unet
 from safeprune.pruning import prune
 
 
-@pytest.mark.parametrize("method, options", [("none", {}), ("blocks", {"preset": "small"}),
+@pytest.mark.parametrize("method, options", [("none", {}), ("blocks", {"blocks": BlocksOptions("small")}),
                                              ("channels", {"ratio": 0.4}), ("magnitude", {"ratio": 0.5})])
 def test_save_load_identical_outputs(tmp_path, tiny_sd_unet, method, options):
     student, plan = prune(tiny_sd_unet, method, PruneConfig(method=method, **options))
@@ -26,7 +26,7 @@ def test_save_load_identical_outputs(tmp_path, tiny_sd_unet, method, options):
     assert load_plan(tmp_path / "m")["base_config"] == plan["base_config"]
 
 
-@pytest.mark.parametrize("method, options", [("none", {}), ("blocks", {"preset": "base"}),
+@pytest.mark.parametrize("method, options", [("none", {}), ("blocks", {"blocks": BlocksOptions("base")}),
                                              ("channels", {"ratio": 0.3}), ("magnitude", {"ratio": 0.3})])
 def test_every_method_on_the_toy_teacher(tmp_path, toy_unet, method, options):
     student, plan = prune(toy_unet, method, PruneConfig(method=method, **options))
@@ -37,7 +37,7 @@ def test_every_method_on_the_toy_teacher(tmp_path, toy_unet, method, options):
     assert torch.equal(run_unet(load_unet(tmp_path / "m"), inputs), out)
 
 
-@pytest.mark.parametrize("method, options", [("blocks", {"preset": "tiny"}), ("magnitude", {"ratio": 0.3})])
+@pytest.mark.parametrize("method, options", [("blocks", {"blocks": BlocksOptions("tiny")}), ("magnitude", {"ratio": 0.3})])
 def test_stock_diffusers_loads_config_expressible_models(tmp_path, tiny_sd_unet, method, options):
     from diffusers import UNet2DConditionModel
 

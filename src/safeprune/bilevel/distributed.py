@@ -1,7 +1,7 @@
 """The two-optimiser bilevel step under `accelerate launch`: data parallel (DDP) and sharded (FSDP).
 
 The step holds ONE set of weights and TWO AdamW optimisers over it (lower: every weight; upper: the subset
-the unlearning loss moves, method notes Sec. 3). Both optimisers go through the same `accelerator.prepare`
+the unlearning loss moves, `safeprune.unlearning.select_parameters`). Both optimisers go through the same `accelerator.prepare`
 call as the student, so Accelerate wraps both (mixed-precision scaling, FSDP parameter mapping).
 
 - DDP replicates the weights and all-reduces gradients in every backward pass (lower and upper alike);
@@ -27,22 +27,29 @@ Tested on two CPU ranks against DDP (tests/finetune/test_fsdp_cpu.py); not yet o
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from safeprune.errors import UserError, check
 from safeprune.models.hooks import canonical_name
+from safeprune.pruning.magnitude import MASK
 
 
 def is_sharded(accelerator) -> bool:
     """Whether Accelerate shards the student (FSDP v1 or v2)."""
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type == DistributedType.FSDP
 
 
 def check_shardable(accelerator, student: torch.nn.Module, ema_decay: float) -> None:
     """Refuse, before wrapping, what FSDP cannot shard here (one-line UserErrors)."""
-    from safeprune.pruning.magnitude import MASK
-
     if not is_sharded(accelerator):
         return
     plugin = accelerator.state.fsdp_plugin
@@ -97,15 +104,11 @@ class StateDictView:
         self.state: dict | None = None
 
     def _options(self, **kwargs):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
         # Offloading gathered tensors to the CPU saves GPU memory; on CPU ranks it crashes torch 2.13 (gloo).
         return StateDictOptions(full_state_dict=True, cpu_offload=self.accelerator.device.type != "cpu", **kwargs)
 
     def gather(self) -> StateDictView:
         """Collective: every rank must call it; afterwards `state_dict()` holds full tensors."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
         if self.optimizer is None:
             self.state = get_model_state_dict(self.model, options=self._options())
         elif self.accelerator.is_fsdp2:
@@ -120,8 +123,6 @@ class StateDictView:
 
     def load_state_dict(self, state: dict) -> None:
         """Collective: every rank loads the same full state; each keeps its shard."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
         if self.optimizer is None:
             set_model_state_dict(self.model, state, options=self._options())
         elif self.accelerator.is_fsdp2:
@@ -140,9 +141,6 @@ class StateDictView:
 
 def _fsdp1_layout(model, optimizer, device) -> tuple[list, list[torch.Size], torch.Tensor, object]:
     """(parameters in optimiser order, their full shapes, (ranks, params) view sizes, the sharding group)."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     shapes = {}
     for module in FSDP.fsdp_modules(model):
         flat = module._handle.flat_param if module._handle is not None else None
@@ -158,8 +156,6 @@ def _fsdp1_layout(model, optimizer, device) -> tuple[list, list[torch.Size], tor
 
 def _state_keys(optimizer, params, group) -> dict[str, tuple[torch.dtype, bool]]:
     """{state key: (dtype, 0-dim?)} over every rank (a rank may hold no state for some parameters)."""
-    import torch.distributed as dist
-
     mine = {k: (v.dtype, v.dim() == 0) for p in params for k, v in optimizer.state.get(p, {}).items()
             if torch.is_tensor(v)}
     everyone = [None] * dist.get_world_size(group)
@@ -170,8 +166,6 @@ def _state_keys(optimizer, params, group) -> dict[str, tuple[torch.dtype, bool]]
 @torch.no_grad()
 def _gather_fsdp1_optimizer(model, optimizer, device) -> dict:
     """This optimiser's full state in torch's index-keyed format (CPU tensors), on every rank."""
-    import torch.distributed as dist
-
     params, shapes, sizes, group = _fsdp1_layout(model, optimizer, device)
     keys = _state_keys(optimizer, params, group)  # the same on every rank: so are the collectives below
     state = {}
@@ -205,8 +199,6 @@ def _gather_fsdp1_optimizer(model, optimizer, device) -> dict:
 
 def _scatter_fsdp1_optimizer(model, optimizer, state: dict, device) -> None:
     """Load a full index-keyed optimiser state: each rank keeps its slice of every per-element tensor."""
-    import torch.distributed as dist
-
     params, _, sizes, group = _fsdp1_layout(model, optimizer, device)
     rank = dist.get_rank(group)
     local = {}

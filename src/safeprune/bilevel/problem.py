@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from safeprune.data.datasets import LatentPool
 from safeprune.errors import UserError
 from safeprune.losses import LowerLevelLoss
 from safeprune.models.hooks import capture_features
+from safeprune.utils import torch_rng
 
 
 class NonFiniteLoss(UserError):
@@ -52,9 +51,8 @@ class Pools:
 
 
 def step_generator(seed: int, rank: int, step: int, stream: str) -> torch.Generator:
-    """A CPU generator that depends only on (seed, rank, step, stream)."""
-    state = np.random.SeedSequence([seed, rank, step, zlib.crc32(stream.encode())]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    """A CPU generator that depends only on (seed, rank, step, stream): `torch_rng` keyed in that order."""
+    return torch_rng(seed, rank, step, stream)
 
 
 @dataclass(eq=False)

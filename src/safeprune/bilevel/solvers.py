@@ -1,6 +1,6 @@
 """The fine-tuning methods as per-iteration step functions: distill, two-stage, and the bilevel solvers.
 
-Bilevel problem (method notes, Sec. 3): min_theta L_CU(theta)  s.t.  theta in argmin L_ft(theta).
+Bilevel problem (seed paper Sec. 4): min_theta L_CU(theta)  s.t.  theta in argmin L_ft(theta).
 
 - `Distill`      — the lower level only: one L_ft step per iteration.
 - `Alternating`  — the released code's first-order scheme: one set of weights, two optimisers; a lower
@@ -9,7 +9,7 @@ Bilevel problem (method notes, Sec. 3): min_theta L_CU(theta)  s.t.  theta in ar
                    grad L_CU + lambda grad L_ft (lambda constant or linearly scheduled) with the upper
                    optimiser. theta and vartheta share one space, so the K lower steps stand in for the
                    inner problem (vartheta -> argmin L_ft) and the outer gradient has no vartheta term
-                   (method notes, Sec. 3). The constraint gap L_ft(theta_after) - L_ft(theta_before) of the outer step, on
+                   (seed paper Sec. 4). The constraint gap L_ft(theta_after) - L_ft(theta_before) of the outer step, on
                    one batch, is logged: how far the outer step left the lower level's solution set.
 - `TwoStage`     — the baseline: `distill` for N iterations, then L_CU alone for M iterations
                    (M defaults to the bilevel methods' number of upper steps, so the budgets match).
@@ -19,6 +19,10 @@ Each method is a frozen dataclass called as `method(step, problem, update) -> lo
 pure function of `step`, so a resumed run replays the same schedule. `problem` only accumulates
 gradients (see `Problem`); `update(which)` applies the `lower` or `upper` optimiser and clears them.
 That split lets the same code solve a 2-D quadratic in the tests and a UNet in the recipe.
+
+`METHODS` (the `finetune.method` values) and `SOLVERS` (`finetune.solver`, for `bilevel`) map each name to
+the class's `from_config(finetune section)`; `build_method` looks the name up. Each method's `label` names
+it in progress bars and summary.json.
 """
 
 from __future__ import annotations
@@ -51,6 +55,13 @@ def _prefixed(prefix: str, logs: dict[str, float]) -> dict[str, float]:
 @dataclass(frozen=True)
 class Distill:
     max_steps: int
+
+    label = "distill"
+    solver = None  # the `finetune.solver` it runs (bilevel methods only)
+
+    @classmethod
+    def from_config(cls, cfg) -> Distill:
+        return cls(cfg.max_steps)
 
     @property
     def total_steps(self) -> int:
@@ -86,6 +97,13 @@ class _EveryK:
 class Alternating(_EveryK):
     """K = an upper step after every K-th lower step."""
 
+    label = "bilevel/alternating"
+    solver = "alternating"  # the `finetune.solver` it runs (bilevel methods only)
+
+    @classmethod
+    def from_config(cls, cfg) -> Alternating:
+        return cls(cfg.max_steps, cfg.upper.every)
+
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         logs = _prefixed("lower", problem.lower(step))
         update("lower")
@@ -101,6 +119,15 @@ class Penalty(_EveryK):
 
     penalty: float  # lambda at step 0
     penalty_end: float  # lambda at the last step (linear schedule); equal to `penalty` for a constant
+
+    label = "bilevel/penalty"
+    solver = "penalty"  # the `finetune.solver` it runs (bilevel methods only)
+
+    @classmethod
+    def from_config(cls, cfg) -> Penalty:
+        solver = cfg.solver
+        end = solver.penalty_lambda if solver.penalty_lambda_end < 0 else solver.penalty_lambda_end
+        return cls(cfg.max_steps, cfg.upper.every, solver.penalty_lambda, end)
 
     def penalty_at(self, step: int) -> float:
         frac = step / max(self.max_steps - 1, 1)
@@ -124,6 +151,19 @@ class TwoStage:
     distill_steps: int  # N: stage 1, the lower level alone
     unlearn_steps: int  # M: stage 2, the upper level alone
 
+    label = "two_stage"
+    solver = None  # the `finetune.solver` it runs (bilevel methods only)
+
+    @classmethod
+    def from_config(cls, cfg) -> TwoStage:
+        # Equal budget by default: as many unlearning steps as bilevel makes upper steps.
+        steps = cfg.two_stage.unlearn_steps
+        unlearn = steps if steps >= 0 else cfg.max_steps // cfg.upper.every
+        check(unlearn > 0, f"two_stage has no unlearning steps (finetune.max_steps={cfg.max_steps} < "
+                           f"finetune.upper.every={cfg.upper.every}); raise max_steps or set "
+                           "finetune.two_stage.unlearn_steps")
+        return cls(cfg.max_steps, unlearn)
+
     @property
     def total_steps(self) -> int:
         return self.distill_steps + self.unlearn_steps
@@ -142,26 +182,20 @@ class TwoStage:
         return logs
 
 
-METHODS = ("distill", "two_stage", "bilevel")
-SOLVERS = ("alternating", "penalty")
+SOLVERS: dict[str, Callable] = {"alternating": Alternating.from_config, "penalty": Penalty.from_config}
+
+
+def _bilevel(cfg):
+    """`bilevel`: the solver named by `finetune.solver`."""
+    return choose("bilevel solver", cfg.solver.name, SOLVERS)(cfg)
+
+
+METHODS: dict[str, Callable] = {"distill": Distill.from_config, "two_stage": TwoStage.from_config, "bilevel": _bilevel}
 
 
 def build_method(cfg):
     """The step function for the `finetune` config section (method, solver, K, budgets)."""
-    choose("fine-tuning method", cfg.method, dict.fromkeys(METHODS))
-    if cfg.method == "distill":
-        return Distill(cfg.max_steps)
-    if cfg.method == "two_stage":
-        # Equal budget by default: as many unlearning steps as bilevel makes upper steps.
-        unlearn = cfg.unlearn_steps if cfg.unlearn_steps >= 0 else cfg.max_steps // cfg.upper_every
-        check(unlearn > 0, f"two_stage has no unlearning steps (finetune.max_steps={cfg.max_steps} < "
-                           f"finetune.upper_every={cfg.upper_every}); raise max_steps or set finetune.unlearn_steps")
-        return TwoStage(cfg.max_steps, unlearn)
-    choose("bilevel solver", cfg.solver, dict.fromkeys(SOLVERS))
-    if cfg.solver == "alternating":
-        return Alternating(cfg.max_steps, cfg.upper_every)
-    end = cfg.penalty_lambda if cfg.penalty_lambda_end < 0 else cfg.penalty_lambda_end
-    return Penalty(cfg.max_steps, cfg.upper_every, cfg.penalty_lambda, end)
+    return choose("fine-tuning method", cfg.method, METHODS)(cfg)
 
 
 def uses_upper(method) -> bool:

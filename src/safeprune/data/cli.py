@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from safeprune.config import save_config
 from safeprune.data.toyworld import COLOURS, SHAPES, STYLES, Labels, ToyWorld, draw
+from safeprune.utils import numpy_rng
 from safeprune.viz import make_grid, save_image
 
 
 def preview(world: ToyWorld, out: str | Path) -> Path:
     """One row per style, one column per (shape, colour); forbidden styles are marked in the label."""
-    rng = np.random.default_rng(world.seed)
+    rng = numpy_rng(world.seed)
     rows, labels = [], []
     for style in STYLES:
         rows.append([draw(Labels(s, c, style), rng, world.cfg.size) for s in SHAPES for c in COLOURS])
@@ -26,8 +25,8 @@ def preview(world: ToyWorld, out: str | Path) -> Path:
 def run_toyworld(cfg, args) -> int:
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     if args.action == "preview":
-        path = preview(world, args.out)
-        save_config(cfg, args.out)
+        path = preview(world, cfg.paths.out)
+        save_config(cfg, cfg.paths.out)
         print(f"wrote {path}")
         return 0
     start = time.perf_counter()

@@ -6,8 +6,8 @@ Sources (`open_source` / `open_image_captions`), chosen by what `--data` points 
     e.g. one written by `safeprune toyworld export` or `safeprune concept-images`;
   - Hugging Face `datasets`: a folder written by `save_to_disk`, or parquet/arrow files (one file, a folder
     of them, or a glob) read with `load_dataset("parquet"|"arrow", data_files=...)`; with
-    `finetune.streaming=true` they are read lazily as an `IterableDataset`; a hub dataset id only with
-    `finetune.hub_data=true` (offline by default);
+    `finetune.data.streaming=true` they are read lazily as an `IterableDataset`; a hub dataset id only with
+    `finetune.data.hub_data=true` (offline by default);
   - webdataset tar shards of image + caption (`shards/{000..009}.tar`, a folder of .tar files): see shards.py.
 
 Map-style sources (toy, folder, datasets) expose `record(i)`; iterable ones (shards, streaming datasets)
@@ -23,61 +23,20 @@ Two consumers:
 from __future__ import annotations
 
 import glob
-import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from safeprune.data.transforms import pil_to_tensor
+from safeprune.data.records import CAPTION_COLUMNS, LABEL_COLUMNS, caption_column, to_model_image, to_pil
+from safeprune.data.shards import HFStream, ShardStream
 from safeprune.errors import UserError, check
+from safeprune.utils import HUB_ID, numpy_rng
 
-CAPTION_COLUMNS = ("text", "caption", "prompt")
-LABEL_COLUMNS = ("shape", "colour", "style")
 TABLE_SUFFIXES = (".parquet", ".arrow")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, as on huggingface.co/datasets/owner/name
-
-
-def to_model_image(image, size: int) -> torch.Tensor:
-    """PIL image or uint8 array (H, W, 3) -> float tensor (3, size, size) in [-1, 1] (centre crop, bicubic)."""
-    from PIL import Image
-
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    return pil_to_tensor(image)
-
-
-def to_pil(value, where: str):
-    """An image cell as PIL RGB: a PIL image, encoded bytes, or a datasets {"bytes", "path"} dict."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(value, dict):  # an Image column read without its feature type (e.g. a foreign parquet)
-        value = value.get("bytes") or Path(value.get("path") or "").read_bytes()
-    if isinstance(value, np.ndarray):
-        return Image.fromarray(value).convert("RGB")
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            with Image.open(io.BytesIO(value)) as image:
-                return image.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"{where}: the image cannot be decoded ({err}); re-encode or drop that sample") from err
-    check(hasattr(value, "convert"), f"{where}: the image column holds {type(value).__name__}, not an image")
-    return value.convert("RGB")
-
-
-def caption_column(columns, where: str) -> str:
-    """The caption column among `columns`, or a one-line error naming what is there."""
-    found = next((c for c in CAPTION_COLUMNS if c in columns), None)
-    check(found is not None, f"{where} has no caption column ({', '.join(CAPTION_COLUMNS)}); it has {sorted(columns)}")
-    return found
 
 
 class _Resized(torch.utils.data.Dataset):
@@ -100,8 +59,6 @@ class ToySplit(_Resized):
         return self.n
 
     def record(self, i: int) -> dict:
-        from PIL import Image
-
         image, caption, labels = self.world.sample(self.split, i)
         return {"image": Image.fromarray(image), "text": caption, "labels": labels.as_dict(), "key": str(i)}
 
@@ -159,14 +116,6 @@ class HFImageCaptions(_Resized):
                 "labels": {k: row[k] for k in LABEL_COLUMNS if k in row}, "key": str(i)}
 
 
-def _import_datasets(what: str):
-    try:
-        import datasets
-    except ImportError as err:
-        raise UserError(f"{what} needs the optional `datasets` package: pip install 'safeprune[data]'") from err
-    return datasets
-
-
 def _table_files(source: str) -> tuple[str, list[str]]:
     """("parquet" | "arrow", files) for a file, a folder of them (recursively) or a glob pattern."""
     path = Path(source)
@@ -207,8 +156,6 @@ def _open_hf(source: str, *, streaming: bool, hub: bool):
               f"dataset {source!r} is empty; it needs at least one captioned image")
         raise UserError(f"cannot read dataset {source!r}: {first}") from err
     if streaming:
-        from safeprune.data.shards import HFStream
-
         return HFStream(data, source)
     check(len(data) > 0, f"dataset {source!r} is empty; it needs at least one captioned image")
     return HFImageCaptions(data, source, None)
@@ -224,8 +171,6 @@ def open_source(source: str | Path, *, streaming: bool = False, hub: bool = Fals
     """The records behind `--data`: map-style (`record(i)`, len) or iterable (`records(...)`, see shards.py)."""
     text, path = str(source), Path(source)
     if is_shards(text):
-        from safeprune.data.shards import ShardStream
-
         return ShardStream(text)
     if (path / "metadata.jsonl").is_file():
         return ImageFolder(path, None)
@@ -238,7 +183,7 @@ def open_source(source: str | Path, *, streaming: bool = False, hub: bool = Fals
                              "point --data at one of those")
     if HUB_ID.match(text):
         check(hub, f"--data {text!r} is not a local path; if it is a Hugging Face hub dataset id, set "
-                   "finetune.hub_data=true to download it (needs network), else fix the path")
+                   "finetune.data.hub_data=true to download it (needs network), else fix the path")
         return _open_hf(text, streaming=streaming, hub=True)
     raise UserError(f"data source {text!r} not found; pass an image folder with metadata.jsonl, a Hugging Face "
                     "dataset folder, parquet/arrow files or webdataset shards (e.g. shards/{000..009}.tar)")
@@ -304,11 +249,12 @@ class LatentPool:
         return idx, self.mean[idx_dev] + self.std[idx_dev] * eps.to(self.mean.device)
 
 
-def pool_indices(length: int, n: int, seed: int) -> list[int]:
-    """Which dataset items form a pool of n: all of them if they fit, else a seeded sample in index order."""
+def pool_indices(length: int, n: int, rng: np.random.Generator) -> list[int]:
+    """Which dataset items form a pool of n: all of them if they fit, else a sample drawn with `rng`, in index
+    order."""
     if length <= n:
         return list(range(length))
-    return sorted(np.random.default_rng(seed).choice(length, n, replace=False).tolist())
+    return sorted(rng.choice(length, n, replace=False).tolist())
 
 
 @torch.no_grad()
@@ -322,9 +268,12 @@ def latent_gaussian(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def encode_pool(dataset, n: int, vae, *, seed: int = 0, batch_size: int = 64, device="cpu") -> LatentPool:
-    """VAE-encode up to `n` items of `dataset` once; keep the latent Gaussian (mean, std) of each."""
-    indices = pool_indices(len(dataset), n, seed)
+def encode_pool(dataset, n: int, vae, *, rng: np.random.Generator | None = None, batch_size: int = 64,
+                device="cpu") -> LatentPool:
+    """VAE-encode up to `n` items of `dataset` once; keep the latent Gaussian (mean, std) of each.
+
+    `rng` picks the pool when the dataset holds more than `n` items (default: `numpy_rng(0)`)."""
+    indices = pool_indices(len(dataset), n, rng if rng is not None else numpy_rng(0))
     check(bool(indices), "the dataset is empty; it needs at least one captioned image")
     means, stds, captions, labels = [], [], [], []
     for start in range(0, len(indices), batch_size):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from safeprune.data.datasets import LABEL_COLUMNS, caption_column, to_pil
-from safeprune.data.transforms import sample_rng
+from safeprune.data.records import LABEL_COLUMNS, caption_column, to_pil
 from safeprune.errors import UserError, check
+from safeprune.utils import numpy_rng
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "caption", "text")
@@ -109,13 +109,13 @@ class ShardStream:
         slot, slots = rank * workers + worker, world * workers
         shards = list(self.shards)
         if shuffle_buffer > 0:
-            order = sample_rng(seed, epoch).permutation(len(shards))
+            order = numpy_rng(seed, epoch).permutation(len(shards))
             shards = [shards[i] for i in order]
         if len(shards) >= slots:
             raw = self._raw(shards[slot::slots])
         else:  # fewer shards than readers: all read everything, each keeps its own every-R-th sample
             raw = itertools.islice(self._raw(shards), slot, None, slots)
-        for sample in _shuffled(raw, shuffle_buffer, sample_rng(seed, epoch, slot)):
+        for sample in _shuffled(raw, shuffle_buffer, numpy_rng(seed, epoch, slot)):
             yield self._decode(sample)
 
 

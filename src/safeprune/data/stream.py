@@ -34,21 +34,21 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from safeprune.data.datasets import embed_prompts, is_shards, latent_gaussian, open_source
-from safeprune.data.transforms import sample_rng, train_image
+from safeprune.data.datasets import ToySplit, embed_prompts, is_shards, latent_gaussian, open_source
+from safeprune.data.transforms import train_image
 from safeprune.errors import UserError, check
-
-MODES = ("auto", "pool", "stream")
+from safeprune.utils import numpy_rng
 
 
 def data_mode(ft, data) -> str:
-    """`finetune.data_mode` resolved: auto = stream for iterable sources (shards, streaming=true), else pool."""
-    if ft.data_mode != "auto":
-        return ft.data_mode
-    return "stream" if data is not None and (ft.streaming or is_shards(str(data))) else "pool"
+    """`finetune.data.mode` resolved: auto = stream for iterable sources (shards, streaming=true), else pool."""
+    if ft.data.mode != "auto":
+        return ft.data.mode
+    return "stream" if data is not None and (ft.data.streaming or is_shards(str(data))) else "pool"
 
 
 # ----------------------------------------------------------------------------- pixel batches
@@ -66,7 +66,7 @@ class _MapImages(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         record = self.source.record(i)
-        return train_image(record["image"], rng=sample_rng(self.seed, epoch, i), **self.augment), record["text"]
+        return train_image(record["image"], rng=numpy_rng(self.seed, epoch, i), **self.augment), record["text"]
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -79,7 +79,7 @@ class _EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         skip = self.start
         for epoch in itertools.count():
-            share = np.random.default_rng([self.seed, epoch]).permutation(self.n)[self.rank::self.world]
+            share = numpy_rng(self.seed, epoch).permutation(self.n)[self.rank::self.world]
             if skip >= len(share):  # a resumed run jumps over whole epochs without touching an image
                 skip -= len(share)
                 continue
@@ -100,7 +100,7 @@ class _StreamImages(torch.utils.data.IterableDataset):
             empty = True
             for record in self.source.records(self.seed, epoch, self.rank, self.world, self.shuffle_buffer):
                 empty = False
-                rng = sample_rng(self.seed, epoch, record["key"])
+                rng = numpy_rng(self.seed, epoch, record["key"])
                 yield train_image(record["image"], rng=rng, **self.augment), record["text"]
             if empty:  # a reader with no share (more readers than shards of a streaming dataset) just stops
                 return
@@ -147,8 +147,6 @@ class ImageStream:
                                              pin_memory=self.pin_memory, **workers)
         batches = iter(loader)
         if self.iterable and self.consumed:  # same reader split and seeds: read past what was drawn before
-            from tqdm.auto import tqdm
-
             left = self.consumed
             with tqdm(total=left, desc="skipping consumed samples", unit="img", leave=False) as bar:
                 while left:
@@ -213,8 +211,6 @@ class TextEmbeddings:
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         """(n, L, D) float on the device."""
-        from safetensors.torch import load_file, save_file
-
         found = {}
         if self.folder is not None:
             for caption in dict.fromkeys(captions):
@@ -295,15 +291,13 @@ def open_stream_pool(data, ft, *, world, vae, tokenizer, text_encoder, resolutio
     The VAE and text encoder run every step here, so they take the teacher's `dtype` (as diffusers' training
     scripts cast them to the weight dtype); latents and embeddings come back as float32.
     """
-    from safeprune.data.datasets import ToySplit
-
-    source = ToySplit(world, "finetune", ft.data_pool, resolution) if data is None else \
-        open_source(data, streaming=ft.streaming, hub=ft.hub_data)
+    source = ToySplit(world, "finetune", ft.data.pool, resolution) if data is None else \
+        open_source(data, streaming=ft.data.streaming, hub=ft.data.hub_data)
     rank, processes = _rank_and_world()
     device = torch.device(device)
-    images = ImageStream(source, batch_size=ft.batch_size, resolution=resolution, random_crop=ft.random_crop,
-                         random_flip=ft.random_flip, num_workers=ft.num_workers, shuffle_buffer=ft.shuffle_buffer,
+    images = ImageStream(source, batch_size=ft.batch_size, resolution=resolution, random_crop=ft.data.random_crop,
+                         random_flip=ft.data.random_flip, num_workers=ft.data.num_workers, shuffle_buffer=ft.data.shuffle_buffer,
                          seed=seed, rank=rank, world=processes, pin_memory=device.type == "cuda")
     text = TextEmbeddings(tokenizer, text_encoder.to(device, dtype).eval(), device=device,
-                          folder=ft.text_cache or None)
+                          folder=ft.data.text_cache or None)
     return StreamLatents(images, vae.to(device, dtype).eval(), text, device=device, replay=2 * ft.grad_accum)

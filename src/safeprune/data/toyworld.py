@@ -13,14 +13,15 @@ data of the bilevel problem). Prompt sets for evaluation: `forget`, `retain`, `n
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from safeprune.config import ToyWorldConfig
 from safeprune.errors import UserError, check
+from safeprune.utils import atomic_folder, numpy_rng
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {  # RGB, chosen far apart so a colour survives every style
@@ -123,10 +124,6 @@ def draw(labels: Labels, rng: np.random.Generator, size: int = 32) -> np.ndarray
 # ----------------------------------------------------------------------------- the world
 
 
-def _split_code(name: str) -> int:
-    return zlib.crc32(name.encode())  # a stable integer per split name for seeding
-
-
 class ToyWorld:
     """Concept lists, splits and prompt sets for one `ToyWorldConfig`."""
 
@@ -183,7 +180,7 @@ class ToyWorld:
 
     def sample(self, split: str, index: int) -> tuple[np.ndarray, str, Labels]:
         """Image `index` of `split`: (uint8 image (S, S, 3), caption, labels); pure in (seed, split, index)."""
-        rng = np.random.default_rng([self.seed, _split_code(split), index])
+        rng = numpy_rng(self.seed, split, index)
         labels = self.labels(split, index, rng)
         caption = self.caption(labels, rng, split)
         return draw(labels, rng, self.cfg.size), caption, labels
@@ -227,10 +224,6 @@ class ToyWorld:
     # -- export
     def export(self, folder: str | Path, split: str, n: int) -> Path:
         """Write `n` PNGs + a diffusers-style `metadata.jsonl` (file_name, text, labels); returns the folder."""
-        from PIL import Image
-
-        from safeprune.utils import atomic_folder
-
         check(n > 0, f"--n {n}: export at least one image")
         with atomic_folder(folder) as tmp, open(tmp / "metadata.jsonl", "w") as meta:
             for i in range(n):

@@ -4,27 +4,22 @@
     ->  horizontal flip with probability 1/2  ->  float tensor (3, R, R) in [-1, 1]
 
 Hand-written in PIL + numpy rather than torchvision.transforms: the torchvision wheel on PyPI is a CUDA
-build that breaks `import diffusers` beside our CPU torch (docs: platform notes), and these three steps are
+build that breaks `import diffusers` beside our CPU torch (the reason it is not a dependency in
+pyproject.toml), and these three steps are
 a dozen lines. The arithmetic follows torchvision's PIL path (Resize(int): long side = int(long * R / short);
 CenterCrop: int(round((H - R) / 2))), so crops match the reference script pixel for pixel.
 
-Randomness is explicit: every sample gets its own `numpy.random.Generator` from `sample_rng(seed, *key)`,
+Randomness is explicit: every sample gets its own `numpy.random.Generator` from
+`safeprune.utils.numpy_rng(seed, *key)`,
 so a sample's crop and flip depend only on (seed, epoch, its identity) -- not on worker count, batch
 size or what was drawn before it -- which keeps streamed training reproducible and resumable.
 """
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import torch
-
-
-def sample_rng(seed: int, *key: int | str) -> np.random.Generator:
-    """A generator that depends only on (seed, *key); strings (file names, shard keys) are hashed with crc32."""
-    words = [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in key]
-    return np.random.default_rng([seed, *words])
+from PIL import Image
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -36,8 +31,6 @@ def pil_to_tensor(image) -> torch.Tensor:
 def train_image(image, resolution: int, *, random_crop: bool, random_flip: bool,
                 rng: np.random.Generator) -> torch.Tensor:
     """PIL image -> (3, resolution, resolution) in [-1, 1]: short-side resize, crop, optional flip."""
-    from PIL import Image
-
     image = image.convert("RGB")
     w, h = image.size
     size = (resolution, int(h * resolution / w)) if w <= h else (int(w * resolution / h), resolution)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -24,20 +23,15 @@ from safeprune.errors import UserError, check, choose
 from safeprune.eval import extractors as ex
 from safeprune.eval.field import NEEDS
 from safeprune.eval.prompts import read_prompt_set
+from safeprune.eval.protocols import protocol_files
 from safeprune.eval.references import read_reference
 
 STATE_FILE = "evaluation.json"
 RESULTS_FILE = "results.json"
 
 
-def protocols() -> dict[str, Path]:
-    """{name: YAML path} of the shipped protocols."""
-    folder = resources.files("safeprune.eval") / "protocols"
-    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
-
-
 def load_protocol(name: str) -> dict:
-    path = choose("evaluation protocol", name, protocols())
+    path = choose("evaluation protocol", name, protocol_files())
     return yaml.safe_load(path.read_text())
 
 

@@ -18,6 +18,14 @@ from safeprune.losses.base import mse_per_sample
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict for x_t = scheduler.add_noise(latents, noise, t): eps, or v for
+    `v_prediction` schedulers (the velocity of eq. 1's v-form), (B, C, H, W)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Per-sample Min-SNR-gamma weight (B,) for the given SNR(t) values (B,)."""
     clipped = torch.clamp(snr, max=gamma)
@@ -42,14 +50,13 @@ class DenoisingLoss:
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the UNet should predict for x_t = add_noise(latents, noise, t): eps or v, (B, C, H, W)."""
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(latents, noise, timesteps)
-        return noise
+        return denoising_target(self.scheduler, latents, noise, timesteps)
 
     def __call__(self, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
                  timesteps: torch.Tensor) -> torch.Tensor:
         loss = mse_per_sample(pred, self.target(latents, noise, timesteps))  # (B,)
         if self.snr_gamma > 0:
+            # imported here: safeprune.unlearning, a registry that `safeprune --help` lists, imports this package
             from diffusers.training_utils import compute_snr
 
             snr = compute_snr(self.scheduler, timesteps)

@@ -11,6 +11,8 @@ the input, up blocks from the output), so a missing block is left out instead of
 Block names are those of the plain UNet. Distributed wrappers insert path segments (DDP `module.`, FSDP
 `_fsdp_wrapped_module.`, activation checkpointing `_checkpoint_wrapped_module.`, torch.compile `_orig_mod.`);
 `capture_features` strips them, so the same names work on a plain, a DDP- or an FSDP-wrapped UNet.
+`match_features` checks a student against its teacher with one dry forward pass and keeps the block pairs
+whose feature maps have the same shape.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import contextlib
 import re
 
 import torch
+
+from safeprune.errors import UserError, check
 
 # Path segments that wrappers insert between a module and its children (never a diffusers module name).
 WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
@@ -93,3 +97,31 @@ def capture_features(unet, names: list[str] | tuple[str, ...]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def match_features(teacher, student, null_embedding: torch.Tensor) -> list[tuple[str, str]]:
+    """Check that student and teacher fit (same inputs, same output shape) and pair their feature maps.
+
+    One dry forward pass on a (1, C, h, w) input: a student that cannot take the teacher's latents or text
+    embeddings is a user error; block pairs whose shapes differ (e.g. a pruned block width) are dropped.
+    """
+    cfg = teacher.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+    x = torch.randn(1, cfg.in_channels, *size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])  # any valid timestep: only shapes are compared
+    emb = null_embedding[None]
+    pairs = match_blocks(teacher, student)
+    device, dtype = next(teacher.parameters()).device, next(teacher.parameters()).dtype
+    with capture_features(teacher, [p[0] for p in pairs]) as t_feats:
+        t_out = teacher(x.to(device, dtype), t.to(device), encoder_hidden_states=emb.to(device, dtype)).sample
+    s_device = next(student.parameters()).device
+    try:
+        with capture_features(student, [p[1] for p in pairs]) as s_feats:
+            s_out = student(x.to(s_device), t.to(s_device), encoder_hidden_states=emb.to(s_device)).sample
+    except (RuntimeError, ValueError, AttributeError) as err:
+        raise UserError(f"student and teacher do not match (the student cannot take the teacher's latents and text "
+                        f"embeddings: {str(err).splitlines()[0][:160]}); prune the student from this teacher") from err
+    check(s_out.shape == t_out.shape, f"student and teacher do not match: the student predicts {tuple(s_out.shape)} "
+                                      f"but the teacher {tuple(t_out.shape)}; prune the student from this teacher")
+    return [(tn, sn) for tn, sn in pairs if t_feats[tn].shape == s_feats[sn].shape]

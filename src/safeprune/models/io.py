@@ -13,8 +13,8 @@ A saved UNet folder (written atomically, no pickles):
 
 `load_unet` rebuilds the architecture by replaying plan.json on the base config ON THE META DEVICE (no
 teacher weights, no random init: seconds even at SD scale), then loads the weights strictly with
-`assign=True`. Channel-pruned widths cannot be written as a diffusers config (platform notes), which is
-why the plan, not config.json, is the source of truth.
+`assign=True`. Channel-pruned widths cannot be written as a diffusers config (a config has one width per
+stage, not per layer), which is why the plan, not config.json, is the source of truth.
 
 Teachers (base models) are named the way diffusers users expect: a local pipeline folder, or a hub id such
 as `stabilityai/stable-diffusion-2-1`. A hub id resolves OFFLINE to its snapshot folder in the local Hugging
@@ -25,21 +25,19 @@ base model as its absolute path.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from safeprune.errors import UserError, check
-from safeprune.utils import atomic_folder, load_safetensors
+from safeprune.utils import HUB_ID, atomic_folder, load_safetensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHARD_INDEX = WEIGHTS + ".index.json"
 PLAN = "plan.json"
 META = "safeprune.json"
-# owner/name as the hub spells repository ids; anything else (absolute, ./relative, deeper) is a local path
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_hub_id(name: str | Path) -> bool:
@@ -100,15 +98,14 @@ def write_unet(unet, folder: Path, plan: dict | None, base_config: dict | None, 
     import diffusers
     from safetensors.torch import save_file
 
-    from safeprune.pruning import PLAN_FORMAT
+    from safeprune.pruning import identity_plan, saved_config
     from safeprune.pruning.measure import unet_config
 
-    plan = dict(plan or {"format": PLAN_FORMAT, "method": "none"})
+    plan = dict(plan or identity_plan())
     base_config = base_config or plan.get("base_config") or unet_config(unet)
     plan["base_config"] = base_config
-    # Plain diffusers can load the folder when the architecture is a config: blocks' own config, or the
-    # base config itself when the plan keeps the architecture (none / magnitude).
-    own = plan["config"] if plan["method"] == "blocks" else base_config
+    # Plain diffusers can load the folder when the method's architecture is a config (its `saved_config`).
+    own = saved_config(plan)
     header = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers.__version__}
     (folder / "config.json").write_text(json.dumps({**header, **own}, indent=2))
     (folder / PLAN).write_text(json.dumps(plan, indent=1))
@@ -133,14 +130,14 @@ def _unet_folder(folder: str | Path) -> Path:
 
 def load_plan(folder: str | Path) -> dict:
     """The plan of a saved UNet folder, with "base_config"; the identity plan for a plain diffusers UNet."""
-    from safeprune.pruning import PLAN_FORMAT
+    from safeprune.pruning import identity_plan
 
     folder = _unet_folder(folder)
     if (folder / PLAN).is_file():
         plan = _read_json(folder / PLAN)
         plan.setdefault("base_config", _config_of(folder))
         return plan
-    return {"format": PLAN_FORMAT, "method": "none", "base_config": _config_of(folder)}
+    return identity_plan(_config_of(folder))
 
 
 def base_model_of(folder: str | Path) -> str | None:
@@ -158,7 +155,7 @@ def load_unet(folder: str | Path):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from safeprune.pruning import apply_plan, restore_masks
+    from safeprune.pruning import after_load, apply_plan
 
     folder = _unet_folder(folder)
     plan = load_plan(folder)
@@ -168,7 +165,7 @@ def load_unet(folder: str | Path):
             base = UNet2DConditionModel.from_config(plan["base_config"])
     except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise UserError(f"{str(folder)!r} holds an invalid UNet config ({type(err).__name__}: {err})") from err
-    unet = apply_plan(base, plan) if plan["method"] != "none" else base
+    unet = apply_plan(base, plan)
     try:
         unet.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
@@ -176,7 +173,7 @@ def load_unet(folder: str | Path):
         raise UserError(f"weights in {str(folder)!r} do not fit the architecture of its plan/config ({first})") from err
     leftover = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
     check(not leftover, f"{str(folder)!r}: no weights for {leftover[:3]}")
-    restore_masks(unet, plan)
+    after_load(unet, plan)
     return unet.eval()
 
 
@@ -202,13 +199,33 @@ def load_pipeline(folder: str | Path, base_model: str | Path | None = None, devi
               "pass base_model= the teacher pipeline the UNet was pruned from")
         folder = Path(base_model)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True, use_safetensors=True, **components)
+        with _no_loading_bars():
+            pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
+                                                           requires_safety_checker=False, local_files_only=True,
+                                                           use_safetensors=True, **components)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         raise UserError(f"cannot load a Stable Diffusion pipeline from {str(folder)!r}: "
                         f"{str(err).strip().splitlines()[0]}") from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """Hide diffusers'/transformers' per-component loading bars (noise around the training bar); restore after."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
 
 
 def _read_json(path: Path) -> dict:

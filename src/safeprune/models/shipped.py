@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from safeprune.errors import check
+from safeprune.models.io import load_pipeline
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -25,15 +26,4 @@ def judge_path() -> Path:
 
 def load_teacher(device: str = "cpu"):
     """The shipped toy teacher as a diffusers StableDiffusionPipeline (offline, no safety checker)."""
-    from diffusers import StableDiffusionPipeline
-
-    from safeprune.errors import UserError
-
-    path = teacher_path()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot load the shipped teacher from {str(path)!r}: {str(err).splitlines()[0]}") from err
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return load_pipeline(teacher_path(), device=device)

@@ -13,7 +13,9 @@ families behind that constraint, each one file:
 on any UNet built from the same base config (real weights, or the meta device to rebuild only the
 architecture before loading saved weights). `ratio` is always a share of the UNet's TOTAL parameters.
 
-Every plan: {"format": 1, "method": name, "base_config": {...}, ...method fields}.
+Every plan: {"format": 1, "method": name, "base_config": {...}, ...method fields}. Each method (a frozen
+dataclass, `safeprune.pruning.base.Method`) also says which config fields it reads, what the report shows,
+which config.json a saved model carries and what loading must restore, so no caller compares method names.
 
 Fine-tuning loops call `reapply_masks(unet)` after every optimizer step: it keeps magnitude-pruned weights
 exactly zero and is a no-op for every other model.
@@ -23,42 +25,42 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from safeprune.config import PruneConfig
 from safeprune.errors import check, choose
+from safeprune.pruning.base import Calibration
 from safeprune.pruning.blocks import PRESETS, Blocks
 from safeprune.pruning.channels import IMPORTANCES, Channels
-from safeprune.pruning.magnitude import Magnitude, reapply_masks, restore_masks, sparsity_masks
+from safeprune.pruning.magnitude import Magnitude, reapply_masks, sparsity_masks
 from safeprune.pruning.measure import unet_config
+from safeprune.pruning.none import Identity
 
 PLAN_FORMAT = 1
 
-# calib(unet, i) -> scalar loss of calibration batch i (see `prune`).
-Calibration = Callable[[torch.nn.Module, int], torch.Tensor]
-
 
 class PruningMethod(Protocol):
-    def __call__(self, unet, cfg: PruneConfig, calib: Calibration | None) -> tuple[torch.nn.Module, dict]:
-        """Prune `unet` (a private copy: may be changed in place); return it and the method's plan fields."""
+    """See `safeprune.pruning.base.Method` for the defaults and what each member means."""
 
-    def replay(self, unet, plan: dict) -> torch.nn.Module:
-        """Apply a plan this method wrote to `unet` (a private copy built from the plan's base config)."""
+    options: tuple[str, ...]
+    report_keys: tuple[str, ...]
+    prunes: bool
 
+    def __call__(self, unet, cfg: PruneConfig, calib: Calibration | None) -> tuple[torch.nn.Module, dict]: ...
 
-@dataclass(frozen=True)
-class Identity:
-    """`none`: the unpruned model, for the control run that fine-tunes the teacher's own architecture."""
+    def replay(self, unet, plan: dict) -> torch.nn.Module: ...
 
-    def __call__(self, unet, cfg, calib):
-        return unet, {}
+    def check_config(self, cfg: PruneConfig) -> None: ...
 
-    def replay(self, unet, plan):
-        return unet
+    def needs_calibration(self, cfg: PruneConfig) -> bool: ...
+
+    def report(self, plan: dict) -> dict: ...
+
+    def saved_config(self, plan: dict) -> dict: ...
+
+    def after_load(self, unet, plan: dict) -> None: ...
 
 
 METHODS: dict[str, PruningMethod] = {
@@ -69,11 +71,17 @@ METHODS: dict[str, PruningMethod] = {
 }
 
 
+def method_of(plan: dict) -> PruningMethod:
+    """The registered method that wrote `plan` (a one-line error naming the valid ones otherwise)."""
+    return choose("pruning method in plan.json", plan.get("method"), METHODS)
+
+
 def prune(unet, method: str, cfg: PruneConfig, calib: Calibration | None = None) -> tuple[torch.nn.Module, dict]:
     """Prune a copy of `unet` with registry method `method`; the input UNet is never modified.
 
-    `cfg` supplies preset / ratio / importance. `calib` is only needed for `importance: taylor`: a callable
-    `calib(unet, i) -> loss` that runs `unet` on calibration batch i (i = 0 .. cfg.calibration_batches - 1;
+    `cfg` supplies the method's options (`METHODS[method].options`). `calib` is only needed where
+    `METHODS[method].needs_calibration(cfg)` (`channels` with `importance: taylor`): a callable
+    `calib(unet, i) -> loss` that runs `unet` on calibration batch i (i = 0 .. cfg.channels.calibration_batches - 1;
     the batch must depend only on i, e.g. noised latents of the teacher's training images with their
     captions) and returns a scalar loss, e.g. the denoising loss of eq. 1. Gradients of that loss,
     accumulated over the batches, give the first-order Taylor importance |w * dL/dw| (as Diff-Pruning).
@@ -81,8 +89,8 @@ def prune(unet, method: str, cfg: PruneConfig, calib: Calibration | None = None)
     Returns (pruned UNet, plan); the plan is JSON-serialisable and replays with `apply_plan`.
     """
     pruner = choose("pruning method", method, METHODS)
-    choose("blocks preset", cfg.preset, dict.fromkeys(PRESETS))  # typos fail even when another method runs
-    choose("channels importance", cfg.importance, dict.fromkeys(IMPORTANCES))
+    for each in METHODS.values():  # typos in another method's options fail too, not only when it runs
+        each.check_config(cfg)
     base_config = unet_config(unet)
     pruned, fields = pruner(copy.deepcopy(unet), cfg, calib)
     plan = {"format": PLAN_FORMAT, "method": method, "base_config": base_config, **fields}
@@ -95,7 +103,7 @@ def apply_plan(base_unet, plan: dict) -> torch.nn.Module:
     check(isinstance(plan, dict) and plan.get("format") == PLAN_FORMAT,
           f"unsupported pruning plan (format {plan.get('format') if isinstance(plan, dict) else plan!r}); "
           f"this safeprune reads format {PLAN_FORMAT}: re-run `safeprune prune`")
-    pruner = choose("pruning method in plan.json", plan.get("method"), METHODS)
+    pruner = method_of(plan)
     expected, live = plan.get("base_config") or {}, unet_config(base_unet)
     # Compare shared keys only: a newer diffusers may add config keys (with defaults) that an older plan lacks.
     differing = sorted(k for k in expected if k in live and _comparable(expected[k]) != _comparable(live[k]))
@@ -104,10 +112,31 @@ def apply_plan(base_unet, plan: dict) -> torch.nn.Module:
     return pruner.replay(copy.deepcopy(base_unet), plan)
 
 
+def identity_plan(base_config: dict | None = None) -> dict:
+    """The plan of an unpruned UNet (a plain diffusers folder, or `none`)."""
+    plan = {"format": PLAN_FORMAT, "method": "none"}
+    return plan if base_config is None else {**plan, "base_config": base_config}
+
+
+def is_pruned(plan: dict) -> bool:
+    """Whether the plan's model differs from its base model (False for the identity)."""
+    return method_of(plan).prunes
+
+
+def saved_config(plan: dict) -> dict:
+    """The config.json a saved model of `plan` carries (see `safeprune.models.io`)."""
+    return method_of(plan).saved_config(plan)
+
+
+def after_load(unet, plan: dict) -> None:
+    """After loading saved weights into the replayed architecture: what the method must restore (masks)."""
+    method_of(plan).after_load(unet, plan)
+
+
 def _comparable(value):
     """Config values as JSON sees them (tuples -> lists), so a config read from disk equals the live one."""
     return json.loads(json.dumps(value))
 
 
-__all__ = ["IMPORTANCES", "METHODS", "PLAN_FORMAT", "PRESETS", "apply_plan", "prune", "reapply_masks",
-           "restore_masks", "sparsity_masks"]
+__all__ = ["IMPORTANCES", "METHODS", "PLAN_FORMAT", "PRESETS", "after_load", "apply_plan", "identity_plan",
+           "is_pruned", "method_of", "prune", "reapply_masks", "saved_config", "sparsity_masks"]

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
-from safeprune.errors import UserError, check
+from safeprune.errors import UserError, check, choose
+from safeprune.pruning.base import Method
 from safeprune.pruning.measure import unet_config
 
 PRESETS = ("base", "small", "tiny")
@@ -74,6 +76,8 @@ def plan_blocks(config: dict, preset: str) -> tuple[dict, list[list[str]]]:
 
 def build_from(base_unet, config: dict, renames) -> object:
     """A UNet with `config` whose weights are copies of `base_unet`'s kept blocks (meta stays meta)."""
+    # Imported here, not at the top: `safeprune --help` lists this package's registry (cli.REGISTRY_FLAGS),
+    # which must not pay diffusers' import (seconds).
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
@@ -94,11 +98,20 @@ def build_from(base_unet, config: dict, renames) -> object:
 
 
 @dataclass(frozen=True)
-class Blocks:
+class Blocks(Method):
+    options: ClassVar[tuple[str, ...]] = ("blocks",)
+    report_keys: ClassVar[tuple[str, ...]] = ("preset",)
+
+    def check_config(self, cfg):
+        choose("blocks preset", cfg.blocks.preset, dict.fromkeys(PRESETS))
+
+    def saved_config(self, plan):
+        return plan["config"]  # the pruned architecture is itself a stock diffusers config
+
     def __call__(self, unet, cfg, calib):
-        config, renames = plan_blocks(unet_config(unet), cfg.preset)
+        config, renames = plan_blocks(unet_config(unet), cfg.blocks.preset)
         student = build_from(unet, config, renames)
-        return student, {"preset": cfg.preset, "config": config, "weights_from": [list(r) for r in renames]}
+        return student, {"preset": cfg.blocks.preset, "config": config, "weights_from": [list(r) for r in renames]}
 
     def replay(self, unet, plan):
         for key in ("config", "weights_from"):

@@ -12,8 +12,9 @@ allows, so kept widths stay multiples of the SIMD / tensor-core width: a 24-chan
 a 32-channel one on an AVX-512 CPU (measured), so unaligned widths shed parameters but not latency.
 Block inputs and outputs (the residual streams) are never touched, so every block's feature map keeps the
 teacher's shape and feature distillation (seed eq. 4) compares like with like. The dependency graph finds
-each unit's coupled layers; a group that would reach past its block is refused (platform notes: pruning
-the residual streams of a tiny UNet destroyed it).
+each unit's coupled layers; a group that would reach past its block is refused (torch-pruning's
+MetaPruner, which also cuts the residual streams, left a tiny UNet that drew nothing, even after 300
+fine-tuning steps; inner widths alone kept it drawing).
 
 The target `ratio` is a share of the UNet's TOTAL parameters and a budget, as in eq. 2: at least that
 share goes. Every prunable site loses about the same fraction of its units (Diff-Pruning's uniform
@@ -32,11 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from safeprune.errors import UserError, check
+from safeprune.errors import UserError, check, choose
+from safeprune.pruning.base import Method
+from safeprune.pruning.measure import example_inputs
 
 IMPORTANCES = ("magnitude", "taylor")
 
@@ -61,7 +65,7 @@ class Kind:
         return 1
 
     def resync(self, block, base_unit: int) -> None:
-        """torch-pruning reshapes the layers; attributes that cache widths must follow (platform notes)."""
+        """torch-pruning reshapes the layers; attributes that cache widths (read by diffusers' forward) must follow."""
 
     def width(self, block) -> int:
         root = self.root(block)
@@ -126,6 +130,8 @@ KINDS = {k.name: k for k in (ResnetChannels(), AttentionHeads(), FeedForwardUnit
 
 def find_sites(unet) -> list[tuple[str, Kind, nn.Module]]:
     """(block name, kind, block) for every prunable site, in module order."""
+    # diffusers and torch-pruning are imported where they are used: `safeprune --help` lists this package's
+    # registries (cli.REGISTRY_FLAGS), which must not pay their import (seconds).
     from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
@@ -148,8 +154,6 @@ def find_sites(unet) -> list[tuple[str, Kind, nn.Module]]:
 def build_graph(unet):
     """torch-pruning's DependencyGraph of `unet`, traced with a tiny input on the UNet's own device."""
     import torch_pruning as tp
-
-    from safeprune.pruning.measure import example_inputs
 
     cfg = unet.config
     check(cfg.addition_embed_type is None and cfg.class_embed_type is None and cfg.num_class_embeds is None,
@@ -290,14 +294,23 @@ def apply_groups(unet, graph, groups: list[dict]) -> None:
 
 
 @dataclass(frozen=True)
-class Channels:
+class Channels(Method):
+    options: ClassVar[tuple[str, ...]] = ("ratio", "channels")
+    report_keys: ClassVar[tuple[str, ...]] = ("ratio", "ratio_of", "importance")
+
+    def check_config(self, cfg):
+        choose("channels importance", cfg.channels.importance, dict.fromkeys(IMPORTANCES))
+
+    def needs_calibration(self, cfg):
+        return cfg.channels.importance == "taylor"  # first-order Taylor scores need gradients of a data loss
+
     def __call__(self, unet, cfg, calib):
         on_meta = next(unet.parameters()).is_meta
         graph = build_graph(unet)
         total = sum(p.numel() for p in unet.parameters())
         sites = []
         for name, kind, block in find_sites(unet):
-            width, unit = kind.width(block), kind.unit(block, cfg.channel_multiple)
+            width, unit = kind.width(block), kind.unit(block, cfg.channels.channel_multiple)
             if width // unit < 2:
                 continue  # one group / one head: nothing can go without emptying the block
             group = coupled_group(graph, name, kind, block, list(range(width)))  # full width: for scoring
@@ -306,8 +319,8 @@ class Channels:
         check(bool(sites) or cfg.ratio == 0, "this UNet has no prunable inner widths (every block has a single "
                                              "GroupNorm group / head); use --method blocks or magnitude")
         counts = allocate_units(sites, cfg.ratio * total, total)
-        if cfg.importance == "taylor" and not on_meta and any(counts):
-            accumulate_gradients(unet, calib, cfg.calibration_batches)
+        if cfg.channels.importance == "taylor" and not on_meta and any(counts):
+            accumulate_gradients(unet, calib, cfg.channels.calibration_batches)
         groups = []  # scored on the unpruned model, pruned afterwards
         for s, k in zip(sites, counts):
             if k == 0:
@@ -315,15 +328,15 @@ class Channels:
             if on_meta:  # no weights to rank: take units from the end
                 order = list(range(s["n_units"] - 1, -1, -1))
             else:  # lowest importance first; ties go to the higher unit index
-                scores = unit_scores(s["group"], s["unit"], cfg.importance, cfg.magnitude_p)
+                scores = unit_scores(s["group"], s["unit"], cfg.channels.importance, cfg.channels.magnitude_p)
                 order = sorted(range(s["n_units"]), key=lambda u: (float(scores[u]), -u))
             groups.append({"block": s["name"], "kind": s["kind"].name, "unit": s["unit"],
                            "pruned_units": sorted(order[:k])})
         unet.zero_grad(set_to_none=True)
         apply_groups(unet, graph, groups)
-        importance = "positional (meta device: no weights)" if on_meta else cfg.importance
+        importance = "positional (meta device: no weights)" if on_meta else cfg.channels.importance
         return unet, {"ratio": cfg.ratio, "ratio_of": "total parameters", "importance": importance,
-                      "magnitude_p": cfg.magnitude_p, "channel_multiple": cfg.channel_multiple, "groups": groups}
+                      "magnitude_p": cfg.channels.magnitude_p, "channel_multiple": cfg.channels.channel_multiple, "groups": groups}
 
     def replay(self, unet, plan):
         check(isinstance(plan.get("groups"), list), "channels plan has no 'groups'; re-run `safeprune prune`")

@@ -11,7 +11,7 @@ result loads with plain diffusers too; what must survive is the MASK:
     fine-tuning (AdamW moves zero weights through momentum and weight decay); it is a no-op for unmasked
     models, so loops can call it unconditionally;
   * a saved model stores the pruned weights as exact zeros and the plan lists the masked layers, so
-    `restore_masks` re-registers the masks after loading (mask = weight != 0).
+    `Magnitude.after_load` re-registers the masks after loading (mask = weight != 0).
 
 The plan keeps the global threshold: replaying it on the same teacher weights gives the same masks.
 """
@@ -19,11 +19,13 @@ The plan keeps the global threshold: replaying it on the same teacher weights gi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from safeprune.errors import check
+from safeprune.pruning.base import Method
 
 MASK = "safeprune_mask"  # buffer name on each masked layer
 
@@ -57,19 +59,20 @@ def reapply_masks(unet) -> None:
             module.weight.masked_fill_(~mask, 0.0)
 
 
-def restore_masks(unet, plan: dict) -> None:
-    """After loading saved weights: re-register the masks of a `magnitude` plan (no-op for other plans)."""
-    if plan.get("method") != "magnitude":
-        return
-    masks = {name: unet.get_submodule(name).weight != 0 for name in plan["layers"]}
-    zeros = sum(int((~m).sum()) for m in masks.values())
-    check(zeros >= plan["zeroed"], f"the weights hold {zeros} zeros but the magnitude plan pruned {plan['zeroed']}: "
-                                   "the fine-tuning loop did not call safeprune.pruning.reapply_masks after each step")
-    register_masks(unet, masks)
-
-
 @dataclass(frozen=True)
-class Magnitude:
+class Magnitude(Method):
+    options: ClassVar[tuple[str, ...]] = ("ratio",)
+    report_keys: ClassVar[tuple[str, ...]] = ("ratio", "ratio_of")
+
+    def after_load(self, unet, plan):
+        """Re-register the masks from the saved zeros (mask = weight != 0): state dicts carry no masks."""
+        masks = {name: unet.get_submodule(name).weight != 0 for name in plan["layers"]}
+        zeros = sum(int((~m).sum()) for m in masks.values())
+        check(zeros >= plan["zeroed"], f"the weights hold {zeros} zeros but the magnitude plan pruned "
+                                       f"{plan['zeroed']}: the fine-tuning loop did not call "
+                                       "safeprune.pruning.reapply_masks after each step")
+        register_masks(unet, masks)
+
     def __call__(self, unet, cfg, calib):
         layers = candidate_layers(unet)
         total = sum(p.numel() for p in unet.parameters())
@@ -89,7 +92,7 @@ class Magnitude:
     def replay(self, unet, plan):
         check("layers" in plan and "threshold" in plan, "magnitude plan lacks 'layers'/'threshold'; re-run prune")
         if next(unet.parameters()).is_meta or plan["threshold"] is None:
-            return unet  # architecture only: the masks come back from the saved zeros (restore_masks)
+            return unet  # architecture only: the masks come back from the saved zeros (after_load)
         layers = [(name, unet.get_submodule(name)) for name in plan["layers"]]
         return self._mask(unet, layers, plan, plan["threshold"])[0]
 

@@ -13,6 +13,8 @@ import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 # aten ops of the attention-score matmuls on the math SDPA path (everything else is a layer: conv / linear).
 _ATTENTION_OPS = ("bmm", "baddbmm")
@@ -22,7 +24,7 @@ def unet_config(unet) -> dict:
     """The UNet's diffusers config as a plain dict, without private `_` keys.
 
     `_use_default_values` in particular must go: `from_config` would silently restore the defaults it
-    lists (e.g. bring back a removed mid block; platform notes).
+    lists (e.g. bring back a removed mid block).
     """
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items() if not k.startswith("_")}
 
@@ -55,9 +57,6 @@ def example_inputs(unet, batch: int = 1, text_tokens: int = 77, sample_size: int
 @torch.no_grad()
 def count_macs(unet, text_tokens: int = 77) -> dict[str, int]:
     """Multiply-accumulates of one UNet call on one latent at the config's sample size."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     inputs = example_inputs(unet, 1, text_tokens)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         unet(**inputs)

@@ -11,18 +11,17 @@ With `demo.seeds = N` steps 2-3 repeat for N seeds (the pruned student is shared
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from pathlib import Path
 
+from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config, save_config
 from safeprune.errors import check
 from safeprune.recipes.report import aggregate, model_grid, table, write_report
 
-METHODS = ("distill", "two_stage", "bilevel")
-SUPPRESSING = ("two_stage", "bilevel")
+METHODS = ("distill", "two_stage", "bilevel")  # the runs compared (registry keys of safeprune.bilevel.METHODS)
 MARKER = ".safeprune-demo"  # lets a later demo replace this folder, and nothing else
 
 
@@ -74,8 +73,8 @@ def demo(cfg: Config, out: Path) -> dict:
     from safeprune.eval.metrics import evaluate_model
     from safeprune.models.io import load_pipeline
     from safeprune.models.shipped import load_teacher
-    from safeprune.recipes import prune as prune_recipe
     from safeprune.recipes.finetune import finetune
+    from safeprune.recipes.prune import prune_student
 
     start = time.perf_counter()
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
@@ -85,8 +84,7 @@ def demo(cfg: Config, out: Path) -> dict:
 
     # 1. prune once; every seed fine-tunes the same student.
     t = time.perf_counter()
-    prune_args = argparse.Namespace(model=None, unet_config=None, out=str(out / "student"), calib_data=None)
-    prune_recipe.run(cfg, prune_args)
+    prune_student(_with(cfg, paths={"out": str(out / "student")}))
     prune_report = json.loads((out / "student" / "prune_report.json").read_text())
     timings["prune_s"] = time.perf_counter() - t
 
@@ -103,10 +101,10 @@ def demo(cfg: Config, out: Path) -> dict:
     for seed in range(cfg.seed, cfg.seed + cfg.demo.seeds):
         for method in METHODS:
             run_dir = out / f"seed{seed}" / method
-            run_cfg = dataclasses.replace(
-                _with(cfg, finetune={"method": method, "eval_every_steps": cfg.demo.curve_every}), seed=seed)
+            run_cfg = dataclasses.replace(_with(cfg, finetune={"method": method, "eval_every_steps": cfg.demo.curve_every},
+                                                paths={"student": str(out / "student"), "out": str(run_dir)}), seed=seed)
             t = time.perf_counter()
-            finetune(run_cfg, student=out / "student", out=run_dir, on_eval=on_eval)
+            finetune(run_cfg, on_eval=on_eval)
             timings[f"finetune_{method}_s"] = timings.get(f"finetune_{method}_s", 0) + time.perf_counter() - t
             pipe = load_pipeline(run_dir)
             t = time.perf_counter()
@@ -116,7 +114,7 @@ def demo(cfg: Config, out: Path) -> dict:
                     "student_passes": sum(v for k, v in summary["counts"].items() if k.startswith("student"))}
             if seed == cfg.seed:
                 row["sample_ms"] = _sampling_ms(pipe, cfg)
-            if method in SUPPRESSING and cfg.eval.resurgence_steps > 0:
+            if uses_upper(build_method(run_cfg.finetune)) and cfg.eval.resurgence_steps > 0:  # it suppresses
                 row["resurgence_leakage"] = _resurgence(run_cfg, run_dir, world, judge, finetune, load_pipeline)
             timings[f"eval_{method}_s"] = timings.get(f"eval_{method}_s", 0) + time.perf_counter() - t
             per_seed[method].append(row)
@@ -147,8 +145,9 @@ def _resurgence(cfg: Config, run_dir: Path, world, judge, finetune, load_pipelin
     steps = cfg.eval.resurgence_steps
     benign = _with(cfg, finetune={"method": "distill", "max_steps": steps, "eval_every_steps": 0,
                                   "ckpt_every_steps": steps})
-    benign = _with(benign, eval={"metrics": ["leakage"], "heldout": False})
-    folder = finetune(benign, student=run_dir, out=run_dir / "resurgence")
+    benign = _with(benign, eval={"metrics": ["leakage"], "heldout": False},
+                   paths={"student": str(run_dir), "out": str(run_dir / "resurgence")})
+    folder = finetune(benign)
     return evaluate_model(load_pipeline(folder), world, benign, None, judge)["leakage"]
 
 
@@ -177,7 +176,7 @@ def judge_claims(rows: dict[str, dict]) -> tuple[dict, list[str]]:
 def run(cfg: Config, args) -> int:
     import shutil
 
-    out = Path(args.out)
+    out = Path(cfg.paths.out or "runs/demo")
     check(not out.exists() or not any(out.iterdir()) or (out / MARKER).is_file(),
           f"{str(out)!r} exists and is not a demo folder; pass a new --out")
     shutil.rmtree(out, ignore_errors=True)  # an earlier demo's output: replaced, never mixed with this run

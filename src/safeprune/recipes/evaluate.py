@@ -38,21 +38,22 @@ def _grid(ctx: EvalContext, path) -> None:
         save_image(make_grid(rows, labels), path)
 
 
-def run_toy(cfg: Config, args) -> dict:
+def run_toy(cfg: Config) -> dict:
     """The toy protocol: prompts and real references from the toy world, the judge as detector (in memory)."""
     names = list(cfg.eval.metrics)
     device = resolve_device(cfg.device)
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
-    with atomic_folder(args.out) as tmp:
+    model, reference = cfg.paths.model or None, cfg.paths.reference or None
+    with atomic_folder(cfg.paths.out) as tmp:
         judge = load_judge(device=device)
-        pipe = load_model(args.model, device)
-        reference = None
+        pipe = load_model(model, device)
+        reference_pipe = None
         if any(n in NEEDS_REFERENCE for n in names):
-            same = args.reference is None and args.model is None  # the teacher is its own reference
-            reference = pipe if same else load_model(args.reference, device)
-        ctx = EvalContext(pipe, world, cfg, judge, reference, progress=True)
+            same = reference is None and model is None  # the teacher is its own reference
+            reference_pipe = pipe if same else load_model(reference, device)
+        ctx = EvalContext(pipe, world, cfg, judge, reference_pipe, progress=True)
         results = run_metrics(ctx, names)
-        record = {"protocol": "toy", "model": args.model or "toy-teacher", "reference": args.reference or "toy-teacher",
+        record = {"protocol": "toy", "model": model or "toy-teacher", "reference": reference or "toy-teacher",
                   "metrics": results}
         (tmp / "results.json").write_text(json.dumps(record, indent=1))
         _grid(ctx, tmp / "grid.png")
@@ -68,16 +69,16 @@ def run(cfg: Config, args) -> int:
     # a typo fails now, not after minutes of sampling; the resolved list is what config.yaml records
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, metrics=metric_names(cfg, protocol)))
     if cfg.eval.protocol == "toy":
-        record = run_toy(cfg, args)
+        record = run_toy(cfg)
     else:
-        record = evaluate(cfg, args.model, args.reference, args.out)
+        record = evaluate(cfg, cfg.paths.model or None, cfg.paths.reference or None, cfg.paths.out)
         if record is None:  # a non-main process under accelerate: it drew its share of the images
             return 0
-        save_config(cfg, args.out)
+        save_config(cfg, cfg.paths.out)
     results = record["metrics"]
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) and not math.isnan(value) else
               f"{key:<{width}}  {value}")
-    print(f"wrote {args.out}/results.json")
+    print(f"wrote {cfg.paths.out}/results.json")
     return 0

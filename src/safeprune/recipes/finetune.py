@@ -3,7 +3,7 @@
 One loop, top to bottom:
   1. load the frozen teacher pipeline and the pruned student; check they fit (a dry forward pass);
   2. build the fixed pools once: VAE latents of fine-tuning and concept images, text embeddings of every
-     caption and concept prompt (method notes: "embeddings of fixed prompts computed once");
+     caption and concept prompt (`safeprune.bilevel.pools`);
   3. run the method's step function (`safeprune.bilevel`: distill | two_stage | bilevel alternating/penalty)
      under Accelerate (device, mixed precision, DDP), with per-step metrics, TensorBoard, a progress bar,
      and atomic checkpoints every `finetune.ckpt_every_steps`;
@@ -26,44 +26,34 @@ two-optimiser step (evaluation through the wrapper, clipping, gathered checkpoin
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import shutil
 import time
-import warnings
 from pathlib import Path
 
-import torch
-
-from safeprune.config import Config, FinetuneConfig, save_config, to_dict
+from safeprune.bilevel.pools import build_pools
+from safeprune.bilevel.training import build_training
+from safeprune.config import Config, save_config, to_dict
 from safeprune.errors import UserError, check
+from safeprune.models.hooks import match_features
+from safeprune.utils import DTYPES, warmup_cosine
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Config keys that may change when a run is resumed (e.g. a lower lr after a divergence, more steps);
 # any other difference would make the resumed run a different run.
 RESUMABLE_CHANGES = {f"finetune.{k}" for k in ("max_steps", "ckpt_every_steps", "keep_checkpoints",
-                                               "eval_every_steps", "lr", "upper_lr")}
+                                               "eval_every_steps", "lr", "upper.lr")} | {"paths.out"}
 
 
 def run(cfg: Config, args) -> int:
-    """CLI target of `safeprune finetune` (flags: see cli._finetune_args)."""
-    check(bool(args.student) and bool(args.out), "safeprune finetune needs --student DIR (from `safeprune prune`) "
-                                                 "and --out DIR (the run folder)")
-    out = finetune(cfg, student=args.student, out=args.out, teacher=args.teacher, data=args.data,
-                   concept_data=args.concept_data, forget=args.forget, resume=args.resume)
-    print(out)
+    """CLI target of `safeprune finetune`: its flags fill cfg.paths, cfg.model.teacher and finetune.concepts."""
+    print(finetune(cfg, resume=args.resume))
     return 0
 
 
 # ----------------------------------------------------------------------------- schedules (pure in step)
-
-
-def lower_lr(cfg: FinetuneConfig, step: int) -> float:
-    """Linear warm-up over `warmup_steps`, then constant (the paper code's schedule)."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -114,267 +104,34 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-# ----------------------------------------------------------------------------- models
-
-
-@contextlib.contextmanager
-def _no_loading_bars():
-    """Hide diffusers'/transformers' per-component loading bars (noise around the training bar); restore after."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was[0]:
-            dlog.enable_progress_bar()
-        if was[1]:
-            tlog.enable_progress_bar()
-
-
-def _load_teacher(path: Path):
-    from diffusers import StableDiffusionPipeline
-
-    check((path / "model_index.json").is_file(),
-          f"teacher folder {str(path)!r} is not a diffusers pipeline (no model_index.json); pass --teacher PATH "
-          "to a Stable Diffusion pipeline folder")
-    try:
-        with _no_loading_bars():
-            return StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None,
-                                                           requires_safety_checker=False, local_files_only=True,
-                                                           use_safetensors=True)
-    except (OSError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"cannot load the teacher pipeline from {str(path)!r}: {str(err).splitlines()[0]}") from err
-
-
-@torch.no_grad()
-def match_features(teacher, student, null_embedding: torch.Tensor) -> list[tuple[str, str]]:
-    """Check that student and teacher fit (same inputs, same output shape) and pair their feature maps.
-
-    One dry forward pass on a (1, C, h, w) input: a student that cannot take the teacher's latents or text
-    embeddings is a user error; block pairs whose shapes differ (e.g. a pruned block width) are dropped.
-    """
-    from safeprune.models.hooks import capture_features, match_blocks
-
-    cfg = teacher.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-    x = torch.randn(1, cfg.in_channels, *size, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([500])  # any valid timestep: only shapes are compared
-    emb = null_embedding[None]
-    pairs = match_blocks(teacher, student)
-    device, dtype = next(teacher.parameters()).device, next(teacher.parameters()).dtype
-    with capture_features(teacher, [p[0] for p in pairs]) as t_feats:
-        t_out = teacher(x.to(device, dtype), t.to(device), encoder_hidden_states=emb.to(device, dtype)).sample
-    s_device = next(student.parameters()).device
-    try:
-        with capture_features(student, [p[1] for p in pairs]) as s_feats:
-            s_out = student(x.to(s_device), t.to(s_device), encoder_hidden_states=emb.to(s_device)).sample
-    except (RuntimeError, ValueError, AttributeError) as err:
-        raise UserError(f"student and teacher do not match (the student cannot take the teacher's latents and text "
-                        f"embeddings: {str(err).splitlines()[0][:160]}); prune the student from this teacher") from err
-    check(s_out.shape == t_out.shape, f"student and teacher do not match: the student predicts {tuple(s_out.shape)} "
-                                      f"but the teacher {tuple(t_out.shape)}; prune the student from this teacher")
-    return [(tn, sn) for tn, sn in pairs if t_feats[tn].shape == s_feats[sn].shape]
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
-    """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed)."""
-    from safeprune.bilevel.problem import Pools
-    from safeprune.data.datasets import embed_prompts, encode_pool, open_image_captions
-    from safeprune.data.stream import data_mode, open_stream_pool
-    from safeprune.data.toyworld import ToyWorld
-    from safeprune.unlearning.concepts import derive_concepts, pair_images
-
-    ft = cfg.finetune
-    world = ToyWorld(cfg.toyworld, cfg.seed)
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    # finetune.resolution, else the image side the VAE maps onto the UNet's native latent size
-    size = ft.resolution or pipe.unet.config.sample_size * vae_scale
-    missing = [flag for flag, given, needed in (("--data", data, True), ("--concept-data", concept_data,
-                                                unlearning is not None)) if needed and given is None]
-    if missing and size != cfg.toyworld.size:  # legal, but a teacher of another image size is surely not a toy
-        warnings.warn(f"no {' / '.join(missing)} given: fine-tuning a {size} px teacher on the toy world's "
-                      f"{cfg.toyworld.size} px images; pass your own image folder or dataset", stacklevel=1)
-    vae = pipe.vae.to(device).eval()
-
-    sources = {"streaming": ft.streaming, "hub": ft.hub_data}
-    if data_mode(ft, data) == "stream":  # fresh images every step, VAE-encoded per batch (safeprune.data.stream)
-        lower = open_stream_pool(data, ft, world=world, vae=vae, tokenizer=pipe.tokenizer,
-                                 text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
-                                 dtype=DTYPES[ft.teacher_dtype])
-    else:
-        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data_pool, size=size, **sources)
-        lower = encode_pool(lower_set, ft.data_pool, vae, seed=cfg.seed, device=device)
-
-    concepts, concept, pairing = [], None, []
-    if unlearning is not None:
-        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.concept_pool, size=size,
-                                          **sources)
-        concept = encode_pool(concept_set, ft.concept_pool, vae, seed=cfg.seed + 1, device=device)
-        concepts = list(ft.concepts)
-        if concepts:
-            pairing = pair_images(concepts, concept.captions)
-        else:  # derived from the concept images' captions (see safeprune.unlearning.concepts)
-            concepts, pairing = derive_concepts(concept.captions, concept.labels, world.forbidden)
-
-    prompts = list(dict.fromkeys(["", *lower.captions, *(c.target for c in concepts), *(c.anchor for c in concepts)]))
-    row = {p: i for i, p in enumerate(prompts)}
-    embeddings = embed_prompts(prompts, pipe.tokenizer, pipe.text_encoder.to(device).eval(), device=device)
-    lower_prompt = torch.tensor([row[c] for c in lower.captions], dtype=torch.long)
-    if hasattr(lower, "attach"):  # stream: rows that each draw fills with its own captions' embeddings
-        embeddings, lower_prompt = lower.attach(embeddings)
-    pools = Pools(lower=lower, lower_prompt=lower_prompt, embeddings=embeddings,
-                  null_prompt=row[""])
-    if concept is not None:
-        pools.concept = concept
-        pools.concept_target = torch.tensor([row[concepts[k].target] for k in pairing])
-        pools.concept_anchor = torch.tensor([row[concepts[k].anchor] for k in pairing])
-    return pools, concepts
-
-
-# ----------------------------------------------------------------------------- optimisers and updates
-
-
-@dataclasses.dataclass(eq=False)
-class Training:
-    """What a run steps: the problem, its two optimisers (Accelerate-prepared), the EMA copy, the update rule."""
-
-    accelerator: object
-    problem: object  # safeprune.bilevel.problem.DiffusionProblem
-    optimizers: dict  # "lower" (every weight) and, when the method unlearns, "upper"
-    ema: torch.nn.Module | None
-    max_grad_norm: float
-    ema_decay: float
-
-    def update(self, which: str) -> None:
-        """Clip, step one optimiser, clear EVERY gradient (an upper step's gradients outside its parameter
-        set must not leak into the next lower step), keep pruned weights at zero, update the EMA."""
-        from safeprune.bilevel.distributed import clip_grad_norm_
-        from safeprune.pruning import reapply_masks
-
-        student, opt = self.problem.student_core, self.optimizers[which]
-        if self.max_grad_norm > 0:  # the norm of this optimiser's parameters only (FSDP: over all shards)
-            clip_grad_norm_(self.accelerator, [p for g in opt.param_groups for p in g["params"]], self.max_grad_norm,
-                            optimizer=opt)
-        opt.step()
-        student.zero_grad(set_to_none=True)
-        reapply_masks(student)
-        if self.ema is not None:  # hand-written: one fused lerp; a module (not EMAModel) so it checkpoints as one
-            torch._foreach_lerp_(list(self.ema.parameters()), list(student.parameters()), 1.0 - self.ema_decay)
-
-    def modules(self) -> dict:
-        """What checkpoints hold; under FSDP views that gather / scatter full weights (see bilevel.distributed)."""
-        from safeprune.bilevel.distributed import StateDictView
-
-        if self.problem.sharded:
-            return {"student": StateDictView(self.accelerator, self.problem.student)}
-        return {"student": self.problem.student_core} | ({"ema": self.ema} if self.ema is not None else {})
-
-    def raw_optimizers(self) -> dict:
-        """The optimisers unwrapped from Accelerate, for state dicts (FSDP: full-state views, as `modules`)."""
-        from safeprune.bilevel.distributed import StateDictView
-
-        if self.problem.sharded:
-            return {k: StateDictView(self.accelerator, self.problem.student, o.optimizer)
-                    for k, o in self.optimizers.items()}
-        return {k: o.optimizer for k, o in self.optimizers.items()}
-
-    def checkpoint_state(self) -> tuple[dict, dict]:
-        """(modules, optimisers) ready for `save_checkpoint`. A collective under FSDP: call it on every rank."""
-        modules, optimizers = self.modules(), self.raw_optimizers()
-        for item in [*modules.values(), *optimizers.values()]:
-            if hasattr(item, "gather"):
-                item.gather()
-        return modules, optimizers
-
-    def result(self):
-        """What the run folder saves: the EMA copy, else the student. A collective under FSDP (every rank)."""
-        from safeprune.bilevel.distributed import StateDictView
-
-        if self.problem.sharded:
-            return StateDictView(self.accelerator, self.problem.student).gather()
-        return self.ema if self.ema is not None else self.problem.student_core
-
-    def in_sync(self) -> dict:
-        """{"params_in_sync", "optimizer_states_in_sync"}: whether every rank holds bit-identical weights and
-        moments of both optimisers (DDP's promise, checked; None under FSDP, where ranks hold shards)."""
-        from safeprune.bilevel.distributed import in_sync, optimizer_tensors
-
-        moments = [t for o in self.optimizers.values() for t in optimizer_tensors(o.optimizer)]
-        return {"params_in_sync": in_sync(self.accelerator, list(self.problem.student_core.parameters())),
-                "optimizer_states_in_sync": in_sync(self.accelerator, moments)}
-
-
-def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning) -> Training:
-    """Optimisers and the diffusion problem for a loaded student/teacher pair and its pools."""
-    from safeprune.bilevel.distributed import check_shardable, is_sharded
-    from safeprune.bilevel.problem import DiffusionProblem
-    from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
-    from safeprune.optim import build_optimizer
-    from safeprune.unlearning import select_parameters
-
-    ft = cfg.finetune
-    check_shardable(accelerator, student_core, ft.ema_decay)
-    if ft.gradient_checkpointing:
-        student_core.enable_gradient_checkpointing()
-    # The lower level moves every weight; the upper level those its unlearning loss selects.
-    # finetune.optimizer: fused AdamW (default) or 8-bit AdamW, for both levels (safeprune.optim).
-    params = [p for p in student_core.parameters() if p.requires_grad]
-    optimizers = {"lower": build_optimizer(ft.optimizer, params, ft.lr, ft.weight_decay)}
-    if unlearning is not None:
-        optimizers["upper"] = build_optimizer(ft.optimizer, select_parameters(student_core, unlearning.params),
-                                              ft.upper_lr, ft.weight_decay)
-    names = list(optimizers)
-    # One call for the student and BOTH optimisers: Accelerate wraps each, and FSDP re-points their params.
-    student, *prepared = accelerator.prepare(student_core, *optimizers.values())
-    ema = copy.deepcopy(student_core).requires_grad_(False) if ft.ema_decay > 0 else None
-    problem = DiffusionProblem(
-        student=student, student_core=student_core, teacher=teacher, scheduler=scheduler,
-        lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, ft.snr_gamma), FeatureKD(tuple(pairs)),
-                                  ft.lambda_diff, ft.lambda_out, ft.lambda_feat),
-        pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper_batch_size,
-        grad_accum=ft.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
-        teacher_dtype=DTYPES[ft.teacher_dtype], backward=accelerator.backward,
-        no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator))
-    return Training(accelerator, problem, dict(zip(names, prepared)), ema, ft.max_grad_norm, ft.ema_decay)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
-def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str | Path | None = None,
-             data: str | Path | None = None, concept_data: str | Path | None = None, forget: list[str] | None = None,
-             resume: bool = False, on_eval=None) -> Path:
-    """Fine-tune the pruned UNet in `student` into the run folder `out`; returns `out`.
+def finetune(cfg: Config, *, resume: bool = False, on_eval=None) -> Path:
+    """Fine-tune the pruned UNet in cfg.paths.student into the run folder cfg.paths.out; returns the run folder.
 
-    `on_eval(step, unet) -> dict` (Python API only) is called every `finetune.eval_every_steps` steps on the
-    main process and its numbers are logged with the step's metrics.
+    Inputs are cfg.model.teacher ("" = the toy teacher), cfg.paths.data and cfg.paths.concept_data ("" = the toy
+    splits), so the run's config.yaml names all of them. `on_eval(step, unet) -> dict` (Python API only) is
+    called every `finetune.eval_every_steps` steps on the main process; its numbers are logged with the step's.
     """
     from safeprune.bilevel import build_method, uses_upper
     from safeprune.models.shipped import teacher_path
     from safeprune.unlearning import build_unlearning
-    from safeprune.unlearning.concepts import parse_forget
 
+    check(bool(cfg.paths.student) and bool(cfg.paths.out),
+          "safeprune finetune needs --student DIR (from `safeprune prune`) and --out DIR (the run folder)")
     ft = cfg.finetune
-    forget = parse_forget(forget) if forget else None  # CLI concepts replace finetune.concepts
-    out, student = Path(out), Path(student)
+    out, student = Path(cfg.paths.out), Path(cfg.paths.student)
+    data, concept_data = cfg.paths.data or None, cfg.paths.concept_data or None
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
-    unlearning = build_unlearning(ft.unlearn, ft) if uses_upper(method) else None
+    unlearning = build_unlearning(ft.unlearn.name, ft.unlearn) if uses_upper(method) else None
     check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
     check(ft.eval_every_steps == 0 or on_eval is not None,
           "finetune.eval_every_steps needs an evaluation callback (Python API: finetune(..., on_eval=...)); "
           "set it to 0 and evaluate the run folder with `safeprune evaluate`")
     from safeprune.models.io import pretrained_folder
 
-    teacher = str(teacher or cfg.model.teacher) or None  # --teacher / the argument win over model.teacher
-    if teacher is not None:  # the resolved config (config.yaml, checkpoints) names the teacher used
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=teacher))
+    teacher = cfg.model.teacher or None
     # A local folder, or a hub id's snapshot in the HF cache (fetched only with model.allow_download).
     teacher_dir = pretrained_folder(teacher, cfg.model.revision, cfg.model.allow_download) if teacher else None
     check(teacher_dir is None or (teacher_dir / "model_index.json").is_file(),
@@ -382,8 +139,6 @@ def finetune(cfg: Config, *, student: str | Path, out: str | Path, teacher: str 
           "to a Stable Diffusion pipeline folder or a hub id")
     # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
     base_model = teacher
-    if forget:  # the resolved config (config.yaml, checkpoints) records what is suppressed
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(ft, concepts=forget))
     resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps)
     return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
                   concept_data, resume_from, on_eval)
@@ -398,7 +153,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     from safeprune.bilevel.problem import NonFiniteLoss
     from safeprune.checkpoint import load_checkpoint, save_checkpoint
-    from safeprune.models.io import check_prediction_type, load_unet
+    from safeprune.models.io import check_prediction_type, load_pipeline, load_unet
     from safeprune.utils import resolve_device, seed_everything
 
     ft = cfg.finetune
@@ -409,7 +164,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     seed_everything(cfg.seed)
 
     # 1. models: the frozen teacher (eval, no grad, optionally low precision) and the trainable student.
-    pipe = _load_teacher(teacher_dir)
+    pipe = load_pipeline(teacher_dir)
     check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
     student_core = load_unet(student_dir).to(device).train()
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
@@ -418,7 +173,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # 2. pools and embeddings, once; the VAE and text encoder are not needed afterwards.
-    pools, concepts = _build_pools(cfg, pipe, unlearning, data, concept_data, device)
+    pools, concepts = build_pools(cfg, pipe, unlearning, data, concept_data, device)
     del pipe
     pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt])
 
@@ -453,12 +208,13 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     with contextlib.ExitStack() as stack:  # closes the log file and the bar, then ends training (DDP too)
         stack.callback(_forget_accelerate_settings)
         stack.callback(accelerator.end_training)
-        bar = stack.enter_context(tqdm(total=method.total_steps, initial=start, desc=f"finetune {_method_name(ft)}",
+        bar = stack.enter_context(tqdm(total=method.total_steps, initial=start, desc=f"finetune {method.label}",
                                        unit="it", disable=not main, dynamic_ncols=True))
         metrics = stack.enter_context(open(out / METRICS, "a")) if main else None
         try:
             for step in range(start, method.total_steps):
-                lrs = {"lower": lower_lr(ft, step), "upper": ft.upper_lr}
+                # the paper code's schedule: linear warm-up of the lower level, then constant
+                lrs = {"lower": warmup_cosine(step, ft.lr, ft.warmup_steps), "upper": ft.upper.lr}
                 for which, opt in optimizers.items():
                     for group in opt.param_groups:
                         group["lr"] = lrs[which]
@@ -482,7 +238,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                         last_good = str(checkpoint(step + 1, *state))
         except NonFiniteLoss as err:
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-            raise UserError(f"{err}; stopped, {where}; lower finetune.lr / finetune.upper_lr and resume with "
+            raise UserError(f"{err}; stopped, {where}; lower finetune.lr / finetune.upper.lr and resume with "
                             "--resume (or start again)") from err
         bar.close()
 
@@ -491,8 +247,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         if main:
             _save_result(result, student_dir, base_model, out)
             world = accelerator.num_processes
-            summary = {"method": ft.method, "solver": ft.solver if ft.method == "bilevel" else None,
-                       "unlearn": ft.unlearn if unlearning is not None else None, "steps": method.total_steps,
+            summary = {"method": ft.method, "solver": method.solver,
+                       "unlearn": ft.unlearn.name if unlearning is not None else None, "steps": method.total_steps,
                        "upper_steps": method.upper_steps, "world_size": world, **in_sync,
                        "counts_per_process": problem.counts,
                        "counts": {k: v * world for k, v in problem.counts.items()},
@@ -510,10 +266,6 @@ def _forget_accelerate_settings() -> None:
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-
-
-def _method_name(ft: FinetuneConfig) -> str:
-    return f"bilevel/{ft.solver}" if ft.method == "bilevel" else ft.method
 
 
 def _save_result(unet, student_dir: Path, base_model: Path | None, out: Path) -> None:

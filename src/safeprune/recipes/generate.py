@@ -53,8 +53,8 @@ def run(cfg: Config, args) -> int:
     seeds = list(range(cfg.seed, cfg.seed + args.seeds))
     pairs = [(p, s) for p in prompts for s in seeds]  # prompt-major: row r of the grid is prompt r
     start = time.perf_counter()
-    with atomic_folder(args.out) as tmp:  # fails early on a non-empty --out, leaves nothing on an error
-        images = _draw(cfg, args.model, pairs)
+    with atomic_folder(cfg.paths.out) as tmp:  # fails early on a non-empty --out, leaves nothing on an error
+        images = _draw(cfg, cfg.paths.model or None, pairs)
         records = [{"prompt": p, "seed": s} for p, s in pairs]
         names = write_images(tmp, images)
         with open(tmp / "prompts.jsonl", "w") as f:
@@ -65,7 +65,7 @@ def run(cfg: Config, args) -> int:
         save_image(grid, tmp / "grid.png")
         save_config(cfg, tmp)
     seconds = time.perf_counter() - start
-    print(f"wrote {len(images)} images, prompts.jsonl and grid.png to {args.out} in {seconds:.1f}s")
+    print(f"wrote {len(images)} images, prompts.jsonl and grid.png to {cfg.paths.out} in {seconds:.1f}s")
     return 0
 
 
@@ -78,12 +78,12 @@ def run_concept_images(cfg: Config, args) -> int:
     seeds = list(range(cfg.seed, cfg.seed + args.n))
     pairs = [(p, s) for p in prompts for s in seeds]
     start = time.perf_counter()
-    with atomic_folder(args.out) as tmp:
-        images = _draw(cfg, args.model, pairs)
+    with atomic_folder(cfg.paths.out) as tmp:
+        images = _draw(cfg, cfg.paths.model or None, pairs)
         records = [{"text": p, "seed": s} for p, s in pairs]
         names = write_images(tmp, images)
         with open(tmp / "metadata.jsonl", "w") as f:
             f.writelines(json.dumps({"file_name": name, **record}) + "\n" for record, name in zip(records, names))
         save_config(cfg, tmp)
-    print(f"wrote {len(images)} concept images + metadata.jsonl to {args.out} in {time.perf_counter() - start:.1f}s")
+    print(f"wrote {len(images)} concept images + metadata.jsonl to {cfg.paths.out} in {time.perf_counter() - start:.1f}s")
     return 0

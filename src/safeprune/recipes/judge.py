@@ -298,9 +298,9 @@ def run_pretrain_judge(cfg: Config, args) -> int:
     check(not getattr(args, "resume", False),
           "the judge trains in a few minutes and has no checkpoints; rerun without --resume")
     torch.set_num_threads(1)  # measured on one thread; the judge is small enough that more threads barely help
-    metrics = train_judge(cfg, args.out)
-    save_config(cfg, args.out)
+    metrics = train_judge(cfg, cfg.paths.out)
+    save_config(cfg, cfg.paths.out)
     real, noise = metrics["real"], metrics["no_object"]["noise"]
     print(f"judge: held-out accuracy shape {real['shape']:.4f} colour {real['colour']:.4f} style {real['style']:.4f}, "
-          f"no-object on noise {noise:.4f}, {metrics['train_seconds']:.0f}s -> {args.out}")
+          f"no-object on noise {noise:.4f}, {metrics['train_seconds']:.0f}s -> {cfg.paths.out}")
     return 0

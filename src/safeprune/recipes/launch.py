@@ -28,20 +28,20 @@ def describe_finetune(cfg: Config, args) -> str:
     ft = cfg.finetune
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     method = build_method(ft)
-    teacher = getattr(args, "teacher", None) or cfg.model.teacher
+    teacher = cfg.model.teacher
     hint = "   (processes from WORLD_SIZE; the presets assume 4: accelerate launch --num_processes 4)"
     lines = ["# derived (dry run)",
              (f"global batch = {ft.batch_size} per process x {processes} processes x {ft.grad_accum} accumulation "
               f"= {ft.batch_size * processes * ft.grad_accum}{hint if processes == 1 else ''}"),
              (f"schedule: {method.total_steps} iterations, {method.upper_steps} upper steps "
-              f"({type(method).__name__}, K={ft.upper_every}); lower lr {ft.lr:g} after {ft.warmup_steps} warm-up "
-              f"steps, upper lr {ft.upper_lr:g}; {ft.upper_batch_size * processes} concept images per upper step"),
+              f"({type(method).__name__}, K={ft.upper.every}); lower lr {ft.lr:g} after {ft.warmup_steps} warm-up "
+              f"steps, upper lr {ft.upper.lr:g}; {ft.upper.batch_size * processes} concept images per upper step"),
              f"images seen: {method.total_steps * ft.batch_size * processes * ft.grad_accum:,} (lower level)",
              f"concepts: {len(ft.concepts)} ({'; '.join(f'{c.target!r} -> {c.anchor!r}' for c in ft.concepts)})"
              if ft.concepts else "concepts: none set (derived from the concept images' captions)",
              f"teacher: {_where(teacher)}"]
     try:
-        lines.append(_memory_line(cfg, teacher, getattr(args, "student", None), processes))
+        lines.append(_memory_line(cfg, teacher, cfg.paths.student or None, processes))
     except (UserError, OSError, ValueError, KeyError) as err:
         lines.append(f"estimated peak memory: unavailable ({str(err).splitlines()[0][:160]})")
     return "\n".join(lines)
@@ -89,7 +89,7 @@ def _memory_line(cfg: Config, teacher: str, student: str | None, processes: int)
 
         plan = load_plan(student)
         base = meta_unet(plan["base_config"])
-        student_unet, which = (apply_plan(base, plan) if plan["method"] != "none" else base), "the --student plan"
+        student_unet, which = apply_plan(base, plan), "the --student plan"
     else:
         student_unet, which = teacher_unet, "the unpruned teacher UNet (pass --student for the pruned one)"
     vae_scale = 8 if teacher else 2  # SD's VAE downsamples 8x; the toy VAE 2x

@@ -17,10 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from safeprune.config import Config, save_config
-from safeprune.errors import UserError, check
-from safeprune.utils import atomic_folder, resolve_device, seed_everything
+from safeprune.data.datasets import encode_pool, open_image_captions
+from safeprune.data.toyworld import ToyWorld
+from safeprune.errors import UserError, check, choose
+from safeprune.losses.denoising import DenoisingLoss
+from safeprune.models.io import is_hub_id, load_pipeline, load_plan, load_unet, pretrained_folder, write_unet
+from safeprune.models.shipped import teacher_path
+from safeprune.pruning import METHODS, is_pruned, prune
+from safeprune.pruning.measure import count_macs, count_parameters, latency_ms
+from safeprune.utils import atomic_folder, numpy_rng, resolve_device, seed_everything, torch_rng
 
 DEFAULT_TEXT_TOKENS = 77  # CLIP's context length: what SD's UNet cross-attends to
 
@@ -37,19 +46,25 @@ class Source:
     label: str  # what was pruned, for the report
 
 
-def run(cfg: Config, args) -> int:
-    out = Path(args.out)
+def run(cfg: Config, args=None) -> int:
+    """CLI target of `safeprune prune` (its flags fill cfg.paths and cfg.model.teacher)."""
+    prune_student(cfg)
+    return 0
+
+
+def prune_student(cfg: Config) -> Path:
+    """Prune cfg.model.teacher (or the UNet config at cfg.paths.unet_config) into cfg.paths.out; returns it."""
+    check(bool(cfg.paths.out), "safeprune prune needs --out DIR (the student folder)")
+    out = Path(cfg.paths.out)
     check(not (out.exists() and any(out.iterdir())),
           f"output folder {str(out)!r} already exists and is not empty; pass a new path or delete it")
-    check(not (args.model and args.unet_config), "pass either --model or --unet-config, not both")
+    check(not (cfg.model.teacher and cfg.paths.unet_config), "pass either --model or --unet-config, not both")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    source = _load_source(cfg, args, device)
+    source = _load_source(cfg, device)
     calib = None
-    if cfg.prune.method == "channels" and cfg.prune.importance == "taylor" and source.weights:
-        calib = taylor_calibration(cfg, source.pipeline_folder, args.calib_data, device)
-
-    from safeprune.pruning import prune
+    if source.weights and choose("pruning method", cfg.prune.method, METHODS).needs_calibration(cfg.prune):
+        calib = taylor_calibration(cfg, source.pipeline_folder, cfg.paths.calib_data or None, device)
 
     unet = source.unet
     before = _measure(unet, {}, cfg, source)
@@ -59,8 +74,6 @@ def run(cfg: Config, args) -> int:
 
     with atomic_folder(out) as tmp:
         if source.weights:
-            from safeprune.models.io import write_unet
-
             write_unet(student, tmp, plan, plan["base_config"], source.base_model)
         else:  # a plan for an architecture, not a model: no config.json, so nothing here looks loadable
             (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
@@ -68,23 +81,20 @@ def run(cfg: Config, args) -> int:
         save_config(cfg, tmp)
     print(json.dumps(report, indent=1))
     print(f"wrote {out}/ ({'loadable with safeprune.load_unet / load_pipeline' if source.weights else 'plan only'})")
-    return 0
+    return out
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def _load_source(cfg: Config, args, device) -> Source:
-    """--unet-config (meta device), --model (or model.teacher), or the shipped toy teacher."""
-    if args.unet_config:
-        return _from_config(Path(args.unet_config))
-    from safeprune.models.io import is_hub_id, load_plan, load_unet, pretrained_folder
-    from safeprune.models.shipped import teacher_path
-
-    model = args.model or cfg.model.teacher
+def _load_source(cfg: Config, device) -> Source:
+    """--unet-config (meta device), --model (= model.teacher), or the shipped toy teacher."""
+    if cfg.paths.unet_config:
+        return _from_config(Path(cfg.paths.unet_config))
+    model = cfg.model.teacher
     folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else teacher_path()
     check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")
-    check(load_plan(folder)["method"] == "none", f"{str(folder)!r} is already pruned; prune its base model instead")
+    check(not is_pruned(load_plan(folder)), f"{str(folder)!r} is already pruned; prune its base model instead")
     is_pipeline = (folder / "model_index.json").is_file()
     pipeline = folder if is_pipeline else (folder.parent if (folder.parent / "model_index.json").is_file() else None)
     unet = load_unet(folder).to(device)
@@ -95,9 +105,6 @@ def _load_source(cfg: Config, args, device) -> Source:
 
 
 def _from_config(path: Path) -> Source:
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
     check(path.is_file(), f"--unet-config {str(path)!r} not found; pass a UNet config.json")
     try:
         config = json.loads(path.read_text())
@@ -128,23 +135,16 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     """calib(unet, i) -> denoising loss (eq. 1, plain MSE) of calibration batch i of the teacher's training data.
 
     Data: `--calib-data` (an image folder with metadata.jsonl) or the toy world's `pretrain` split (what
-    the toy teacher was trained on). Batch i depends only on (seed, i).
+    the toy teacher was trained on). Batch i depends only on (seed, "calibration", i).
     """
-    from diffusers import DDPMScheduler
-
-    from safeprune.data.datasets import encode_pool, open_image_captions
-    from safeprune.data.toyworld import ToyWorld
-    from safeprune.losses.denoising import DenoisingLoss
-    from safeprune.models.io import load_pipeline
-
     check(pipeline_folder is not None, "importance 'taylor' needs the model's VAE and text encoder: pass --model as "
                                        "a Stable Diffusion pipeline folder (model_index.json)")
     pipe = load_pipeline(pipeline_folder, device=device)
-    p = cfg.prune
+    p = cfg.prune.channels
     n = p.calibration_batches * p.calibration_batch_size
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = open_image_captions(calib_data, world=ToyWorld(cfg.toyworld, cfg.seed), split="pretrain", n_toy=n, size=size)
-    pool = encode_pool(data, n, pipe.vae, seed=cfg.seed, device=device)
+    pool = encode_pool(data, n, pipe.vae, rng=numpy_rng(cfg.seed, "calibration"), device=device)
     tokens = pipe.tokenizer(pool.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
@@ -153,7 +153,7 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     loss_fn = DenoisingLoss(scheduler, snr_gamma=0.0)  # Diff-Pruning's Taylor score uses the plain loss
 
     def calib(unet, i: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+        gen = torch_rng(cfg.seed, "calibration", i)
         idx, latents = pool.draw(gen, p.calibration_batch_size)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
@@ -167,8 +167,6 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
 
 
 def _measure(unet, plan: dict, cfg: Config, source: Source) -> dict:
-    from safeprune.pruning.measure import count_macs, count_parameters, latency_ms
-
     stored = count_parameters(unet)
     m = {"params": stored - int(plan.get("zeroed", 0)), "params_stored": stored, **count_macs(unet, source.text_tokens)}
     if source.weights:
@@ -177,14 +175,8 @@ def _measure(unet, plan: dict, cfg: Config, source: Source) -> dict:
 
 
 def _report(cfg: Config, plan: dict, source: Source, before: dict, after: dict) -> dict:
-    method = plan["method"]
-    report = {"method": method, "source": source.label, "weights": source.weights}
-    if method == "blocks":
-        report["preset"] = plan["preset"]
-    if method in ("channels", "magnitude"):
-        report |= {"ratio": cfg.prune.ratio, "ratio_of": "total parameters"}
-    if method == "channels":
-        report["importance"] = plan["importance"]
+    report = {"method": plan["method"], "source": source.label, "weights": source.weights}
+    report |= METHODS[plan["method"]].report(plan)
     for key in ("params", "macs", "macs_excl_attention", "latency_ms"):
         if key in before:
             report[f"{key}_before"], report[f"{key}_after"] = before[key], after[key]
@@ -193,8 +185,8 @@ def _report(cfg: Config, plan: dict, source: Source, before: dict, after: dict) 
         if key in report:
             report[key] = round(report[key], 2)
     report["removed_share"] = round(1 - after["params"] / before["params"], 4)
-    if method == "magnitude":
-        report["params_stored_after"] = after["params_stored"]  # the zeros are still stored (dense kernels)
+    if after["params_stored"] != after["params"]:  # zeroed weights (magnitude) are still stored: dense kernels
+        report["params_stored_after"] = after["params_stored"]
     if source.weights:
         report |= {"latency_batch": cfg.prune.latency_batch, "latency_runs": cfg.prune.latency_runs,
                    "device": str(next(source.unet.parameters()).device)}

@@ -247,7 +247,7 @@ def run(cfg: Config, args) -> int:
     evals = {name: data[name][2] for name in order}
     _nudity_vs_teacher(rows)
     paper = any(c[0] in r for c in PAPER_COLUMNS for r in rows.values())
-    with atomic_folder(args.out) as tmp:
+    with atomic_folder(cfg.paths.out) as tmp:
         grid = evaluation_grid(evals) or evaluation_grid(evals, "coco")
         if grid is None:  # toy runs: draw the grid with each run's model
             pipes = {}
@@ -260,5 +260,5 @@ def run(cfg: Config, args) -> int:
         report = write_report(tmp, rows, curves, grid, notes, paper_table=paper)
         save_config(cfg, tmp)
     print(table(rows, PAPER_COLUMNS) if paper else table(rows))
-    print(f"wrote {Path(args.out) / report.name}")
+    print(f"wrote {Path(cfg.paths.out) / report.name}")
     return 0

@@ -6,7 +6,7 @@ Each entry is a small frozen dataclass with
   `__call__(student_eps, target)` — the per-sample loss (B,),
   `params` — which student parameters the upper step moves ("all" or "xattn", see `select_parameters`).
 The same objects drive the bilevel solvers and the two-stage baseline. Registry keys are the values of
-`finetune.unlearn` and the choices of `safeprune finetune --unlearn`.
+`finetune.unlearn.name` and the choices of `safeprune finetune --unlearn`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from safeprune.config import UnlearnLossConfig
 from safeprune.errors import check, choose
 from safeprune.unlearning.ablation import Ablation
 from safeprune.unlearning.esd import ESD
@@ -31,10 +32,10 @@ class Unlearning(Protocol):
 
 
 UNLEARNING: dict[str, Callable[..., Unlearning]] = {
-    "esd": lambda cfg: ESD(eta=cfg.esd_eta),
-    "esd_xattn": lambda cfg: ESD(eta=cfg.esd_eta, params="xattn"),
-    "esd_anchor": lambda cfg: ESD(eta=cfg.esd_eta, reference="anchor"),
-    "ablation": lambda cfg: Ablation(),
+    "esd": lambda o: ESD(eta=o.eta),
+    "esd_xattn": lambda o: ESD(eta=o.eta, params="xattn"),
+    "esd_anchor": lambda o: ESD(eta=o.eta, reference="anchor"),
+    "ablation": lambda o: Ablation(),
 }
 
 # Which parameters an upper step may move, by parameter name. diffusers names the cross-attention of
@@ -45,9 +46,9 @@ PARAMETER_SETS: dict[str, Callable[[str], bool]] = {
 }
 
 
-def build_unlearning(name: str, cfg) -> Unlearning:
-    """The registered unlearning loss `name`, configured from the `finetune` config section."""
-    return choose("unlearning loss", name, UNLEARNING)(cfg)
+def build_unlearning(name: str, options: UnlearnLossConfig | None = None) -> Unlearning:
+    """The registered unlearning loss `name`, configured by `finetune.unlearn` (defaults when None)."""
+    return choose("unlearning loss", name, UNLEARNING)(options or UnlearnLossConfig(name=name))
 
 
 def select_parameters(unet: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:

@@ -1,7 +1,7 @@
 """Erased Stable Diffusion (Gandikota et al., ICCV 2023) as the upper-level loss, the paper code's choice.
 
 L_CU = E || eps_S(x_t, t, c) - [ eps_T(x_t, t, null) - eta (eps_T(x_t, t, c) - eps_T(x_t, t, null)) ] ||^2
-(method notes, Sec. 2): the student is pulled toward the teacher's prediction guided AWAY from concept c.
+(ESD's negative-guidance objective): the student is pulled toward the teacher's prediction guided AWAY from concept c.
 x_t are noised latents of concept images, as in the released bilevel code (not ESD's own samples).
 
 `esd` moves every student parameter (ESD-u-like); `esd_xattn` moves only the cross-attention layers

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from safeprune.config import Concept, FinetuneConfig
+from safeprune.config import Concept, UnlearnLossConfig
 from safeprune.data.toyworld import ToyWorld
 from safeprune.errors import UserError
 from safeprune.models import toy
@@ -17,14 +17,14 @@ def _eps(seed):
 
 def test_registry_and_unknown_name():
     assert set(UNLEARNING) == {"esd", "esd_xattn", "esd_anchor", "ablation"}
-    esd = build_unlearning("esd", FinetuneConfig(esd_eta=2.0))
-    assert esd.eta == 2.0 and esd.params == "all" and build_unlearning("esd_xattn", FinetuneConfig()).params == "xattn"
+    esd = build_unlearning("esd", UnlearnLossConfig(eta=2.0))
+    assert esd.eta == 2.0 and esd.params == "all" and build_unlearning("esd_xattn", UnlearnLossConfig()).params == "xattn"
     with pytest.raises(UserError, match="choose one of: ablation, esd, esd_anchor, esd_xattn"):
-        build_unlearning("uce", FinetuneConfig())
+        build_unlearning("uce", UnlearnLossConfig())
 
 
 def test_esd_target_is_negative_guidance_and_gradient_moves_away_from_concept():
-    esd = build_unlearning("esd", FinetuneConfig(esd_eta=1.0))
+    esd = build_unlearning("esd", UnlearnLossConfig(eta=1.0))
     cond, null = _eps(0), _eps(1)
     target = esd.target({"target": cond, "null": null})
     assert torch.allclose(target, 2 * null - cond)  # null - eta (cond - null)
@@ -40,7 +40,7 @@ def test_esd_target_is_negative_guidance_and_gradient_moves_away_from_concept():
 
 
 def test_esd_anchor_guides_away_relative_to_the_anchor_not_the_empty_prompt():
-    esd = build_unlearning("esd_anchor", FinetuneConfig(esd_eta=1.5))
+    esd = build_unlearning("esd_anchor", UnlearnLossConfig(eta=1.5))
     cond, anchor = _eps(0), _eps(1)
     assert esd.teacher_conditions == ("target", "anchor") and esd.params == "all"
     assert torch.allclose(esd.target({"target": cond, "anchor": anchor}), anchor - 1.5 * (cond - anchor))
@@ -49,7 +49,7 @@ def test_esd_anchor_guides_away_relative_to_the_anchor_not_the_empty_prompt():
 
 
 def test_ablation_maps_the_concept_to_the_anchor():
-    ablation = build_unlearning("ablation", FinetuneConfig())
+    ablation = build_unlearning("ablation", UnlearnLossConfig())
     anchor = _eps(2)
     assert ablation.teacher_conditions == ("anchor",) and torch.equal(ablation.target({"anchor": anchor}), anchor)
     assert torch.all(ablation(anchor.clone(), anchor) == 0)

@@ -14,17 +14,18 @@ from safeprune.data.datasets import (
     encode_pool,
     open_image_captions,
     pool_indices,
-    to_model_image,
 )
+from safeprune.data.records import to_model_image
 from safeprune.data.toyworld import ToyWorld
 from safeprune.errors import UserError
+from safeprune.utils import numpy_rng
 
 
 @pytest.fixture(scope="module")
-def pipe(toy_teacher):
+def pipe(random_teacher_dir):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(toy_teacher, safety_checker=None, requires_safety_checker=False)
+    return StableDiffusionPipeline.from_pretrained(random_teacher_dir, safety_checker=None, requires_safety_checker=False)
 
 
 def test_toy_split_and_image_folder_agree(tmp_path):
@@ -90,9 +91,9 @@ def test_pool_is_the_vae_latent_distribution(pipe):
 
 
 def test_pool_indices():
-    assert pool_indices(5, 10, 0) == [0, 1, 2, 3, 4]
-    picked = pool_indices(100, 10, 0)
-    assert len(set(picked)) == 10 and picked == sorted(picked) == pool_indices(100, 10, 0)
+    assert pool_indices(5, 10, numpy_rng(0)) == [0, 1, 2, 3, 4]
+    picked = pool_indices(100, 10, numpy_rng(0))
+    assert len(set(picked)) == 10 and picked == sorted(picked) == pool_indices(100, 10, numpy_rng(0))
 
 
 def test_prompt_embeddings_match_the_pipeline(pipe):

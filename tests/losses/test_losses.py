@@ -117,7 +117,7 @@ def test_feature_matching_after_block_removal(unet):
     # up blocks pair from the output side: the teacher's up_blocks.0 (innermost stage) has no partner
     assert pairs == [("down_blocks.0", "down_blocks.0"), ("down_blocks.1", "down_blocks.1"),
                      ("up_blocks.1", "up_blocks.0"), ("up_blocks.2", "up_blocks.1")]
-    from safeprune.recipes.finetune import match_features
+    from safeprune.models.hooks import match_features
 
     kept = match_features(unet, tiny, torch.randn(6, 64))
     # down_blocks.1 is the student's last stage (no downsampler): a different resolution, so it is dropped

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from safeprune.bilevel.problem import DiffusionProblem, NonFiniteLoss, Pools, step_generator
-from safeprune.config import FinetuneConfig
 from safeprune.data.datasets import LatentPool
 from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
 from safeprune.models import toy
@@ -23,7 +22,7 @@ def _problem(student, teacher, unlearn="esd"):
     sched = toy.build_schedulers()[0]
     loss = LowerLevelLoss(DenoisingLoss(sched), FeatureKD(tuple(match_blocks(teacher, student))))
     return DiffusionProblem(student=student, student_core=student, teacher=teacher, scheduler=sched, lower_loss=loss,
-                            pools=pools, unlearning=build_unlearning(unlearn, FinetuneConfig()), batch_size=2,
+                            pools=pools, unlearning=build_unlearning(unlearn), batch_size=2,
                             upper_batch_size=2, seed=0)
 
 

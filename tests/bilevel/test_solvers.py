@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from safeprune.bilevel import Alternating, Distill, Penalty, TwoStage, build_method
-from safeprune.config import FinetuneConfig
+from safeprune.config import FinetuneConfig, SolverConfig, TwoStageConfig, UpperConfig
 from safeprune.errors import UserError
 
 
@@ -85,17 +85,17 @@ def test_two_stage_ends_at_the_upper_optimum_off_the_solution_set():
 
 
 def test_build_method_budgets():
-    cfg = {"max_steps": 100, "upper_every": 10}
-    alternating = build_method(FinetuneConfig(method="bilevel", solver="alternating", **cfg))
-    penalty = build_method(FinetuneConfig(method="bilevel", solver="penalty", penalty_lambda=2.0, **cfg))
+    cfg = {"max_steps": 100, "upper": UpperConfig(every=10)}
+    alternating = build_method(FinetuneConfig(method="bilevel", solver=SolverConfig("alternating"), **cfg))
+    penalty = build_method(FinetuneConfig(method="bilevel", solver=SolverConfig("penalty", penalty_lambda=2.0), **cfg))
     two_stage = build_method(FinetuneConfig(method="two_stage", **cfg))
     assert alternating.upper_steps == penalty.upper_steps == two_stage.unlearn_steps == 10  # equal budgets
     assert two_stage.total_steps == 110 and penalty.penalty_end == 2.0
-    assert build_method(FinetuneConfig(method="two_stage", unlearn_steps=7, **cfg)).unlearn_steps == 7
+    assert build_method(FinetuneConfig(method="two_stage", two_stage=TwoStageConfig(unlearn_steps=7), **cfg)).unlearn_steps == 7
     assert build_method(FinetuneConfig(method="distill", **cfg)).upper_steps == 0
     with pytest.raises(UserError, match="unknown bilevel solver 'newton'"):
-        build_method(FinetuneConfig(solver="newton"))
+        build_method(FinetuneConfig(solver=SolverConfig("newton")))
     with pytest.raises(UserError, match="unknown fine-tuning method"):
         build_method(FinetuneConfig(method="magic"))
     with pytest.raises(UserError, match="no unlearning steps"):
-        build_method(FinetuneConfig(method="two_stage", max_steps=5, upper_every=10))
+        build_method(FinetuneConfig(method="two_stage", max_steps=5, upper=UpperConfig(every=10)))

@@ -1,0 +1,70 @@
+"""The fixed inputs of the diffusion problem (`Pools`): latent pools of the fine-tuning and concept images and
+one text-embedding table for every prompt a run uses, built once before training.
+
+Embeddings of fixed prompts are computed once (the paper's code does the same): captions, concept targets
+and anchors, and the empty prompt share one (P, L, D) table indexed by row. In stream mode
+(`safeprune.data.stream`) the fine-tuning images are instead VAE-encoded afresh every step.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from safeprune.bilevel.problem import Pools
+from safeprune.config import Config
+from safeprune.data.datasets import embed_prompts, encode_pool, open_image_captions
+from safeprune.data.stream import data_mode, open_stream_pool
+from safeprune.data.toyworld import ToyWorld
+from safeprune.unlearning.concepts import derive_concepts, pair_images
+from safeprune.utils import DTYPES, numpy_rng
+
+
+def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
+    """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed)."""
+    ft = cfg.finetune
+    world = ToyWorld(cfg.toyworld, cfg.seed)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    # finetune.resolution, else the image side the VAE maps onto the UNet's native latent size
+    size = ft.resolution or pipe.unet.config.sample_size * vae_scale
+    missing = [flag for flag, given, needed in (("--data", data, True), ("--concept-data", concept_data,
+                                                unlearning is not None)) if needed and given is None]
+    if missing and size != cfg.toyworld.size:  # legal, but a teacher of another image size is surely not a toy
+        warnings.warn(f"no {' / '.join(missing)} given: fine-tuning a {size} px teacher on the toy world's "
+                      f"{cfg.toyworld.size} px images; pass your own image folder or dataset", stacklevel=1)
+    vae = pipe.vae.to(device).eval()
+
+    sources = {"streaming": ft.data.streaming, "hub": ft.data.hub_data}
+    if data_mode(ft, data) == "stream":  # fresh images every step, VAE-encoded per batch (safeprune.data.stream)
+        lower = open_stream_pool(data, ft, world=world, vae=vae, tokenizer=pipe.tokenizer,
+                                 text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
+                                 dtype=DTYPES[ft.teacher_dtype])
+    else:
+        lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data.pool, size=size, **sources)
+        lower = encode_pool(lower_set, ft.data.pool, vae, rng=numpy_rng(cfg.seed), device=device)
+
+    concepts, concept, pairing = [], None, []
+    if unlearning is not None:
+        concept_set = open_image_captions(concept_data, world=world, split="concept", n_toy=ft.data.concept_pool,
+                                          size=size, **sources)
+        concept = encode_pool(concept_set, ft.data.concept_pool, vae, rng=numpy_rng(cfg.seed, "concept"), device=device)
+        concepts = list(ft.concepts)
+        if concepts:
+            pairing = pair_images(concepts, concept.captions)
+        else:  # derived from the concept images' captions (see safeprune.unlearning.concepts)
+            concepts, pairing = derive_concepts(concept.captions, concept.labels, world.forbidden)
+
+    prompts = list(dict.fromkeys(["", *lower.captions, *(c.target for c in concepts), *(c.anchor for c in concepts)]))
+    row = {p: i for i, p in enumerate(prompts)}
+    embeddings = embed_prompts(prompts, pipe.tokenizer, pipe.text_encoder.to(device).eval(), device=device)
+    lower_prompt = torch.tensor([row[c] for c in lower.captions], dtype=torch.long)
+    if hasattr(lower, "attach"):  # stream: rows that each draw fills with its own captions' embeddings
+        embeddings, lower_prompt = lower.attach(embeddings)
+    pools = Pools(lower=lower, lower_prompt=lower_prompt, embeddings=embeddings,
+                  null_prompt=row[""])
+    if concept is not None:
+        pools.concept = concept
+        pools.concept_target = torch.tensor([row[concepts[k].target] for k in pairing])
+        pools.concept_anchor = torch.tensor([row[concepts[k].anchor] for k in pairing])
+    return pools, concepts

@@ -199,3 +199,12 @@ def test_a_model_evaluated_as_its_own_reference_fills_the_shared_cache(toy_pipe,
     ctx = EvalContext("student", world, cfg, judge, toy_pipe, cache)
     assert ctx.generated("forget", reference=True) is ctx.reference_cache[next(k for k in cache if k[0] == "forget")]
     assert ctx.n_generated == 0  # the reference's forget images were reused, not drawn again
+
+
+def test_the_judge_is_one_detector_of_the_registry(cfg, judge):
+    from safeprune.eval.detectors import DETECTORS
+
+    assert {"judge", "clip_similarity", "csd", "nudenet"} <= set(DETECTORS)
+    leaking = DETECTORS["judge"](RealImagesContext(cfg, judge), "forget")
+    clean = DETECTORS["judge"](RealImagesContext(cfg, judge, style_override="plain"), "forget")
+    assert leaking.shape == (32,) and leaking.mean() > 0.9 and clean.mean() < 0.1

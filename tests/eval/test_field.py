@@ -300,3 +300,30 @@ def test_missing_weights_fail_before_any_image_is_drawn(toy_pipe_dir, tmp_path, 
     assert not out.exists()
     assert main(["evaluate", "--protocol", "nudity", "--out", str(out)]) == 2
     assert "--prompts" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_splits_the_prompts_across_two_processes(toy_pipe_dir, field_weights, tmp_path):
+    """Two real CPU processes (gloo) under `accelerate launch`: each draws its share, the main one merges and scores."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("the accelerate command is not installed")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a red circle {k}" for k in range(5)) + "\n")
+    out = tmp_path / "acc"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "-m", "safeprune.cli",
+           "evaluate", "--model", str(toy_pipe_dir), "--protocol", "styles", "--prompts", str(prompts), "--metrics",
+           "style_clip", "eval.seeds_per_prompt=1", *FAST, *_weights(field_weights), "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["processes"] == 2 and res["sets"] == {"forget": 5}
+    lines = (out / "images" / "forget" / "prompts.jsonl").read_text().splitlines()
+    assert [json.loads(x)["index"] for x in lines] == [0, 1, 2, 3, 4]
+    assert not list((out / "images" / "forget").glob("prompts.rank*.jsonl"))  # merged and removed

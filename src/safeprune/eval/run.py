@@ -199,10 +199,12 @@ def evaluate(cfg: Config, model: str | None, reference: str | None, out: str | P
             if sub == "images" or needs_ref:
                 for role, recs in records.items():
                     target[role] = (out / sub / role, merge_prompt_files(out / sub / role, len(recs)))
-    return _score(cfg, names, sets, references, ref_sets, model, reference, out, device, atomic_file)
+    return _score(cfg, names, sets, references, ref_sets, model, reference, out, device, atomic_file,
+                  state.num_processes)
 
 
-def _score(cfg, names, sets, references, ref_sets, model, reference, out: Path, device, atomic_file) -> dict:
+def _score(cfg, names, sets, references, ref_sets, model, reference, out: Path, device, atomic_file,
+           processes: int = 1) -> dict:
     import time
 
     from safeprune.eval.field import FolderContext
@@ -216,7 +218,7 @@ def _score(cfg, names, sets, references, ref_sets, model, reference, out: Path, 
     record = {"protocol": cfg.eval.protocol, "model": str(model or "toy-teacher"),
               "reference": str(reference) if reference else None,
               "sample": dataclasses.asdict(cfg.sample), "sets": {k: len(r) for k, (_, r) in sets.items()},
-              "detectors": ctx.meta, "metrics": metrics}
+              "processes": processes, "detectors": ctx.meta, "metrics": metrics}
     _grid(sets, out / "grid.png")
     with atomic_file(out / RESULTS_FILE) as tmp:  # last: its presence means the evaluation finished
         tmp.write_text(json.dumps(record, indent=1))

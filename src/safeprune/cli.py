@@ -164,7 +164,7 @@ def _evaluate_args(p):
     _choice(p, "--protocol", "eval.protocol", "evaluation protocol (default toy)")
     p.add_argument("--reference", dest="paths.reference",
                    help="reference model of the CP and CSD scores (the paper's: the distilled, unerased pruned model; "
-                        "default: model.teacher, else the toy teacher)")
+                        "default: model.teacher; toy protocol: the toy teacher)")
     p.add_argument("--prompts", dest="eval.prompts", help="replace the protocol's prompts: a text file, an I2P CSV "
                                                           "(the nudity check), COCO captions JSON or a concept YAML")
     p.add_argument("--coco-dir", dest="eval.coco_dir", help="coco: folder with annotations/captions_val2017.json "

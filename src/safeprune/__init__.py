@@ -13,6 +13,12 @@ _EXPORTS = {
     "load_unet": "safeprune.models.io",
     "load_pipeline": "safeprune.models.io",
     "save_unet": "safeprune.models.io",
+    "save_model": "safeprune.models.io",
+    # diffusers imports this class by name for model_index.json's ["safeprune", "PrunedUNet2DConditionModel"],
+    # and finds how to load it by looking up its base classes' names IN THIS MODULE (getattr(safeprune,
+    # "ModelMixin")): diffusers' ModelMixin must be reachable here for DiffusionPipeline.from_pretrained.
+    "PrunedUNet2DConditionModel": "safeprune.models.pruned_unet",
+    "ModelMixin": "diffusers",
     "prune": "safeprune.pruning",
     "finetune": "safeprune.recipes.finetune",
 }

@@ -110,7 +110,8 @@ def _prune_args(p):
     p.add_argument("--unet-config", dest="paths.unet_config", help="prune a UNet config.json on the meta device (no weights)")
     p.add_argument("--calib-data", dest="paths.calib_data",
                    help="taylor importance: image folder with metadata.jsonl (default: the toy pretrain split)")
-    _out(p, "output folder for the pruned UNet, plan.json, prune_report.json")
+    _out(p, "output folder: model/ (a diffusers pipeline folder), prune_report.json")
+    _push_arg(p)
 
 
 def _finetune_args(p):
@@ -128,9 +129,21 @@ def _finetune_args(p):
     p.add_argument("--data", dest="paths.data",
                    help="image folder with metadata.jsonl, a HF dataset folder, parquet/arrow files, or webdataset "
                         "shards such as 'shards/{000..099}.tar' (default: toy finetune split; see finetune.data.mode)")
+    p.add_argument("--image-column", dest="finetune.data.image_column",
+                   help="--data column holding the image (tables) or its file name (folders); default image / file_name")
+    p.add_argument("--caption-column", dest="finetune.data.caption_column",
+                   help="--data column holding the caption; default the first of text, caption, prompt")
     p.add_argument("--concept-data", dest="paths.concept_data", help="concept images folder (default: toy concept split)")
+    p.add_argument("--anchor-data", dest="paths.anchor_data",
+                   help="anchor-prompt images for --unlearn ablation (default: rendered toy anchors)")
     _out(p, "run folder (required)", required=False)
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
+    _push_arg(p)
+
+
+def _push_arg(p):
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="upload the finished model/ folder to this Hugging Face hub repository (needs `hf auth login`)")
 
 
 def _concept_images_args(p):
@@ -187,6 +200,37 @@ def _report_args(p):
     _out(p, "output folder (report.md, results.json, grid.png, curves.png)")
 
 
+def _export_args(p):
+    p.add_argument("--model", dest="paths.model", help="model folder (run, model/, pipeline or UNet; default: the toy "
+                                                       "teacher)")
+    p.add_argument("--format", default="onnx", help="export format: onnx (needs pip install 'safeprune[onnx]')")
+    p.add_argument("--teacher", dest="export_teacher", default=None,
+                   help="also export this teacher's UNet (folder, hub id, or 'toy') and report the latency ratio")
+    p.add_argument("--batch", type=int, default=2, help="batch of the check and the timing (2 = one CFG image)")
+    p.add_argument("--runs", type=int, default=20, help="timed onnxruntime calls per model (median reported)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (torchscript: at most 17)")
+    p.add_argument("--exporter", default="dynamo", help="torch.onnx exporter: dynamo (default) | torchscript (faster, deprecated)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |onnxruntime - torch| accepted")
+    _out(p, "output folder (unet.onnx, export_report.json)")
+
+
+def _presets_args(p):
+    p.add_argument("name", nargs="?", default=None,
+                   help="print this preset's path, e.g. accelerate/ddp_4gpu (for accelerate launch --config_file)")
+
+
+def run_presets(cfg, args) -> int:
+    """List the presets shipped inside the package, or print one's path."""
+    from safeprune.config import CONFIG_DIR, preset_path
+
+    if args.name:
+        print(preset_path(args.name).resolve())
+        return 0
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        print(f"{str(path.relative_to(CONFIG_DIR).with_suffix('')):<24} {path}")
+    return 0
+
+
 def _demo_args(p):
     _out(p, "output folder (default runs/demo)", required=False)
     p.add_argument("--seeds", dest="demo.seeds", help="repeat with N seeds and report mean +- std")
@@ -206,12 +250,16 @@ COMMANDS: dict[str, Command] = {
     "report": Command("tables, grids and curves from several runs", _report_args, "safeprune.recipes.report:run"),
     "demo": Command("the main job: prune, fine-tune 3 ways, evaluate, report", _demo_args,
                     "safeprune.recipes.demo:run"),
+    "export": Command("export a model's UNet to ONNX, checked and timed in onnxruntime", _export_args,
+                      "safeprune.export:run"),
+    "presets": Command("list the shipped presets (configs), or print one's path", _presets_args,
+                       "safeprune.cli:run_presets"),
 }
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=None,
-                   help="YAML preset (file path or a name in configs/, e.g. toy); repeatable, later files win; "
+                   help="YAML file or shipped preset (e.g. sd21, concepts/nudity; see `safeprune presets`); repeatable, later files win; "
                         "a bare FILE.yaml word after the command does the same")
     p.add_argument("--seed", dest="seed", help="master seed")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -313,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = resolve(args)
             # the user asked for the network (a hub-id teacher or a hub data set): lift our default
-            if (cfg.model.allow_download or cfg.finetune.data.hub_data) and _OFFLINE_BY_DEFAULT:
+            wants_hub = cfg.model.allow_download or cfg.finetune.data.hub_data or getattr(args, "push_to_hub", None)
+            if wants_hub and _OFFLINE_BY_DEFAULT:
                 os.environ.pop("HF_HUB_OFFLINE", None)
                 os.environ.pop("TRANSFORMERS_OFFLINE", None)
             if args.dry_run:

@@ -17,7 +17,32 @@ import yaml
 
 from safeprune.errors import UserError, check
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repo's presets (editable install)
+
+def _shipped_configs() -> Path:
+    """The presets, concept lists and accelerate configs shipped INSIDE the package (safeprune/configs/), found
+    with importlib.resources, so a wheel install has them as a source checkout does."""
+    from importlib.resources import files
+
+    return Path(str(files("safeprune") / "configs"))
+
+
+CONFIG_DIR = _shipped_configs()
+
+
+def preset_path(name: str | Path) -> Path:
+    """A config file: `name` itself when it exists, else the shipped preset it names: `sd21`, `concepts/nudity`,
+    `accelerate/ddp_4gpu.yaml`, or the repository spelling `configs/sd21.yaml` (so the README's commands work
+    from any folder). A miss is a UserError listing the shipped presets."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    rel = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    for candidate in (CONFIG_DIR / rel, CONFIG_DIR / rel.with_suffix(".yaml")):
+        if not path.is_absolute() and candidate.is_file():
+            return candidate
+    names = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+                   if p.parent.name != "accelerate")  # those are accelerate's, not safeprune's
+    raise UserError(f"config file {str(path)!r} not found; pass a YAML file or a shipped preset: {', '.join(names)}")
 
 
 @dataclass
@@ -124,12 +149,14 @@ class UnlearnLossConfig:
 @dataclass
 class UpperConfig:
     lr: float = 1e-3  # upper-level AdamW learning rate (also the penalty solver's outer step)
-    batch_size: int = 16  # concept images per upper step (per process)
+    batch_size: int = 16  # concept images per upper micro-batch per process (x grad_accum x processes per step)
+    grad_accum: int = 1  # gradient accumulation of the upper (and penalty outer) step, like finetune.grad_accum
     every: int = 10  # K: alternating = an upper step after every K-th lower step; penalty = K inner steps
 
     def __post_init__(self):
         check(self.lr > 0, "finetune.upper.lr must be > 0")
         check(self.batch_size > 0, "finetune.upper.batch_size must be > 0")
+        check(self.grad_accum >= 1, "finetune.upper.grad_accum must be >= 1")
         check(self.every >= 1, "finetune.upper.every must be >= 1")
 
 
@@ -168,6 +195,8 @@ class DataConfig:
     streaming: bool = False  # read `datasets` sources (parquet, arrow, hub) lazily as an IterableDataset
     hub_data: bool = False  # let paths.data name a Hugging Face hub dataset id (downloads); offline by default
     text_cache: str = ""  # stream: folder caching caption embeddings (safetensors per caption); "" = no cache
+    image_column: str = ""  # paths.data's image column (tables) / file column (folders); "" = image / file_name
+    caption_column: str = ""  # paths.data's caption column; "" = the first of text, caption, prompt
 
     def __post_init__(self):
         check(self.pool > 0 and self.concept_pool > 0, "finetune.data.pool and concept_pool must be > 0")
@@ -197,7 +226,12 @@ class FinetuneConfig:
     lambda_out: float = 2.0  # weight of output distillation (eq. 3)
     lambda_feat: float = 0.1  # weight of feature distillation (eq. 4)
     snr_gamma: float = 5.0  # Min-SNR-gamma weighting of the denoising loss; 0 disables it
-    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
+    # v-prediction form of that weight (safeprune.losses.denoising.SNR_WEIGHTINGS): diffusers = min(SNR, g)/(SNR+1),
+    # paper = min(SNR+1, g)/(SNR+1) (the paper's code; configs/sd21.yaml); the same for epsilon models
+    snr_weighting: str = "diffusers"
+    # no | fp16 | bf16 (GPU) | "" = what `accelerate launch` was given (its config / --mixed_precision), else no;
+    # a value here that disagrees with the launcher's is an error (safeprune.recipes.finetune.resolve_mixed_precision)
+    mixed_precision: str = ""
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the frozen teacher's forward passes
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, `pip install safeprune[bnb]`): both optimisers
     resolution: int = 0  # fine-tuning image side in pixels; 0 = the teacher UNet's sample_size x VAE scale
@@ -206,12 +240,20 @@ class FinetuneConfig:
     ckpt_every_steps: int = 200  # atomic checkpoint period
     keep_checkpoints: int = 1  # newest checkpoints kept in run_dir/checkpoints
     eval_every_steps: int = 0  # log leakage/fd curves every N steps (0 = never)
+    report_to: str = "tensorboard"  # tracker of the metrics, learning rates and images: tensorboard | wandb | none
+    validation_every_steps: int = 0  # sample validation images every N steps (and at the end); 0 = never
+    validation_prompts: list[str] = field(default_factory=list)  # [] = the suppressed concepts and their anchors
+    validation_seeds: int = 2  # images per validation prompt, seeds 0..N-1 (the same at every step)
 
     def __post_init__(self):
         check(self.max_steps > 0, "finetune.max_steps must be > 0")
         check(self.batch_size > 0, "finetune.batch_size must be > 0")
-        check(self.mixed_precision in ("no", "fp16", "bf16"),
-              f"finetune.mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
+        check(self.mixed_precision in ("", "no", "fp16", "bf16"),
+              f"finetune.mixed_precision={self.mixed_precision!r}; choose no, fp16, bf16 or '' (accelerate's)")
+        check(self.report_to in ("tensorboard", "wandb", "none"),
+              f"finetune.report_to={self.report_to!r}; choose tensorboard, wandb or none")
+        check(self.validation_every_steps >= 0 and self.validation_seeds >= 1,
+              "finetune.validation_every_steps must be >= 0 (0 = never) and finetune.validation_seeds >= 1")
         check(self.teacher_dtype in ("fp32", "bf16", "fp16"),
               f"finetune.teacher_dtype={self.teacher_dtype!r}; choose fp32, bf16 or fp16")
         check(self.optimizer in ("adamw", "adamw8bit"), f"finetune.optimizer={self.optimizer!r}; choose adamw or adamw8bit")
@@ -224,6 +266,8 @@ class FinetuneConfig:
         check(min(self.lambda_diff, self.lambda_out, self.lambda_feat) >= 0,
               "finetune.lambda_diff, lambda_out and lambda_feat must be >= 0")
         check(self.snr_gamma >= 0, "finetune.snr_gamma must be >= 0 (0 disables Min-SNR weighting)")
+        check(self.snr_weighting in ("diffusers", "paper"),
+              f"finetune.snr_weighting={self.snr_weighting!r}; choose diffusers or paper")
         check(self.grad_accum >= 1, "finetune.grad_accum must be >= 1")
         check(self.ckpt_every_steps > 0 and self.keep_checkpoints >= 1,
               "finetune.ckpt_every_steps and keep_checkpoints must be >= 1")
@@ -323,6 +367,8 @@ class PathsConfig:
     student: str = ""  # finetune: the pruned student folder written by `safeprune prune`
     data: str = ""  # finetune: lower-level images (folder, datasets table, shards); "" = the toy finetune split
     concept_data: str = ""  # finetune: concept images of the upper level; "" = the toy concept split
+    # finetune with `ablation`: images of the anchor prompts (what to draw instead); "" = rendered toy anchors
+    anchor_data: str = ""
     model: str = ""  # generate / evaluate / concept-images: the model used; "" = the shipped toy teacher
     reference: str = ""  # evaluate: the unsuppressed reference of the CP score; "" = the shipped toy teacher
     unet_config: str = ""  # prune: a UNet config.json pruned on the meta device (no weights)
@@ -451,10 +497,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file() and not path.suffix and (CONFIG_DIR / f"{path}.yaml").is_file():
-        path = CONFIG_DIR / f"{path}.yaml"  # a preset name such as `toy` or `sd15`
-    check(path.is_file(), f"config file {str(path)!r} not found; pass a YAML file or a preset in {CONFIG_DIR}")
+    path = preset_path(path)  # a file, or a shipped preset such as `toy`, `sd15` or `concepts/nudity`
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

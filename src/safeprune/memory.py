@@ -165,7 +165,7 @@ def profile_activations(unet: torch.nn.Module, batch: int, latent_size: int, tex
         x = torch.empty(batch, cfg.in_channels, latent_size, latent_size)
         t = torch.zeros(batch, dtype=torch.long)
         emb = torch.empty(batch, text_tokens, cross)
-    low = None if mixed_precision == "no" else DTYPES[mixed_precision]
+    low = None if mixed_precision in ("", "no") else DTYPES[mixed_precision]  # "": not resolved yet = no
     with outer.hooks(), _MetaAutocast(low, weights):
         model(x, t, encoder_hidden_states=emb)
     profile.outside = outer.bytes - profile.block_inputs
@@ -263,7 +263,7 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
         "ddp_buckets": 4 * n_student if processes > 1 else 0,
         # autocast keeps a low-precision copy of each weight for the backward pass; checkpointed blocks
         # re-make theirs during recomputation, so with checkpointing (nearly) none is kept
-        "weight_copies": 2 * n_student if ft.mixed_precision != "no" and not ft.gradient_checkpointing else 0,
+        "weight_copies": 2 * n_student if ft.mixed_precision not in ("", "no") and not ft.gradient_checkpointing else 0,
         "activations": max(lower_act, upper_act),
         "encoders": 4 * encoder_params,
     }

@@ -9,7 +9,7 @@ from safeprune.recipes.report import aggregate, table, write_report
 
 
 def _row(leak, fd, valid=0.95, retention=0.9):
-    return {"valid": valid, "leakage": leak, "retention": retention, "adherence": 0.9, "fd": fd}
+    return {"valid": valid, "leakage": leak, "forget_valid": valid, "retention": retention, "adherence": 0.9, "fd": fd}
 
 
 def test_aggregate_mean_and_std():

@@ -3,11 +3,11 @@
 Accelerate 1.15 only turns GPU-type ranks into FSDP (state.py: MULTI_CPU never becomes FSDP), while torch's
 FSDP v1 itself runs on CPU over gloo with `device_id=cpu` (what `prepare_model` passes). This entry keeps
 Accelerate's own set-up and then switches its distributed type to FSDP with the plugin that
-`accelerate launch --config_file configs/accelerate/fsdp_4gpu.yaml` configured (the FSDP_* variables), so
+`accelerate launch --config_file src/safeprune/configs/accelerate/fsdp_4gpu.yaml` configured (the FSDP_* variables), so
 `accelerator.prepare` runs its real FSDP v1 wrapping of the student and both optimisers. Test only: on GPUs
 Accelerate takes this path by itself.
 
-Usage: accelerate launch --config_file configs/accelerate/fsdp_4gpu.yaml --num_processes 2 \\
+Usage: accelerate launch --config_file src/safeprune/configs/accelerate/fsdp_4gpu.yaml --num_processes 2 \\
            tests/finetune/fsdp_cpu_entry.py finetune ...
 """
 

@@ -2,7 +2,7 @@
 
 Accelerate only shards GPU ranks, so `fsdp_cpu_entry.py` switches its distributed type to FSDP after its own
 set-up (see there); the wrapping, the two prepared optimisers, the FSDP-aware gradient clipping and the
-gathered / scattered checkpoints are the recipe's real code, with configs/accelerate/fsdp_4gpu.yaml as the
+gathered / scattered checkpoints are the recipe's real code, with the shipped accelerate/fsdp_4gpu.yaml as the
 plugin settings. FSDP and DDP all-reduce the same per-rank gradients, so the runs must agree to rounding:
 an upper optimiser that lost its parameter subset (`esd_xattn`: cross-attention only), a clip over one
 shard, or a checkpoint gathered wrongly would not.
@@ -16,6 +16,8 @@ import torch
 from launch_helpers import REPO, launch, launcher
 from safetensors.torch import load_file
 
+from safeprune.config import CONFIG_DIR
+
 pytestmark = pytest.mark.slow  # three 2-process launches: ~60-80 s on 2 cores
 
 
@@ -27,11 +29,13 @@ def _finetune(out, student, teacher, flags, steps):
 
 def test_fsdp_matches_ddp_on_two_cpu_ranks(tmp_path, toy_teacher, student_dir, fast_flags):
     accelerate = launcher("accelerate")
-    configs = REPO / "configs" / "accelerate"
+    configs = CONFIG_DIR / "accelerate"
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     launch([accelerate, "launch", "--config_file", str(configs / "cpu_2proc.yaml"), "-m", "safeprune.cli",
             *_finetune(ddp, student_dir, toy_teacher, fast_flags, 4)])
+    # --mixed_precision no: the GPU config says bf16, and the launcher's precision is the run's (compared with DDP in fp32)
     entry = [accelerate, "launch", "--config_file", str(configs / "fsdp_4gpu.yaml"), "--num_processes", "2",
+             "--mixed_precision", "no",
              str(REPO / "tests" / "finetune" / "fsdp_cpu_entry.py")]
     launch([*entry, *_finetune(fsdp, student_dir, toy_teacher, fast_flags, 2)])
     launch([*entry, *_finetune(fsdp, student_dir, toy_teacher, fast_flags, 4), "--resume"])
@@ -41,7 +45,8 @@ def test_fsdp_matches_ddp_on_two_cpu_ranks(tmp_path, toy_teacher, student_dir, f
     assert summary["params_in_sync"] is None  # shards of one copy: nothing to compare across ranks
     assert json.loads((ddp / "summary.json").read_text())["optimizer_states_in_sync"] is True
     ckpt = "checkpoints/step_0000004"
-    for name in ("diffusion_pytorch_model.safetensors", f"{ckpt}/student.safetensors",
+    weights = "model/unet/diffusion_pytorch_model.safetensors"  # the run's model folder
+    for name in (weights, f"{ckpt}/student.safetensors",
                  f"{ckpt}/lower.optim.safetensors", f"{ckpt}/upper.optim.safetensors"):
         a, b = load_file(str(fsdp / name)), load_file(str(ddp / name))
         assert a.keys() == b.keys(), name  # same files, same keys: checkpoints move between DDP and FSDP
@@ -54,5 +59,5 @@ def test_fsdp_matches_ddp_on_two_cpu_ranks(tmp_path, toy_teacher, student_dir, f
     lower, upper = (load_file(str(fsdp / ckpt / f"{k}.optim.safetensors")) for k in ("lower", "upper"))
     assert 0 < len(upper) < len(lower)  # the upper optimiser kept its subset (cross-attention) under FSDP
     start = load_file(str(student_dir / "diffusion_pytorch_model.safetensors"))
-    tuned = load_file(str(fsdp / "diffusion_pytorch_model.safetensors"))
+    tuned = load_file(str(fsdp / weights))
     assert any(not torch.equal(start[k], tuned[k]) for k in start)  # the comparison is not between two no-ops

@@ -39,7 +39,13 @@ def test_every_method_runs_and_the_run_folder_loads_and_samples(finetune_cli, tm
     if name == "penalty":
         assert all("outer/gap" in r and r["outer/lambda"] == 10 for r in rows if "upper/cu" in r)
     assert list((out / "checkpoints").iterdir()) and list((out / "logs").rglob("events.out.tfevents.*"))
-    # the run folder is a saved pruned UNet that loads and samples with the teacher's other parts
+    # the run folder's model/ is a complete pipeline folder apart from the training state
+    assert {"model", "checkpoints", "logs", "metrics.jsonl", "summary.json", "config.yaml"} <= {p.name for p in out.iterdir()}
+    assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "README.md"} <= {
+        p.name for p in (out / "model").iterdir()}
+    card = (out / "model" / "README.md").read_text()
+    assert "## Suppressed concepts" in card and (name == "distill") == ("None: this model" in card)
+    assert f"| method | {RUNS[name][1]} |" in card and summary["model"] == "model"
     pipe = load_pipeline(out)
     image = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]

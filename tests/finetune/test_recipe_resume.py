@@ -29,7 +29,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(finetune_cli, tmp_pat
     monkeypatch.setattr(safeprune.checkpoint, "save_checkpoint", save_then_die)
     out = tmp_path / "resumed"
     assert finetune_cli(out, *RUN)[0] == 130
-    assert not (out / "config.json").exists() and len(_rows(out)) == 3  # no result yet, 3 steps logged
+    assert not (out / "model").exists() and len(_rows(out)) == 3  # no result yet, 3 steps logged
     monkeypatch.setattr(safeprune.checkpoint, "save_checkpoint", real_save)
     code, err = finetune_cli(out, *RUN, "--resume")
     assert code == 0, err
@@ -59,4 +59,4 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     assert "not finite at step" in message and str(last) in message
     step = json.loads((last / "state.json").read_text())["step"]
     assert f"step {step + 1} " in err  # the checkpoint before the bad step is kept, none after it
-    assert not (out / "config.json").exists()  # no result that looks valid
+    assert not (out / "model").exists()  # no result that looks valid

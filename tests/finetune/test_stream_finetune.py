@@ -49,7 +49,7 @@ def test_streamed_finetune_from_shards(finetune_cli, shards, tmp_path):
     assert code == 0, err
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3] and "upper/cu" in rows[1]
-    assert (tmp_path / "run" / "config.json").is_file()
+    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
     state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/state.json")).read_text())
     assert state["data"] == {"consumed": 6}  # 3 steps x batch 2, drawn from the stream
     assert len(list(cache.glob("*/*/*.safetensors"))) >= 2  # one entry per distinct caption seen

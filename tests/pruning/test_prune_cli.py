@@ -34,7 +34,12 @@ def test_bk_sdm_sizes_from_the_sd15_config(capsys, tmp_path, preset, params_m):
 def test_channels_on_the_toy_teacher_then_generate(capsys, tmp_path, toy_teacher_dir):
     code, _, _ = run(capsys, "prune", "--model", toy_teacher_dir, "--method", "channels", "--ratio", "0.5",
                      "--out", tmp_path / "d", "prune.latency_runs=2")
-    assert code == 0 and (tmp_path / "d" / "plan.json").is_file()
+    model = tmp_path / "d" / "model"  # a complete diffusers pipeline folder with a model card
+    assert code == 0 and (model / "unet" / "plan.json").is_file()
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["unet"] == ["safeprune", "PrunedUNet2DConditionModel"] and (model / "vae").is_dir()
+    card = (model / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card and "| params |" in card
     report = json.loads((tmp_path / "d" / "prune_report.json").read_text())
     assert report["ratio_of"] == "total parameters" and report["removed_share"] == pytest.approx(0.5, abs=0.03)
     assert report["latency_ms_before"] > 0 and report["latency_ms_after"] > 0 and report["macs_ratio"] < 0.6
@@ -49,7 +54,7 @@ def test_taylor_importance_from_the_toy_training_data(capsys, tmp_path, toy_teac
                        "--importance", "taylor", "--out", tmp_path / "d", "prune.channels.calibration_batches=1",
                        "prune.channels.calibration_batch_size=4", "prune.latency_runs=1")
     assert code == 0, err
-    assert json.loads((tmp_path / "d" / "plan.json").read_text())["importance"] == "taylor"
+    assert json.loads((tmp_path / "d" / "model" / "unet" / "plan.json").read_text())["importance"] == "taylor"
     assert safeprune.load_unet(tmp_path / "d").config.sample_size == 16
 
 

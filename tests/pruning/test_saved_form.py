@@ -48,12 +48,16 @@ def test_stock_diffusers_loads_config_expressible_models(tmp_path, tiny_sd_unet,
     assert torch.equal(run_unet(plain, inputs), run_unet(student, inputs))
 
 
-def test_channel_pruned_folder_keeps_the_base_config(tmp_path, toy_unet, toy_teacher_dir):
+def test_channel_pruned_folder_records_its_widths(tmp_path, toy_unet, toy_teacher_dir):
     student, plan = prune(toy_unet, "channels", PruneConfig(method="channels", ratio=0.5))
     save_unet(student, tmp_path / "m", plan, base_model=toy_teacher_dir)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["block_out_channels"] == list(toy_unet.config.block_out_channels)
-    assert json.loads((tmp_path / "m" / "safeprune.json").read_text())["base_model"] == str(toy_teacher_dir.resolve())
+    assert config["_class_name"] == "PrunedUNet2DConditionModel"
+    assert config["block_out_channels"] == list(toy_unet.config.block_out_channels)  # residual streams kept
+    assert config["pruned_widths"]["resnet"]["down_blocks.1.resnets.0"] == student.down_blocks[1].resnets[0].conv1.out_channels
+    # a local teacher is only a machine-local hint; the portable reference (a hub id) is null here
+    meta = json.loads((tmp_path / "m" / "safeprune.json").read_text())
+    assert meta == {"base_model": None, "teacher_path": str(toy_teacher_dir.resolve())}
 
 
 def test_plain_diffusers_folders_load(tmp_path, tiny_sd_unet, toy_teacher_dir, toy_unet):
@@ -92,7 +96,13 @@ def test_bad_folders_are_one_line_user_errors(tmp_path, tiny_sd_unet):
 
 def test_weights_that_do_not_fit_the_plan(tmp_path, tiny_sd_unet):
     student, plan = prune(tiny_sd_unet, "channels", PruneConfig(method="channels", ratio=0.4))
-    save_unet(tiny_sd_unet, tmp_path / "m", plan)  # unpruned weights under a pruning plan
+    with pytest.raises(UserError, match="do not fit"):  # unpruned weights under a pruning plan: refused on save
+        save_unet(tiny_sd_unet, tmp_path / "m", plan)
+    assert not (tmp_path / "m").exists()
+    save_unet(student, tmp_path / "m", plan)
+    (tmp_path / "m" / "diffusion_pytorch_model.safetensors").unlink()  # ... and on load
+    tiny_sd_unet.save_pretrained(tmp_path / "full")
+    (tmp_path / "full" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "m" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(UserError, match="do not fit"):
         load_unet(tmp_path / "m")
     with pytest.raises(UserError, match="not empty"):

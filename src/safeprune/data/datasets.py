@@ -2,13 +2,17 @@
 
 Sources (`open_source` / `open_image_captions`), chosen by what `--data` points at:
   - the toy world's `finetune` / `concept` splits (image i is a pure function of (seed, split, i));
-  - an image folder with a diffusers-style `metadata.jsonl` (`file_name`, `text`, optional label columns),
-    e.g. one written by `safeprune toyworld export` or `safeprune concept-images`;
+  - an image folder with a diffusers-style `metadata.jsonl` or `metadata.csv` (`file_name`, `text`, optional
+    label columns), e.g. one written by `safeprune toyworld export` or `safeprune concept-images`;
   - Hugging Face `datasets`: a folder written by `save_to_disk`, or parquet/arrow files (one file, a folder
     of them, or a glob) read with `load_dataset("parquet"|"arrow", data_files=...)`; with
     `finetune.data.streaming=true` they are read lazily as an `IterableDataset`; a hub dataset id only with
     `finetune.data.hub_data=true` (offline by default);
   - webdataset tar shards of image + caption (`shards/{000..009}.tar`, a folder of .tar files): see shards.py.
+
+Column names: the image is `file_name` (folders) / `image` (tables), the caption the first of text / caption /
+prompt; `Columns` (finetune.image_column / caption_column, --image-column / --caption-column) names others,
+as diffusers' training scripts do.
 
 Map-style sources (toy, folder, datasets) expose `record(i)`; iterable ones (shards, streaming datasets)
 expose `records(...)` (shards.py). A record is {"image": PIL RGB, "text": str, "labels": dict, "key": str}.
@@ -22,6 +26,7 @@ Two consumers:
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 from dataclasses import dataclass
@@ -31,7 +36,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from safeprune.data.records import CAPTION_COLUMNS, LABEL_COLUMNS, caption_column, to_model_image, to_pil
+from safeprune.data.records import (
+    LABEL_COLUMNS,
+    Columns,
+    caption_column,
+    image_column,
+    to_model_image,
+    to_pil,
+)
 from safeprune.data.shards import HFStream, ShardStream
 from safeprune.errors import UserError, check
 from safeprune.utils import HUB_ID, numpy_rng
@@ -63,26 +75,42 @@ class ToySplit(_Resized):
         return {"image": Image.fromarray(image), "text": caption, "labels": labels.as_dict(), "key": str(i)}
 
 
-class ImageFolder(_Resized):
-    """A folder of images with `metadata.jsonl` lines {"file_name": ..., "text": ..., [label columns]}."""
+def metadata_file(folder: Path) -> Path | None:
+    """An image folder's metadata: metadata.jsonl, else metadata.csv (the two formats diffusers' ImageFolder reads)."""
+    return next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).is_file()), None)
 
-    def __init__(self, folder: str | Path, size: int):
+
+def _metadata_rows(meta: Path):
+    """(line number, record) of a metadata.jsonl / metadata.csv file."""
+    if meta.suffix == ".csv":
+        with open(meta, newline="") as f:
+            yield from enumerate(csv.DictReader(f), 2)  # line 1 is the header
+        return
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{meta}:{n} is not valid JSON ({err.msg}); fix or remove that line") from err
+
+
+class ImageFolder(_Resized):
+    """A folder of images with `metadata.jsonl` lines {"file_name": ..., "text": ..., [label columns]}, or a
+    `metadata.csv` with those columns."""
+
+    def __init__(self, folder: str | Path, size: int, columns: Columns = Columns()):
         self.folder, self.size = Path(folder), size
-        meta = self.folder / "metadata.jsonl"
-        check(meta.is_file(), f"image folder {str(self.folder)!r} has no metadata.jsonl; write one line "
-                              '{"file_name": ..., "text": ...} per image (e.g. `safeprune toyworld export`)')
+        meta = metadata_file(self.folder)
+        check(meta is not None, f"image folder {str(self.folder)!r} has no metadata.jsonl or metadata.csv; write one "
+                                'line {"file_name": ..., "text": ...} per image (e.g. `safeprune toyworld export`)')
         self.records = []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{meta}:{n} is not valid JSON ({err.msg}); fix or remove that line") from err
-            caption = next((record[c] for c in CAPTION_COLUMNS if c in record), None)
-            check("file_name" in record and isinstance(caption, str),
-                  f"{meta}:{n} needs a `file_name` and a caption column ({', '.join(CAPTION_COLUMNS)})")
-            self.records.append({"file_name": record["file_name"], "text": caption,
+        for n, record in _metadata_rows(meta):
+            where = f"{meta}:{n}"
+            file_column = image_column(record, where, columns.image, default="file_name")
+            caption = record[caption_column(record, where, columns.caption)]
+            check(isinstance(caption, str), f"{where}: the caption must be text, got {caption!r}")
+            self.records.append({"file_name": record[file_column], "text": caption,
                                  "labels": {k: record[k] for k in LABEL_COLUMNS if k in record}})
         for record in self.records[:1]:  # a wrong folder usually fails on the first file already
             path = self.folder / record["file_name"]
@@ -94,7 +122,7 @@ class ImageFolder(_Resized):
     def record(self, i: int) -> dict:
         record = self.records[i]
         path = self.folder / record["file_name"]
-        check(path.is_file(), f"image {str(path)!r} listed in metadata.jsonl is missing")
+        check(path.is_file(), f"image {str(path)!r} listed in the folder's metadata is missing")
         return {"image": to_pil(path.read_bytes(), str(path)), "text": record["text"], "labels": record["labels"],
                 "key": record["file_name"]}
 
@@ -102,9 +130,9 @@ class ImageFolder(_Resized):
 class HFImageCaptions(_Resized):
     """A map-style `datasets.Dataset` (save_to_disk folder, parquet/arrow files): `image` + a caption column."""
 
-    def __init__(self, data, name: str, size: int | None):
-        self.caption = caption_column(data.column_names, f"dataset {name!r}")
-        check("image" in data.column_names, f"dataset {name!r} has no `image` column; it has {data.column_names}")
+    def __init__(self, data, name: str, size: int | None, columns: Columns = Columns()):
+        self.caption = caption_column(data.column_names, f"dataset {name!r}", columns.caption)
+        self.image = image_column(data.column_names, f"dataset {name!r}", columns.image)
         self.data, self.name, self.size = data, name, size
 
     def __len__(self) -> int:
@@ -112,7 +140,7 @@ class HFImageCaptions(_Resized):
 
     def record(self, i: int) -> dict:
         row = self.data[int(i)]
-        return {"image": to_pil(row["image"], f"{self.name} row {i}"), "text": row[self.caption],
+        return {"image": to_pil(row[self.image], f"{self.name} row {i}"), "text": row[self.caption],
                 "labels": {k: row[k] for k in LABEL_COLUMNS if k in row}, "key": str(i)}
 
 
@@ -128,7 +156,7 @@ def _table_files(source: str) -> tuple[str, list[str]]:
     return ("arrow" if files[0].endswith(".arrow") else "parquet"), files
 
 
-def _open_hf(source: str, *, streaming: bool, hub: bool):
+def _open_hf(source: str, *, streaming: bool, hub: bool, columns: Columns = Columns()):
     """A `datasets` source: HFImageCaptions (map-style) or shards.HFStream (streaming=True)."""
     try:
         import datasets
@@ -156,9 +184,9 @@ def _open_hf(source: str, *, streaming: bool, hub: bool):
               f"dataset {source!r} is empty; it needs at least one captioned image")
         raise UserError(f"cannot read dataset {source!r}: {first}") from err
     if streaming:
-        return HFStream(data, source)
+        return HFStream(data, source, columns)
     check(len(data) > 0, f"dataset {source!r} is empty; it needs at least one captioned image")
-    return HFImageCaptions(data, source, None)
+    return HFImageCaptions(data, source, None, columns)
 
 
 def is_shards(source: str) -> bool:
@@ -167,24 +195,25 @@ def is_shards(source: str) -> bool:
     return source.endswith(".tar") or (path.is_dir() and any(path.glob("*.tar")))
 
 
-def open_source(source: str | Path, *, streaming: bool = False, hub: bool = False):
-    """The records behind `--data`: map-style (`record(i)`, len) or iterable (`records(...)`, see shards.py)."""
+def open_source(source: str | Path, *, streaming: bool = False, hub: bool = False, columns: Columns = Columns()):
+    """The records behind `--data`: map-style (`record(i)`, len) or iterable (`records(...)`, see shards.py).
+    `columns` names the image / caption columns of folders and tables (shards: by file extension)."""
     text, path = str(source), Path(source)
     if is_shards(text):
         return ShardStream(text)
-    if (path / "metadata.jsonl").is_file():
-        return ImageFolder(path, None)
+    if path.is_dir() and metadata_file(path) is not None:
+        return ImageFolder(path, None, columns)
     tables = path.suffix in TABLE_SUFFIXES or any(ch in text for ch in "*?[")
     if tables or any((path / n).is_file() for n in ("dataset_info.json", "dataset_dict.json")) \
             or any(p.suffix in TABLE_SUFFIXES for p in path.rglob("*") if path.is_dir()):
-        return _open_hf(text, streaming=streaming, hub=False)
+        return _open_hf(text, streaming=streaming, hub=False, columns=columns)
     check(not path.is_dir(), f"{text!r} is neither an image folder with metadata.jsonl, a Hugging Face dataset "
                              "folder (dataset_info.json), parquet/arrow files nor webdataset .tar shards; "
                              "point --data at one of those")
     if HUB_ID.match(text):
         check(hub, f"--data {text!r} is not a local path; if it is a Hugging Face hub dataset id, set "
                    "finetune.data.hub_data=true to download it (needs network), else fix the path")
-        return _open_hf(text, streaming=streaming, hub=True)
+        return _open_hf(text, streaming=streaming, hub=True, columns=columns)
     raise UserError(f"data source {text!r} not found; pass an image folder with metadata.jsonl, a Hugging Face "
                     "dataset folder, parquet/arrow files or webdataset shards (e.g. shards/{000..009}.tar)")
 
@@ -208,14 +237,14 @@ class _Items(torch.utils.data.Dataset):
 
 
 def open_image_captions(source: str | Path | None, *, world, split: str, n_toy: int, size: int,
-                        streaming: bool = False, hub: bool = False):
+                        streaming: bool = False, hub: bool = False, columns: Columns = Columns()):
     """Items {"image": (3, size, size), "text", "labels"} of `source`, or of the toy `split` when it is None.
 
     `n_toy` is the number of toy items, and the most an iterable source (shards, streaming) contributes.
     """
     if source is None:
         return ToySplit(world, split, n_toy, size)
-    data = open_source(source, streaming=streaming, hub=hub)
+    data = open_source(source, streaming=streaming, hub=hub, columns=columns)
     if not hasattr(data, "record"):  # iterable (shards, streaming): its first n samples
         data = _Items(data, n_toy, size)
     data.size = size

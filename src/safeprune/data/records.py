@@ -7,6 +7,7 @@ and iterable ones (shards.py) build records with these helpers, so neither impor
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,29 @@ def to_pil(value, where: str):
     return value.convert("RGB")
 
 
-def caption_column(columns, where: str) -> str:
-    """The caption column among `columns`, or a one-line error naming what is there."""
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the image and the caption ("" = the defaults: file_name / image, text|caption|prompt)."""
+
+    image: str = ""
+    caption: str = ""
+
+
+def caption_column(columns, where: str, wanted: str = "") -> str:
+    """The caption column among `columns` (`wanted` when given), or a one-line error naming what is there."""
+    if wanted:
+        check(wanted in columns, f"{where} has no caption column {wanted!r} (--caption-column); it has "
+                                 f"{sorted(columns)}")
+        return wanted
     found = next((c for c in CAPTION_COLUMNS if c in columns), None)
-    check(found is not None, f"{where} has no caption column ({', '.join(CAPTION_COLUMNS)}); it has {sorted(columns)}")
+    check(found is not None, f"{where} has no caption column ({', '.join(CAPTION_COLUMNS)}); it has {sorted(columns)}; "
+                             "name yours with --caption-column")
     return found
+
+
+def image_column(columns, where: str, wanted: str = "", default: str = "image") -> str:
+    """The image column among `columns` (`wanted`, else `default`), or a one-line error naming what is there."""
+    name = wanted or default
+    check(name in columns, f"{where} has no image column {name!r}; it has {sorted(columns)}; name yours with "
+                           "--image-column")
+    return name

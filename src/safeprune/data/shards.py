@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from safeprune.data.records import LABEL_COLUMNS, caption_column, to_pil
+from safeprune.data.records import LABEL_COLUMNS, caption_column, image_column, to_pil
 from safeprune.errors import UserError, check
 from safeprune.utils import numpy_rng
 
@@ -122,12 +122,12 @@ class ShardStream:
 class HFStream:
     """A streaming `datasets.IterableDataset` with an `image` column and a caption column."""
 
-    def __init__(self, data, name: str):
+    def __init__(self, data, name: str, columns=None):
         self.data, self.name = data, name
         first = next(iter(data.take(1)), None)
         check(first is not None, f"dataset {name!r} is empty; it needs at least one captioned image")
-        self.caption = caption_column(first, f"dataset {name!r}")
-        check("image" in first, f"dataset {name!r} has no `image` column; it has {sorted(first)}")
+        self.caption = caption_column(first, f"dataset {name!r}", columns.caption if columns else "")
+        self.image = image_column(first, f"dataset {name!r}", columns.image if columns else "")
 
     def records(self, seed: int, epoch: int, rank: int, world: int, shuffle_buffer: int):
         from datasets.distributed import split_dataset_by_node
@@ -138,5 +138,5 @@ class HFStream:
             data = split_dataset_by_node(data, rank=rank, world_size=world)
         worker, _ = _reader()
         for n, row in enumerate(data):
-            yield {"image": to_pil(row["image"], f"{self.name} row {n}"), "text": row[self.caption],
+            yield {"image": to_pil(row[self.image], f"{self.name} row {n}"), "text": row[self.caption],
                    "labels": {k: row[k] for k in LABEL_COLUMNS if k in row}, "key": f"{rank}/{worker}/{n}"}

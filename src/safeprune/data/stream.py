@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from safeprune.data.datasets import ToySplit, embed_prompts, is_shards, latent_gaussian, open_source
+from safeprune.data.records import Columns
 from safeprune.data.transforms import train_image
 from safeprune.errors import UserError, check
 from safeprune.utils import numpy_rng
@@ -292,7 +293,8 @@ def open_stream_pool(data, ft, *, world, vae, tokenizer, text_encoder, resolutio
     scripts cast them to the weight dtype); latents and embeddings come back as float32.
     """
     source = ToySplit(world, "finetune", ft.data.pool, resolution) if data is None else \
-        open_source(data, streaming=ft.data.streaming, hub=ft.data.hub_data)
+        open_source(data, streaming=ft.data.streaming, hub=ft.data.hub_data,
+                    columns=Columns(ft.data.image_column, ft.data.caption_column))
     rank, processes = _rank_and_world()
     device = torch.device(device)
     images = ImageStream(source, batch_size=ft.batch_size, resolution=resolution, random_crop=ft.data.random_crop,

@@ -9,8 +9,8 @@ Each metric is measured on the training templates and, as `heldout_*`, on held-o
   adherence  shape and colour accuracy (no object = failure; a forbidden attribute is not scored);
   fd         Frechet distance (our FID) between judge features of retain-prompt images and real renderer images
              with the same labels;
-  cp         CP score (the paper's Sec. 5 style metric): share of forget images judged less like the concept than
-             the reference model's image for the same prompt and seed (both must show an object);
+  cp         CP score (safeprune.eval.cp): share of forget images judged less like the concept, by a margin, than
+             the reference model's image for the same prompt and seed (the paper's reference: the distilled student);
   concept_affinity  sampling-free: on real concept images, the relative drop of the model's denoising error
              under the concept prompt versus the same prompt with the concept swapped out (seed eq. 1).
 """
@@ -26,6 +26,7 @@ import torch
 
 from safeprune.config import Config, SampleConfig
 from safeprune.data.toyworld import COLOURS, SHAPES, STYLES, Labels, ToyWorld, draw
+from safeprune.eval.cp import cp_score
 from safeprune.eval.features import frechet_distance
 from safeprune.eval.prompts import interleave_by_style, toy_prompts
 from safeprune.sampling import generate_images
@@ -211,7 +212,8 @@ class FD:
 
 @dataclass(frozen=True)
 class CP:
-    """Share of forget images (same prompt and seed) judged less like the concept than the reference's image."""
+    """Share of forget images (same prompt and seed) judged less like the concept than the reference's image
+    (safeprune.eval.cp.cp_score: by more than its margin)."""
 
     def __call__(self, ctx: EvalContext) -> dict:
         if ctx.reference_pipe is None:
@@ -219,13 +221,12 @@ class CP:
         out = {}
         for name in ctx.set_names("forget"):
             mine, ref = ctx.generated(name), ctx.generated(name, reference=True)
-            wins = []
+            p_mine, p_ref = [], []
             for i, r in enumerate(mine.records):
                 kinds = [k for k, names in ctx.world.forbidden.items() if r[k] in names]
-                p_mine = max(_concept_prob(mine.judged, k, r[k], i) for k in kinds)
-                p_ref = max(_concept_prob(ref.judged, k, r[k], i) for k in kinds)
-                wins.append(bool(mine.judged["valid"][i]) and p_mine < p_ref)
-            out[f"{_prefix(name)}cp"] = float(np.mean(wins))
+                p_mine.append(max(_concept_prob(mine.judged, k, r[k], i) for k in kinds))
+                p_ref.append(max(_concept_prob(ref.judged, k, r[k], i) for k in kinds))
+            out[f"{_prefix(name)}cp"] = cp_score(p_mine, p_ref, mine.judged["valid"])
         return out
 
 

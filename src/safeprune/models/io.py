@@ -1,32 +1,41 @@
-"""The saved form of a (pruned, fine-tuned) UNet, and loading it back as a stock diffusers model.
+"""The saved form of a (pruned, fine-tuned) student, and loading it back with stock diffusers.
 
-A saved UNet folder (written atomically, no pickles):
+A model folder (`RUN/model/`, written by `safeprune prune` and `safeprune finetune`) is a COMPLETE diffusers
+pipeline folder, so `DiffusionPipeline.from_pretrained(folder)` loads it wherever safeprune is installed:
 
-  config.json                          the BASE UNet config; for `blocks` the pruned model's own config.
-                                       Whenever the architecture is a stock diffusers config (`blocks`,
-                                       `magnitude`, `none`) plain `UNet2DConditionModel.from_pretrained`
-                                       loads the folder too; `channels` widths need `load_unet`
-  plan.json                            the pruning plan, with the base config under "base_config"
-  diffusion_pytorch_model.safetensors  the weights (state dict of the pruned UNet)
-  safeprune.json                       {"base_model": teacher pipeline folder it came from, or null = the shipped
-                                       toy teacher}
+  model_index.json     the teacher's, with "unet": ["safeprune", "PrunedUNet2DConditionModel"] for a `channels`
+                       student (safeprune.models.pruned_unet: a ModelMixin/ConfigMixin subclass whose config
+                       records the pruned widths) or ["diffusers", "UNet2DConditionModel"] for blocks /
+                       magnitude / none students (stock architectures)
+  unet/                config.json (the model's own config), diffusion_pytorch_model.safetensors, plan.json
+                       (the pruning plan, with the base config under "base_config": magnitude masks and the
+                       plan's record; diffusers ignores it), safeprune.json ({"base_model": the teacher's hub id,
+                       or null})
+  vae/ text_encoder/ tokenizer/ scheduler/ ...   COPIED from the teacher (safetensors and configs; pickles
+                       are skipped), so the folder survives being moved or uploaded. A reference to the teacher
+                       would be smaller, but model_index.json cannot point into another folder or repository,
+                       and a local path breaks when either folder moves; the hub id is kept as metadata
+                       (safeprune.json, the model card's base_model), never an absolute path.
+  README.md            the model card (safeprune.models.card)
 
-`load_unet` rebuilds the architecture by replaying plan.json on the base config ON THE META DEVICE (no
-teacher weights, no random init: seconds even at SD scale), then loads the weights strictly with
-`assign=True`. Channel-pruned widths cannot be written as a diffusers config (a config has one width per
-stage, not per layer), which is why the plan, not config.json, is the source of truth.
+`save_unet` (Python API) still writes a bare UNet folder (the unet/ part alone); `load_unet` and
+`load_pipeline` also read the layouts of earlier versions: a bare UNet folder whose config.json holds the
+BASE config next to plan.json (the plan's widths are then computed from the plan, not replayed through
+torch-pruning), with the rest of the pipeline from safeprune.json's base_model. They also take a run
+folder (its model/), and a training checkpoint (`RUN/checkpoints/step_N/`: the student weights and, in
+state.json, the plan and the teacher the run used).
 
 Teachers (base models) are named the way diffusers users expect: a local pipeline folder, or a hub id such
 as `stabilityai/stable-diffusion-2-1`. A hub id resolves OFFLINE to its snapshot folder in the local Hugging
 Face cache (`pretrained_folder`); only `model.allow_download=true` / `--allow-download` lets diffusers fetch it.
-Safetensors only, never `trust_remote_code`. safeprune.json keeps a hub id as the id (portable), a local
-base model as its absolute path.
+Safetensors only, never `trust_remote_code`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -80,13 +89,52 @@ def check_prediction_type(scheduler_config, expected: str, name: str | Path) -> 
           f"pass the intended checkpoint or set model.prediction_type={actual} (or '' to accept the teacher's)")
 
 
+MODEL = "model"  # a run folder's model subfolder
+PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack", ".h5")  # never copied into a model folder
+CHECKPOINT_STATE = "state.json"  # marks a training checkpoint (safeprune.checkpoint)
+
+
+def unet_class(plan: dict):
+    """(model class, its config) of the student a plan describes: what config.json holds and what loads it. The
+    method's `saved_config` says the config; one with `pruned_widths` (channels) is safeprune's model class."""
+    from diffusers import UNet2DConditionModel
+
+    from safeprune.models.pruned_unet import PrunedUNet2DConditionModel
+    from safeprune.pruning import saved_config
+
+    config = {k: v for k, v in saved_config(plan).items() if not k.startswith("_")}
+    return (PrunedUNet2DConditionModel if "pruned_widths" in config else UNet2DConditionModel), config
+
+
+def build_unet(plan: dict, folder: str | Path = "the plan"):
+    """The student's architecture on the meta device (no weights, no random init: seconds at SD scale)."""
+    from accelerate import init_empty_weights
+
+    cls, config = unet_class(plan)
+    try:
+        with init_empty_weights():
+            return cls.from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"{str(folder)!r} holds an invalid UNet config ({type(err).__name__}: {err})") from err
+
+
+def check_supported_unet(config, where: str) -> None:
+    """SD 1.x / 2.x-style UNets only: SDXL-style added embeddings (text_time: pooled text + image sizes) need
+    inputs the fine-tuning loop and the samplers here do not build. One line instead of a traceback."""
+    added = config.get("addition_embed_type") if isinstance(config, dict) else config.addition_embed_type
+    check(added is None, f"{where} has addition_embed_type={added!r} (an SDXL-style UNet), which safeprune does not "
+                         "support yet; use an SD 1.x / 2.x model (e.g. stable-diffusion-v1-5, stable-diffusion-2-1)")
+
+
 def save_unet(unet, folder: str | Path, plan: dict | None, base_config: dict | None = None,
               base_model: str | Path | None = None) -> Path:
-    """Write `unet` in the saved form (atomic: an existing non-empty `folder` is an error).
+    """Write `unet` as a bare UNet folder (atomic: an existing non-empty `folder` is an error).
 
     `plan` is what `safeprune.pruning.prune` returned (None = the identity plan); `base_config` defaults to
-    the plan's; `base_model` is the teacher pipeline folder the student came from (None = the shipped toy
-    teacher). A magnitude-pruned UNet must be saved with its masks applied (`reapply_masks`).
+    the plan's; `base_model` is the teacher it came from (a hub id, a local pipeline folder, or None = the
+    shipped toy teacher; a local folder is recorded as `teacher_path`, a hint for `load_pipeline` on this
+    machine). A magnitude-pruned UNet must be saved with its masks applied (`reapply_masks`). Use
+    `save_model` for a folder that stock diffusers loads as a pipeline.
     """
     with atomic_folder(folder) as tmp:
         write_unet(unet, tmp, plan, base_config, base_model)
@@ -94,32 +142,83 @@ def save_unet(unet, folder: str | Path, plan: dict | None, base_config: dict | N
 
 
 def write_unet(unet, folder: Path, plan: dict | None, base_config: dict | None, base_model) -> None:
-    """The non-atomic core of `save_unet`, for writers that already own a temporary folder."""
+    """The non-atomic core of `save_unet`, for writers that already own a temporary folder.
+
+    `unet` may be any object with `state_dict()` (an FSDP gather view too): the architecture comes from the
+    plan, and the weights must fit it exactly (a strict load into the plan's architecture, checked here).
+    """
     import diffusers
     from safetensors.torch import save_file
 
-    from safeprune.pruning import identity_plan, saved_config
+    from safeprune.pruning import identity_plan
     from safeprune.pruning.measure import unet_config
 
     plan = dict(plan or identity_plan())
-    base_config = base_config or plan.get("base_config") or unet_config(unet)
-    plan["base_config"] = base_config
-    # Plain diffusers can load the folder when the method's architecture is a config (its `saved_config`).
-    own = saved_config(plan)
-    header = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers.__version__}
-    (folder / "config.json").write_text(json.dumps({**header, **own}, indent=2))
-    (folder / PLAN).write_text(json.dumps(plan, indent=1))
-    if base_model and not is_hub_id(base_model):
-        base_model = str(Path(base_model).resolve())
-    (folder / META).write_text(json.dumps({"base_model": str(base_model) if base_model else None}))
+    plan["base_config"] = base_config or plan.get("base_config") or unet_config(unet)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
     check(not any(t.is_meta for t in tensors.values()), "cannot save a UNet without weights (meta device)")
+    cls, config = unet_class(plan)
+    _fit(build_unet(plan), tensors, "the UNet to save")  # what is saved must load back into its config
+    header = {"_class_name": cls.__name__, "_diffusers_version": diffusers.__version__}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**header, **config}, indent=2))
+    (folder / PLAN).write_text(json.dumps(plan, indent=1))
+    hub = str(base_model) if base_model and is_hub_id(base_model) else None
+    local = str(Path(base_model).resolve()) if base_model and not hub else None
+    (folder / META).write_text(json.dumps({"base_model": hub, **({"teacher_path": local} if local else {})}))
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
 
 
-def _unet_folder(folder: str | Path) -> Path:
-    """The UNet folder inside `folder`: itself, or `unet/` of a pipeline folder."""
+def save_model(unet, folder: str | Path, plan: dict | None, teacher_dir: str | Path, base_model: str | None = None,
+               card: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a complete diffusers pipeline folder (atomic): the student UNet + the teacher's other components.
+
+    `teacher_dir` is the teacher's local pipeline folder; `base_model` its hub id (None for a local or the
+    toy teacher: no path is recorded); `card` the model card's facts (safeprune.models.card.write_card).
+    `overwrite` replaces an existing folder (only for a folder the caller created, e.g. a resumed run's model).
+    """
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        write_model(unet, tmp, plan, teacher_dir, base_model, card)
+    return Path(folder)
+
+
+def write_model(unet, folder: Path, plan: dict | None, teacher_dir: str | Path, base_model: str | None,
+                card: dict | None = None) -> None:
+    """The non-atomic core of `save_model`."""
+    import diffusers
+
+    teacher_dir = Path(teacher_dir)
+    index = _read_json(teacher_dir / "model_index.json")
+    hub = base_model if base_model and is_hub_id(base_model) else None
+    write_unet(unet, folder / "unet", plan, None, hub)
+    for name, spec in index.items():
+        if name.startswith("_") or name == "unet" or not (isinstance(spec, list) and spec[0]):
+            continue
+        source = teacher_dir / name
+        check(source.is_dir(), f"teacher {str(teacher_dir)!r} lists {name} in model_index.json but has no {name}/")
+        shutil.copytree(source, folder / name, ignore=lambda _, names: [n for n in names if n.endswith(PICKLES)])
+    cls = json.loads((folder / "unet" / "config.json").read_text())["_class_name"]
+    library = "safeprune" if cls == "PrunedUNet2DConditionModel" else "diffusers"
+    index = {k: v for k, v in index.items() if k != "_name_or_path"}
+    index |= {"_diffusers_version": diffusers.__version__, "unet": [library, cls]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    if card is not None:
+        from safeprune.models.card import write_card
+
+        write_card(folder, {"base_model": hub, **card})
+
+
+def model_folder(folder: str | Path) -> Path:
+    """A run folder's model/ (when it has one), else `folder` itself."""
     folder = Path(folder)
+    inner = folder / MODEL
+    return inner if not (folder / "config.json").is_file() and not (folder / "model_index.json").is_file() \
+        and inner.is_dir() else folder
+
+
+def _unet_folder(folder: str | Path) -> Path:
+    """The UNet folder inside `folder`: itself, `unet/` of a pipeline folder, or a run folder's model/unet/."""
+    folder = model_folder(folder)
     check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a saved UNet or diffusers pipeline folder")
     if (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
         folder = folder / "unet"
@@ -129,71 +228,85 @@ def _unet_folder(folder: str | Path) -> Path:
 
 
 def load_plan(folder: str | Path) -> dict:
-    """The plan of a saved UNet folder, with "base_config"; the identity plan for a plain diffusers UNet."""
-    from safeprune.pruning import identity_plan
+    """The plan of a saved UNet folder, with "base_config"; the identity plan for a plain diffusers UNet.
 
+    A `channels` folder that diffusers re-saved (no plan.json) gives a plan with its recorded widths."""
+    from safeprune.pruning import PLAN_FORMAT, identity_plan
+
+    if _is_checkpoint(folder):
+        return _checkpoint_model(folder)["plan"]
     folder = _unet_folder(folder)
+    config = _config_of(folder)
     if (folder / PLAN).is_file():
         plan = _read_json(folder / PLAN)
-        plan.setdefault("base_config", _config_of(folder))
+        plan.setdefault("base_config", config)
         return plan
-    return identity_plan(_config_of(folder))
+    if "pruned_widths" in config:
+        base = {k: v for k, v in config.items() if k != "pruned_widths"}
+        return {"format": PLAN_FORMAT, "method": "channels", "base_config": base,
+                "pruned_widths": config["pruned_widths"]}
+    return identity_plan(config)
 
 
 def base_model_of(folder: str | Path) -> str | None:
-    """safeprune.json's base_model of a saved UNet folder (None when absent: the shipped toy teacher)."""
+    """Where the rest of a bare UNet folder's pipeline lives: safeprune.json's base_model (a hub id; in older
+    folders also a path), else its teacher_path hint; None = the shipped toy teacher."""
     path = _unet_folder(folder) / META
-    return _read_json(path).get("base_model") if path.is_file() else None
+    meta = _read_json(path) if path.is_file() else {}
+    return meta.get("base_model") or meta.get("teacher_path")
 
 
 def load_unet(folder: str | Path):
-    """A saved (pruned) UNet, a plain diffusers UNet folder, or a pipeline's UNet -> UNet2DConditionModel (eval).
+    """A saved student, a plain diffusers UNet folder, a pipeline's UNet, a run folder's model or a training
+    checkpoint -> UNet2DConditionModel (a PrunedUNet2DConditionModel for `channels`), in eval mode.
 
-    The pruned architecture is rebuilt by replaying plan.json on the base config (meta device), the
-    weights load strictly, and a magnitude-pruned model gets its masks back.
+    The architecture is built from the config (a channels student from its recorded widths; nothing is
+    replayed), the weights load strictly, and a magnitude-pruned model gets its masks back.
     """
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
+    from safeprune.pruning import after_load
 
-    from safeprune.pruning import after_load, apply_plan
-
-    folder = _unet_folder(folder)
-    plan = load_plan(folder)
-    state = _read_weights(folder)
-    try:
-        with init_empty_weights():
-            base = UNet2DConditionModel.from_config(plan["base_config"])
-    except (TypeError, ValueError, KeyError, AttributeError) as err:
-        raise UserError(f"{str(folder)!r} holds an invalid UNet config ({type(err).__name__}: {err})") from err
-    unet = apply_plan(base, plan)
-    try:
-        unet.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise UserError(f"weights in {str(folder)!r} do not fit the architecture of its plan/config ({first})") from err
-    leftover = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
-    check(not leftover, f"{str(folder)!r}: no weights for {leftover[:3]}")
+    if _is_checkpoint(folder):
+        record = _checkpoint_model(folder)
+        plan, state, where = record["plan"], load_safetensors(record["weights"], "checkpoint weights"), folder
+    else:
+        where = _unet_folder(folder)
+        plan, state = load_plan(where), _read_weights(where)
+    unet = _fit(build_unet(plan, where), state, where)
     after_load(unet, plan)
     return unet.eval()
 
 
-def load_pipeline(folder: str | Path, base_model: str | Path | None = None, device: str | torch.device = "cpu"):
-    """A stock diffusers StableDiffusionPipeline from a pipeline folder, or from a saved UNet folder.
+def _fit(unet, state: dict, where):
+    """Load `state` strictly into the meta-device `unet` (assign: no copy); a mismatch is a UserError."""
+    try:
+        unet.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise UserError(f"weights in {str(where)!r} do not fit the architecture of its plan/config ({first})") from err
+    leftover = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
+    check(not leftover, f"{str(where)!r}: no weights for {leftover[:3]}")
+    return unet
 
-    For a UNet folder the rest of the pipeline (VAE, text encoder, tokenizer, scheduler) comes from
-    `base_model`, else safeprune.json's base_model, else the shipped toy teacher. Offline, no safety
+
+def load_pipeline(folder: str | Path, base_model: str | Path | None = None, device: str | torch.device = "cpu"):
+    """A stock diffusers StableDiffusionPipeline from a model (pipeline) folder, a run folder, a training
+    checkpoint, or a bare saved UNet folder.
+
+    For a bare UNet folder or a checkpoint the rest of the pipeline (VAE, text encoder, tokenizer, scheduler)
+    comes from `base_model`, else the recorded teacher, else the shipped toy teacher. Offline, no safety
     checker, progress bar off.
     """
     from diffusers import StableDiffusionPipeline
 
     from safeprune.models.shipped import teacher_path
 
-    folder = pretrained_folder(folder)  # a hub id: its snapshot in the HF cache (offline)
+    folder = model_folder(pretrained_folder(folder))  # a hub id: its snapshot in the HF cache (offline)
     check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a pipeline or saved UNet folder")
     components = {}
     if not (folder / "model_index.json").is_file():
         components["unet"] = load_unet(folder)
-        base_model = pretrained_folder(base_model or base_model_of(folder) or teacher_path())
+        recorded = _checkpoint_model(folder)["teacher"] if _is_checkpoint(folder) else base_model_of(folder)
+        base_model = pretrained_folder(base_model or recorded or teacher_path())
         check((Path(base_model) / "model_index.json").is_file(),
               f"base model {str(base_model)!r} is not a diffusers pipeline folder (no model_index.json); "
               "pass base_model= the teacher pipeline the UNet was pruned from")
@@ -208,6 +321,31 @@ def load_pipeline(folder: str | Path, base_model: str | Path | None = None, devi
                         f"{str(err).strip().splitlines()[0]}") from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def checkpoint_record(plan: dict, teacher: str | Path | None) -> dict:
+    """What a training checkpoint's state.json keeps (under "model") so `load_pipeline` can sample from it: the
+    student's plan and the teacher (a hub id, the absolute path of a local folder, or None = the toy teacher;
+    checkpoints are training state on the training machine, so a local path is fine here)."""
+    local = teacher and not is_hub_id(teacher)
+    return {"plan": plan, "teacher": str(Path(teacher).resolve()) if local else teacher}
+
+
+def _is_checkpoint(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / CHECKPOINT_STATE).is_file() and not (folder / "config.json").is_file()
+
+
+def _checkpoint_model(folder: str | Path) -> dict:
+    """{"plan", "teacher", "weights"} of a training checkpoint (the EMA weights when the run kept an EMA)."""
+    folder = Path(folder)
+    record = _read_json(folder / CHECKPOINT_STATE).get("model")
+    check(isinstance(record, dict) and "plan" in record,
+          f"checkpoint {str(folder)!r} does not record its model (written by an older safeprune); resume the run "
+          "or sample from the finished run's model/ folder")
+    weights = next((folder / f"{n}.safetensors" for n in ("ema", "student") if (folder / f"{n}.safetensors").is_file()),
+                   folder / "student.safetensors")
+    return {**record, "weights": weights}
 
 
 @contextlib.contextmanager
@@ -240,7 +378,8 @@ def _read_json(path: Path) -> dict:
 def _config_of(folder: Path) -> dict:
     config = _read_json(folder / "config.json")
     name = config.get("_class_name", "UNet2DConditionModel")
-    check(name == "UNet2DConditionModel", f"{str(folder)!r} holds a {name}, not a UNet2DConditionModel")
+    check(name in ("UNet2DConditionModel", "PrunedUNet2DConditionModel"),
+          f"{str(folder)!r} holds a {name}, not a UNet2DConditionModel")
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 

@@ -73,6 +73,14 @@ class Kind:
             return root.out_channels if self.prune_out else root.in_channels
         return root.out_features if self.prune_out else root.in_features
 
+    def size(self, block) -> int:
+        """What the saved form records for a pruned site (`PrunedUNet2DConditionModel.pruned_widths`)."""
+        return self.width(block)
+
+    def rebuild(self, block, size: int) -> None:
+        """Give the block fresh layers of the recorded `size`: the architecture of a pruned model built from
+        its config alone (no dependency graph, no weights; the weights load afterwards)."""
+
     def unit(self, block, multiple: int) -> int:
         """Channels pruned together: the base unit, widened to a multiple of `multiple` where the width allows."""
         base = self.base_unit(block)
@@ -95,6 +103,15 @@ class ResnetChannels(Kind):
     def resync(self, block, base_unit):
         block.norm2.num_groups = block.norm2.num_channels // base_unit  # same group size, fewer groups
 
+    def rebuild(self, block, size):
+        group, old = self.base_unit(block), block.conv1.out_channels
+        block.conv1 = _conv(block.conv1, block.conv1.in_channels, size)
+        block.norm2 = nn.GroupNorm(size // group, size, eps=block.norm2.eps, affine=block.norm2.affine)
+        block.conv2 = _conv(block.conv2, size, block.conv2.out_channels)
+        if block.time_emb_proj is not None:  # "scale_shift" time embeddings project to 2 x the inner width
+            proj = block.time_emb_proj
+            block.time_emb_proj = _linear(proj, proj.in_features, size * proj.out_features // old)
+
 
 class AttentionHeads(Kind):
     name = "heads"
@@ -113,6 +130,17 @@ class AttentionHeads(Kind):
         block.heads = block.sliceable_head_dim = block.to_q.out_features // base_unit
         block.inner_dim, block.inner_kv_dim = block.to_q.out_features, block.to_k.out_features
 
+    def size(self, block):
+        return block.heads  # whole heads go, so the head count says it all
+
+    def rebuild(self, block, size):
+        head_dim = self.base_unit(block)
+        for name in ("to_q", "to_k", "to_v"):
+            layer = getattr(block, name)
+            setattr(block, name, _linear(layer, layer.in_features, size * head_dim))
+        block.to_out[0] = _linear(block.to_out[0], size * head_dim, block.to_out[0].out_features)
+        self.resync(block, head_dim)
+
 
 class FeedForwardUnits(Kind):
     name = "ffn"
@@ -123,6 +151,22 @@ class FeedForwardUnits(Kind):
 
     def members(self, block):
         return [block.net[0].proj, block.net[2]]
+
+    def rebuild(self, block, size):
+        proj, out = block.net[0].proj, block.net[2]
+        block.net[0].proj = _linear(proj, proj.in_features, size * proj.out_features // out.in_features)  # GEGLU: 2x
+        block.net[2] = _linear(out, size, out.out_features)
+
+
+def _conv(like: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A Conv2d like `like` (kernel, stride, padding, bias, device, dtype) with other channel counts."""
+    return nn.Conv2d(in_channels, out_channels, like.kernel_size, like.stride, like.padding, like.dilation,
+                     like.groups, like.bias is not None, device=like.weight.device, dtype=like.weight.dtype)
+
+
+def _linear(like: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, like.bias is not None, device=like.weight.device,
+                     dtype=like.weight.dtype)
 
 
 KINDS = {k.name: k for k in (ResnetChannels(), AttentionHeads(), FeedForwardUnits())}
@@ -146,6 +190,34 @@ def find_sites(unet) -> list[tuple[str, Kind, nn.Module]]:
         elif isinstance(block, FeedForward) and hasattr(block.net[0], "proj") and isinstance(block.net[2], nn.Linear):
             sites.append((name, KINDS["ffn"], block))
     return sites
+
+
+def pruned_widths(base_unet, groups: list[dict]) -> dict[str, dict[str, int]]:
+    """{kind: {block: size}} of the sites a plan's `groups` prune, computed on the (full-width, possibly meta)
+    base UNet: what `PrunedUNet2DConditionModel` records in its config to rebuild the pruned architecture."""
+    widths: dict[str, dict[str, int]] = {}
+    for entry in groups:
+        kind = KINDS[entry["kind"]]
+        block = base_unet.get_submodule(entry["block"])
+        kept = kind.width(block) - len(entry["pruned_units"]) * entry["unit"]  # channels left at the root
+        widths.setdefault(kind.name, {})[entry["block"]] = kept // kind.base_unit(block) if kind.name == "heads" \
+            else kept
+    return widths
+
+
+def rebuild_sites(unet, widths: dict[str, dict[str, int]]) -> None:
+    """Narrow every site named in `widths` ({kind: {block: size}}) to its recorded size, in place."""
+    for kind_name, sites in widths.items():
+        check(kind_name in KINDS, f"unknown site kind {kind_name!r} in pruned_widths; expected one of {', '.join(KINDS)}")
+        kind = KINDS[kind_name]
+        for name, size in sites.items():
+            try:
+                block = unet.get_submodule(name)
+            except AttributeError as err:
+                raise UserError(f"pruned_widths names {name!r}, which this UNet config lacks") from err
+            check(isinstance(size, int) and 1 <= size <= kind.size(block),
+                  f"pruned_widths gives {name} ({kind_name}) size {size}; the base has {kind.size(block)}")
+            kind.rebuild(block, size)
 
 
 # ----------------------------------------------------------------------------- dependency graph
@@ -303,6 +375,22 @@ class Channels(Method):
 
     def needs_calibration(self, cfg):
         return cfg.channels.importance == "taylor"  # first-order Taylor scores need gradients of a data loss
+
+    def saved_config(self, plan):
+        """The base config + `pruned_widths` ({kind: {block: size}}): the config of
+        safeprune.models.pruned_unet.PrunedUNet2DConditionModel, which builds the pruned architecture from it
+        directly (a stock config has one width per stage, not per layer; nothing is replayed at load)."""
+        base = {k: v for k, v in plan["base_config"].items() if k != "pruned_widths"}
+        widths = plan.get("pruned_widths")  # recorded when diffusers re-saved the folder (no plan.json)
+        if widths is None:
+            from accelerate import init_empty_weights
+            from diffusers import UNet2DConditionModel
+
+            check(isinstance(plan.get("groups"), list), "channels plan has no 'groups'; re-run `safeprune prune`")
+            with init_empty_weights():  # widths only: the full-width base on the meta device
+                full = UNet2DConditionModel.from_config({k: v for k, v in base.items() if not k.startswith("_")})
+            widths = pruned_widths(full, plan["groups"])
+        return {**base, "pruned_widths": widths}
 
     def __call__(self, unet, cfg, calib):
         on_meta = next(unet.parameters()).is_meta

@@ -88,7 +88,7 @@ def demo(cfg: Config, out: Path) -> dict:
     prune_report = json.loads((out / "student" / "prune_report.json").read_text())
     timings["prune_s"] = time.perf_counter() - t
 
-    # 2. the teacher: the reference of the CP score, evaluated once.
+    # 2. the teacher, evaluated once (its own CP reference; the students' is their seed's distill row, see below).
     reference_cache: dict = {}
     t = time.perf_counter()
     teacher_row = evaluate_model(teacher, world, cfg, teacher, judge, reference_cache)
@@ -99,6 +99,9 @@ def demo(cfg: Config, out: Path) -> dict:
     curves: dict[str, list[dict]] = {m: [] for m in METHODS}
     on_eval = _curve_eval(teacher, world, cfg, judge)
     for seed in range(cfg.seed, cfg.seed + cfg.demo.seeds):
+        # The CP reference (safeprune.eval.cp) is the paper's: the distilled, unerased student of this seed, which
+        # is its own reference (CP 0 by construction) and files its images for the suppressing rows to reuse.
+        distilled, distilled_cache = None, {}
         for method in METHODS:
             run_dir = out / f"seed{seed}" / method
             run_cfg = dataclasses.replace(_with(cfg, finetune={"method": method, "eval_every_steps": cfg.demo.curve_every},
@@ -107,8 +110,10 @@ def demo(cfg: Config, out: Path) -> dict:
             finetune(run_cfg, on_eval=on_eval)
             timings[f"finetune_{method}_s"] = timings.get(f"finetune_{method}_s", 0) + time.perf_counter() - t
             pipe = load_pipeline(run_dir)
+            distilled = pipe if method == "distill" else distilled
             t = time.perf_counter()
-            row = evaluate_model(pipe, world, run_cfg, teacher, judge, reference_cache)
+            ref, cache = (teacher, reference_cache) if distilled is None else (distilled, distilled_cache)
+            row = evaluate_model(pipe, world, run_cfg, ref, judge, cache)
             summary = json.loads((run_dir / "summary.json").read_text())
             row |= {"params_m": prune_report["params_after"] / 1e6, "train_s": summary["wall_s"],
                     "student_passes": sum(v for k, v in summary["counts"].items() if k.startswith("student"))}
@@ -128,7 +133,8 @@ def demo(cfg: Config, out: Path) -> dict:
                       world, cfg)
     checks, notes = judge_claims(rows)
     timings["total_s"] = time.perf_counter() - start
-    extra = {"checks": checks, "seeds": cfg.demo.seeds, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    extra = {"checks": checks, "cp_reference": {"teacher": "teacher"} | dict.fromkeys(METHODS, "distill"),
+             "seeds": cfg.demo.seeds, "timings_s": {k: round(v, 1) for k, v in timings.items()},
              "prune": prune_report, "per_seed": per_seed}
     report = write_report(out, rows, curves, grid, notes, extra)
     print(table(rows))
@@ -158,7 +164,8 @@ def judge_claims(rows: dict[str, dict]) -> tuple[dict, list[str]]:
     checks = {
         "students_recovered": recovered,
         "distill_reproduces_concept": d["leakage"] >= 0.5 * t["leakage"],
-        "bilevel_suppresses": b["leakage"] <= 0.1,
+        # blank images are not suppression: the forget prompts must still show an object
+        "bilevel_suppresses": b["leakage"] <= 0.1 and b["forget_valid"] >= 0.9,
         "bilevel_keeps_retention": b["retention"] >= d["retention"] - 0.05,
         "bilevel_keeps_fd": b["fd"] <= 1.1 * d["fd"],
         "bilevel_beats_two_stage": b["leakage"] <= two["leakage"] and b["fd"] <= two["fd"],

@@ -15,6 +15,7 @@ import math
 
 from safeprune.config import Config, save_config
 from safeprune.data.toyworld import ToyWorld
+from safeprune.eval.cp import CP_MARGIN
 from safeprune.eval.judge import load_judge
 from safeprune.eval.metrics import EvalContext, run_metrics
 from safeprune.eval.run import evaluate, load_protocol, metric_names
@@ -54,7 +55,7 @@ def run_toy(cfg: Config) -> dict:
         ctx = EvalContext(pipe, world, cfg, judge, reference_pipe, progress=True)
         results = run_metrics(ctx, names)
         record = {"protocol": "toy", "model": model or "toy-teacher", "reference": reference or "toy-teacher",
-                  "metrics": results}
+                  "cp_margin": CP_MARGIN if "cp" in names else None, "metrics": results}
         (tmp / "results.json").write_text(json.dumps(record, indent=1))
         _grid(ctx, tmp / "grid.png")
         save_config(cfg, tmp)
@@ -80,5 +81,15 @@ def run(cfg: Config, args) -> int:
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) and not math.isnan(value) else
               f"{key:<{width}}  {value}")
+    if "cp" in cfg.eval.metrics:  # which model CP is relative to changes its meaning: say it next to the number
+        print(f"cp: against {cfg.paths.reference or 'the shipped toy teacher'} (margin {CP_MARGIN}); the paper's "
+              "reference is the distilled, unerased student (--reference)")
     print(f"wrote {cfg.paths.out}/results.json")
+    model = cfg.paths.model or None
+    if model is not None:  # a model folder with a safeprune model card gets the results table
+        from safeprune.models.card import add_results
+        from safeprune.models.io import model_folder
+
+        if add_results(model_folder(model), results, source=f"{len(results)} metrics, results in {cfg.paths.out}"):
+            print(f"added the results to {model_folder(model)}/README.md")
     return 0

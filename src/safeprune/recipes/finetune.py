@@ -7,19 +7,22 @@ One loop, top to bottom:
   3. run the method's step function (`safeprune.bilevel`: distill | two_stage | bilevel alternating/penalty)
      under Accelerate (device, mixed precision, DDP), with per-step metrics, TensorBoard, a progress bar,
      and atomic checkpoints every `finetune.ckpt_every_steps`;
-  4. save the student so the run folder is itself a pruned-UNet folder that `safeprune.load_pipeline` loads.
+  4. save the student as RUN/model/, a complete diffusers pipeline folder with a model card
+     (`DiffusionPipeline.from_pretrained(RUN/model)`; safeprune.models.io), apart from the training state.
 
-Run folder: the saved student (config.json, plan.json, safeprune.json, diffusion_pytorch_model.safetensors),
+Run folder: model/ (the result: model_index.json, unet/, the teacher's other components, README.md),
 config.yaml, concepts.json ([{target, anchor}] suppressed), summary.json (method, steps, upper_steps,
 world_size, params_in_sync / optimizer_states_in_sync (bit-identical on every DDP rank; null under FSDP),
-pass counts, matched feature blocks, wall time), checkpoints/step_NNNNNNN/, logs/ (TensorBoard),
+pass counts, matched feature blocks, wall time, training images used), checkpoints/step_NNNNNNN/ (each a
+--model for `generate` / `evaluate`: state.json records the plan and the teacher), logs/ (the tracker:
+finetune.report_to), validation/step_NNNNNNN.png (finetune.validation_every_steps),
 and metrics.jsonl, one line per iteration with the keys present that step:
   step; lower/diff, lower/out_kd, lower/feat_kd, lower/ft (batch means of eq. 1, 3, 4, 8); upper/cu (L_CU);
   outer/ft, outer/lambda, outer/gap (penalty outer steps); lr/lower, lr/upper; student_fwd, student_bwd,
   teacher_fwd (cumulative passes of this process, counted in images); time_s (since this process started).
 Exact resume: a step's randomness depends only on (seed, rank, step), and checkpoints hold the weights,
 both optimisers and the pass counters, so `--resume` continues bit-for-bit on CPU.
-Multi-GPU: `accelerate launch` with configs/accelerate/*.yaml (DDP or FSDP); what sharding changes in the
+Multi-GPU: `accelerate launch` with the shipped accelerate/*.yaml (`safeprune presets`; DDP or FSDP); what sharding changes in the
 two-optimiser step (evaluation through the wrapper, clipping, gathered checkpoints) is in safeprune.bilevel.distributed.
 """
 
@@ -44,13 +47,39 @@ METRICS = "metrics.jsonl"
 # Config keys that may change when a run is resumed (e.g. a lower lr after a divergence, more steps);
 # any other difference would make the resumed run a different run.
 RESUMABLE_CHANGES = {f"finetune.{k}" for k in ("max_steps", "ckpt_every_steps", "keep_checkpoints",
-                                               "eval_every_steps", "lr", "upper.lr")} | {"paths.out"}
+                                               "eval_every_steps", "lr", "upper.lr", "report_to",
+                                               "validation_every_steps", "validation_prompts",
+                                               "validation_seeds")} | {"paths.out"}
+VALIDATION = "validation"  # RUN/validation/step_NNNNNNN.png: the validation grids
 
 
 def run(cfg: Config, args) -> int:
     """CLI target of `safeprune finetune`: its flags fill cfg.paths, cfg.model.teacher and finetune.concepts."""
-    print(finetune(cfg, resume=args.resume))
+    out = finetune(cfg, resume=args.resume)
+    print(out)
+    if getattr(args, "push_to_hub", None):
+        from safeprune.models.card import push_to_hub
+        from safeprune.models.io import MODEL
+
+        print(f"pushed to {push_to_hub(Path(out) / MODEL, args.push_to_hub)}")
     return 0
+
+
+def resolve_mixed_precision(cfg: Config) -> Config:
+    """`cfg` with the mixed precision the run uses, as diffusers' training scripts decide it: `accelerate launch`'s
+    (ACCELERATE_MIXED_PRECISION, from its config file or --mixed_precision) unless finetune.mixed_precision
+    names one; a named one that disagrees with the launcher's is a one-line error (a silent winner would
+    leave config.yaml or the launcher wrong)."""
+    import os
+
+    ft = cfg.finetune
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "")
+    check(not (ft.mixed_precision and launched and launched != ft.mixed_precision),
+          f"finetune.mixed_precision={ft.mixed_precision} but accelerate launch was given mixed_precision={launched} "
+          "(its config file or --mixed_precision); make them agree, or set finetune.mixed_precision='' to take "
+          "the launcher's")
+    chosen = ft.mixed_precision or launched or "no"
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(ft, mixed_precision=chosen))
 
 
 # ----------------------------------------------------------------------------- schedules (pure in step)
@@ -78,8 +107,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int) -> Path | None:
-    """Validate `out` for a fresh run or a resume; returns the checkpoint to resume from (or None)."""
+def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int,
+                     schedule: dict | None = None) -> Path | None:
+    """Validate `out` for a fresh run or a resume; returns the checkpoint to resume from (or None).
+
+    `schedule` is the method's (safeprune.bilevel.solvers): a resume may add steps, never move a stage boundary
+    or a lambda schedule that the checkpointed steps already followed."""
     if not resume:
         check(not (out.exists() and any(out.iterdir())),
               f"run folder {str(out)!r} already exists and is not empty; pass --resume to continue it or a new --out")
@@ -92,6 +125,10 @@ def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int) -> 
         if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES:
             raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; "
                             "resume with the same configuration (and the same --forget flags)")
+    was = state.get("schedule")
+    check(schedule is None or was is None or was == schedule,
+          f"--resume: finetune.max_steps={cfg.finetune.max_steps} changes the {cfg.finetune.method} schedule of the "
+          f"checkpoint ({was} -> {schedule}); resume with --max-steps {old.get('finetune.max_steps')}, or start a new run")
     check(state["step"] < total_steps, f"the run in {str(out)!r} is already complete ({state['step']} steps); "
                                        "raise --max-steps to continue it")
     return ckpts[-1]
@@ -120,12 +157,16 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None) -> Path:
 
     check(bool(cfg.paths.student) and bool(cfg.paths.out),
           "safeprune finetune needs --student DIR (from `safeprune prune`) and --out DIR (the run folder)")
+    cfg = resolve_mixed_precision(cfg)  # config.yaml records the precision the run really used
     ft = cfg.finetune
     out, student = Path(cfg.paths.out), Path(cfg.paths.student)
     data, concept_data = cfg.paths.data or None, cfg.paths.concept_data or None
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
     unlearning = build_unlearning(ft.unlearn.name, ft.unlearn) if uses_upper(method) else None
     check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
+    check(getattr(unlearning, "images", "concept") != "anchor" or bool(cfg.paths.anchor_data) or concept_data is None,
+          f"--unlearn {ft.unlearn.name} noises images of the anchor prompts (concept ablation); with --concept-data "
+          "pass --anchor-data DIR too, e.g. the teacher's samples from `safeprune concept-images --prompts ANCHOR`")
     check(ft.eval_every_steps == 0 or on_eval is not None,
           "finetune.eval_every_steps needs an evaluation callback (Python API: finetune(..., on_eval=...)); "
           "set it to 0 and evaluate the run folder with `safeprune evaluate`")
@@ -139,7 +180,7 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None) -> Path:
           "to a Stable Diffusion pipeline folder or a hub id")
     # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
     base_model = teacher
-    resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps)
+    resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps, method.schedule)
     return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
                   concept_data, resume_from, on_eval)
 
@@ -153,12 +194,24 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     from safeprune.bilevel.problem import NonFiniteLoss
     from safeprune.checkpoint import load_checkpoint, save_checkpoint
-    from safeprune.models.io import check_prediction_type, load_pipeline, load_unet
+    from safeprune.models.io import (
+        check_prediction_type,
+        check_supported_unet,
+        checkpoint_record,
+        load_pipeline,
+        load_plan,
+        load_unet,
+    )
     from safeprune.utils import resolve_device, seed_everything
 
     ft = cfg.finetune
+    if ft.report_to == "wandb":
+        import importlib.util
+
+        check(importlib.util.find_spec("wandb") is not None,
+              "finetune.report_to=wandb needs wandb: pip install 'safeprune[wandb]' (or report_to=tensorboard)")
     accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu", mixed_precision=ft.mixed_precision,
-                              log_with="tensorboard",
+                              log_with=None if ft.report_to == "none" else ft.report_to,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     device, main = accelerator.device, accelerator.is_main_process
     seed_everything(cfg.seed)
@@ -166,7 +219,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     # 1. models: the frozen teacher (eval, no grad, optionally low precision) and the trainable student.
     pipe = load_pipeline(teacher_dir)
     check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
+    check_supported_unet(pipe.unet.config, f"teacher {str(cfg.model.teacher or teacher_dir)!r}")
     student_core = load_unet(student_dir).to(device).train()
+    check_supported_unet(student_core.config, f"student {str(student_dir)!r}")
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
     if ft.teacher_dtype != "fp32":
         teacher = teacher.to(DTYPES[ft.teacher_dtype])
@@ -174,12 +229,21 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     # 2. pools and embeddings, once; the VAE and text encoder are not needed afterwards.
     pools, concepts = build_pools(cfg, pipe, unlearning, data, concept_data, device)
-    del pipe
+    data_info = _data_info(pools, data, cfg)
+    if main:
+        shown = data_info["training_images"] or "fresh images every step"
+        print(f"training images: {shown} (source: {data_info['source_images'] or 'size unknown'}; "
+              f"{data_info['data_mode']} mode)", flush=True)
+    validate = _validation(cfg, pipe, student_core, concepts, pools, out) if ft.validation_every_steps and main else None
+    del pipe  # the VAE and text encoder live on in `validate` only when validation images are asked for
     pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt])
 
     # 3. optimisers, the problem and the update rule (shared with benchmarks/bench_finetune.py).
     training = build_training(cfg, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning)
     problem, optimizers = training.problem, training.optimizers
+    check(validate is None or not problem.sharded, "finetune.validation_every_steps needs DDP or one process (FSDP "
+                                                   "shards the student); set it to 0 and sample checkpoints with "
+                                                   "`safeprune generate --model RUN/checkpoints/step_N`")
     start = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, training.modules(), training.raw_optimizers())
@@ -187,10 +251,15 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         if "data" in state:  # stream mode: continue after the images already drawn
             pools.lower.load_state_dict(state["data"])
 
+    # What load_pipeline needs to sample from a checkpoint (generate / evaluate --model RUN/checkpoints/step_N).
+    model_record = checkpoint_record(load_plan(student_dir), base_model)
+
     def checkpoint(step: int, modules: dict, optims: dict) -> Path:
         folder = out / CHECKPOINTS / f"step_{step:07d}"
         data = {"data": pools.lower.state_dict()} if hasattr(pools.lower, "state_dict") else {}
-        save_checkpoint(folder, step, modules, optims, extra={"counts": problem.counts, "config": to_dict(cfg), **data})
+        extra = {"counts": problem.counts, "config": to_dict(cfg), "schedule": method.schedule,
+                 "model": model_record, **data}
+        save_checkpoint(folder, step, modules, optims, extra=extra)
         for old in _checkpoints(out)[:-ft.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return folder
@@ -202,7 +271,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         save_config(cfg, out)
         (out / "concepts.json").write_text(json.dumps([dataclasses.asdict(c) for c in concepts], indent=1))
         _truncate_metrics(out / METRICS, start)
-    accelerator.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": start}})
+    accelerator.init_trackers("finetune", config=_flat(to_dict(cfg)) if ft.report_to == "wandb" else None,
+                              init_kwargs={"tensorboard": {"purge_step": start}, "wandb": {"dir": str(out / "logs")}})
     last_good = str(resume_from) if resume_from else None
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:  # closes the log file and the bar, then ends training (DDP too)
@@ -222,7 +292,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                 if on_eval is not None and ft.eval_every_steps and main \
                         and _due(step, ft.eval_every_steps, method.total_steps):
                     logs |= {f"eval/{k}": v for k, v in on_eval(step + 1, student_core).items()}
-                accelerator.log(logs, step=step + 1)
+                accelerator.log({**logs, **{f"lr/{k}": lrs[k] for k in optimizers}}, step=step + 1)
+                if validate is not None and _due(step, ft.validation_every_steps, method.total_steps):
+                    validate(step + 1, accelerator)
                 if main:
                     record = {"step": step + 1, **logs, **{f"lr/{k}": lrs[k] for k in optimizers},
                               **problem.counts, "time_s": round(time.perf_counter() - t0, 3)}
@@ -242,10 +314,12 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                             "--resume (or start again)") from err
         bar.close()
 
-        # 5. the result: the run folder becomes a saved pruned-UNet folder (EMA weights when enabled).
+        # 5. the result: RUN/model/, a complete pipeline folder with a model card (EMA weights when enabled).
         in_sync, result = training.in_sync(), training.result()  # collectives: every rank
         if main:
-            _save_result(result, student_dir, base_model, out)
+            facts = {"method": load_plan(student_dir)["method"],
+                     "concepts": [dataclasses.asdict(c) for c in concepts], "recipe": _recipe(cfg)}
+            model_dir = _save_result(result, student_dir, teacher_dir, base_model, out, facts)
             world = accelerator.num_processes
             summary = {"method": ft.method, "solver": method.solver,
                        "unlearn": ft.unlearn.name if unlearning is not None else None, "steps": method.total_steps,
@@ -253,7 +327,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                        "counts_per_process": problem.counts,
                        "counts": {k: v * world for k, v in problem.counts.items()},
                        "feature_blocks": [list(p) for p in pairs], "concepts": len(concepts),
-                       "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir)}
+                       "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir),
+                       "model": str(model_dir.relative_to(out)), **data_info}
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
         accelerator.wait_for_everyone()
     return out
@@ -268,23 +343,93 @@ def _forget_accelerate_settings() -> None:
     GradientState._reset_state()
 
 
-def _save_result(unet, student_dir: Path, base_model: Path | None, out: Path) -> None:
-    """Make `out` a saved pruned-UNet folder: the student's plan and base config, the fine-tuned weights.
+def _save_result(unet, student_dir: Path, teacher_dir: Path, base_model: str | None, out: Path, facts: dict) -> Path:
+    """Write the run's model folder `out`/model: a complete diffusers pipeline (the fine-tuned student + the
+    teacher's other components) with its model card, atomically (a crash leaves no folder that looks valid)."""
+    from safeprune.models.io import MODEL, load_plan, save_model
 
-    Written into a temporary folder inside `out`, then moved in with config.json last: `load_unet`
-    recognises the folder by config.json, so a crash never leaves a half-saved model that looks valid.
-    """
-    import os
-    import tempfile
+    # overwrite: `out` is this run's own folder (checked by _prepare_run_dir); a resumed run replaces its model
+    return save_model(unet, out / MODEL, load_plan(student_dir), teacher_dir, base_model,
+                      card={**facts, "prune_report": _prune_report(student_dir)}, overwrite=True)
 
-    from safeprune.models.io import load_plan, write_unet
 
-    plan = load_plan(student_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".result.", dir=out))
-    try:
-        write_unet(unet, tmp, plan, plan["base_config"], base_model)
-        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-            path.chmod(0o644)  # safetensors writes 0600; a saved model should be as shareable as its folder
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _prune_report(student_dir: Path) -> dict:
+    """The student's prune_report.json (`safeprune prune` writes it beside model/), or {} when there is none."""
+    for folder in (student_dir, student_dir.parent, student_dir.parent.parent):
+        if (folder / "prune_report.json").is_file():
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                return json.loads((folder / "prune_report.json").read_text())
+    return {}
+
+
+def _recipe(cfg: Config) -> dict:
+    """The settings a model card lists as the training recipe."""
+    ft = cfg.finetune
+    recipe = {k: getattr(ft, k) for k in ("method", "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps",
+                                          "lambda_diff", "lambda_out", "lambda_feat", "snr_gamma", "mixed_precision")}
+    if ft.method != "distill":  # the upper level: its loss, optimiser and period
+        recipe |= {"unlearn": ft.unlearn.name, "eta": ft.unlearn.eta, "upper lr": ft.upper.lr, "upper every": ft.upper.every}
+    if ft.method == "bilevel":
+        recipe["solver"] = ft.solver.name
+    return {"teacher": cfg.model.teacher or "safeprune toy teacher", **recipe, "seed": cfg.seed}
+
+
+def _data_info(pools, data, cfg: Config) -> dict:
+    """How many images the lower level trains on, for the log and summary.json; warns when a pool samples a
+    subset of a larger --data (the pool is encoded once: the rest is never seen)."""
+    import warnings
+
+    lower = pools.lower
+    if hasattr(lower, "images"):  # stream: fresh images every step (repeats once an epoch ends)
+        length = getattr(getattr(lower.images, "source", None), "__len__", None)
+        return {"data_mode": "stream", "training_images": None, "source_images": length() if length else None}
+    used, available = len(lower), getattr(lower, "source_size", None) or len(lower)
+    if data is not None and available > used:
+        warnings.warn(f"finetune.data.mode=pool trains on {used} of the {available} images in --data (a random "
+                      f"subset, finetune.data.pool={cfg.finetune.data.pool}); raise finetune.data.pool or set "
+                      "finetune.data.mode=stream to see them all", stacklevel=1)
+    return {"data_mode": "pool", "training_images": used, "source_images": available}
+
+
+def _validation(cfg: Config, pipe, student, concepts, pools, out: Path):
+    """validate(step, accelerator): draw the validation images with the student (fixed prompts and seeds, so
+    grids of different steps compare), save RUN/validation/step_N.png and log them to the tracker.
+
+    Prompts: finetune.validation_prompts, else each suppressed concept and its anchor (suppression and what
+    must survive side by side), else the first fine-tuning captions."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from safeprune.recipes.generate import generate_images
+    from safeprune.viz import make_grid, save_image
+
+    ft = cfg.finetune
+    prompts = list(ft.validation_prompts) or list(dict.fromkeys(
+        [p for c in concepts for p in (c.target, c.anchor) if p])) or list(dict.fromkeys(pools.lower.captions))[:2]
+    prompts = prompts[:8]
+    seeds = list(range(ft.validation_seeds))
+    sampler = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                      unet=student, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def validate(step: int, accelerator) -> None:
+        was_training = student.training
+        student.eval()
+        try:
+            images = generate_images(sampler, [p for p in prompts for _ in seeds], seeds * len(prompts),
+                                     cfg.sample.steps, cfg.sample.guidance, cfg.sample.batch_size, progress=False)
+        finally:
+            student.train(was_training)
+        rows = [list(images[i * len(seeds):(i + 1) * len(seeds)]) for i in range(len(prompts))]
+        (out / VALIDATION).mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(rows, [p[:40] for p in prompts], [f"seed {s}" for s in seeds]),
+                   out / VALIDATION / f"step_{step:07d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", images, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                captions = [f"{p} (seed {s})" for p in prompts for s in seeds]
+                tracker.log({"validation": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+
+    return validate

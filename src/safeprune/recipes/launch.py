@@ -35,7 +35,8 @@ def describe_finetune(cfg: Config, args) -> str:
               f"= {ft.batch_size * processes * ft.grad_accum}{hint if processes == 1 else ''}"),
              (f"schedule: {method.total_steps} iterations, {method.upper_steps} upper steps "
               f"({type(method).__name__}, K={ft.upper.every}); lower lr {ft.lr:g} after {ft.warmup_steps} warm-up "
-              f"steps, upper lr {ft.upper.lr:g}; {ft.upper.batch_size * processes} concept images per upper step"),
+              f"steps, upper lr {ft.upper.lr:g}; {ft.upper.batch_size * processes * ft.upper.grad_accum} concept "
+              f"images per upper step ({ft.upper.batch_size} x {processes} x {ft.upper.grad_accum} accumulation)"),
              f"images seen: {method.total_steps * ft.batch_size * processes * ft.grad_accum:,} (lower level)",
              f"concepts: {len(ft.concepts)} ({'; '.join(f'{c.target!r} -> {c.anchor!r}' for c in ft.concepts)})"
              if ft.concepts else "concepts: none set (derived from the concept images' captions)",
@@ -84,15 +85,15 @@ def _memory_line(cfg: Config, teacher: str, student: str | None, processes: int)
 
     teacher_unet = meta_unet(_teacher_unet_config(teacher))
     if student:
-        from safeprune.models.io import load_plan
-        from safeprune.pruning import apply_plan
+        from safeprune.models.io import build_unet, load_plan
 
-        plan = load_plan(student)
-        base = meta_unet(plan["base_config"])
-        student_unet, which = apply_plan(base, plan), "the --student plan"
+        student_unet, which = build_unet(load_plan(student), student), "the --student plan"  # meta device
     else:
         student_unet, which = teacher_unet, "the unpruned teacher UNet (pass --student for the pruned one)"
     vae_scale = 8 if teacher else 2  # SD's VAE downsamples 8x; the toy VAE 2x
     latent = (cfg.finetune.resolution // vae_scale) if cfg.finetune.resolution else teacher_unet.config.sample_size
-    est = estimate_memory(cfg, student_unet, teacher_unet, latent_size=latent, processes=processes)
+    from safeprune.recipes.finetune import resolve_mixed_precision
+
+    est = estimate_memory(resolve_mixed_precision(cfg), student_unet, teacher_unet, latent_size=latent,
+                          processes=processes)
     return f"{est.summary()}\n  (student = {which}; {latent}x{latent} latents)"

@@ -5,9 +5,11 @@
   --unet-config FILE   only a UNet config.json: the architecture is built on the meta device (no weights,
                        seconds even at SD scale) to plan a pruning and read its parameter and MAC counts
 
-The output folder holds the saved form (see `safeprune.models.io`) plus `prune_report.json`: parameters,
-MACs of one UNet call and, when weights exist, the measured latency of one call, before and after. With
-`--unet-config` only `plan.json` and the report are written: there is nothing to load.
+The output folder holds `model/`, a complete diffusers pipeline folder with the student UNet and a model card
+(see `safeprune.models.io`; a bare UNet folder when --model is a UNet folder without a pipeline), plus
+`prune_report.json`: parameters, MACs of one UNet call and, when weights exist, the measured latency of one
+call, before and after, and `config.yaml`. With `--unet-config` only `plan.json` and the report are written:
+there is nothing to load. `--push-to-hub REPO` uploads model/ (safeprune.models.card.push_to_hub).
 """
 
 from __future__ import annotations
@@ -25,7 +27,17 @@ from safeprune.data.datasets import encode_pool, open_image_captions
 from safeprune.data.toyworld import ToyWorld
 from safeprune.errors import UserError, check, choose
 from safeprune.losses.denoising import DenoisingLoss
-from safeprune.models.io import is_hub_id, load_pipeline, load_plan, load_unet, pretrained_folder, write_unet
+from safeprune.models.io import (
+    MODEL,
+    check_supported_unet,
+    is_hub_id,
+    load_pipeline,
+    load_plan,
+    load_unet,
+    pretrained_folder,
+    write_model,
+    write_unet,
+)
 from safeprune.models.shipped import teacher_path
 from safeprune.pruning import METHODS, is_pruned, prune
 from safeprune.pruning.measure import count_macs, count_parameters, latency_ms
@@ -40,7 +52,7 @@ class Source:
 
     unet: torch.nn.Module
     weights: bool  # False: built on the meta device from --unet-config
-    base_model: str | None  # teacher pipeline folder for safeprune.json (None = the shipped toy teacher)
+    base_model: str | None  # the teacher's hub id (model card, safeprune.json); None = a local or the toy teacher
     pipeline_folder: Path | None  # where its VAE and text encoder live (taylor calibration)
     text_tokens: int  # the tokenizer's context length (cross-attention cost)
     label: str  # what was pruned, for the report
@@ -48,7 +60,13 @@ class Source:
 
 def run(cfg: Config, args=None) -> int:
     """CLI target of `safeprune prune` (its flags fill cfg.paths and cfg.model.teacher)."""
-    prune_student(cfg)
+    out = prune_student(cfg)
+    if getattr(args, "push_to_hub", None):
+        from safeprune.models.card import push_to_hub
+
+        check((out / MODEL / "model_index.json").is_file(), "--push-to-hub needs a pipeline model folder (prune a "
+                                                            "pipeline with weights, not --unet-config)")
+        print(f"pushed to {push_to_hub(out / MODEL, args.push_to_hub)}")
     return 0
 
 
@@ -73,14 +91,18 @@ def prune_student(cfg: Config) -> Path:
     report = _report(cfg, plan, source, before, after)
 
     with atomic_folder(out) as tmp:
-        if source.weights:
-            write_unet(student, tmp, plan, plan["base_config"], source.base_model)
+        if source.weights and source.pipeline_folder is not None:
+            card = {"method": plan["method"], "prune_report": report, "concepts": [],
+                    "title": f"{plan['method']}-pruned student (not fine-tuned)"}
+            write_model(student, tmp / MODEL, plan, source.pipeline_folder, source.base_model, card)
+        elif source.weights:  # a bare UNet folder was pruned: no pipeline components to ship with it
+            write_unet(student, tmp / MODEL, plan, plan["base_config"], source.base_model)
         else:  # a plan for an architecture, not a model: no config.json, so nothing here looks loadable
             (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=1))
         save_config(cfg, tmp)
     print(json.dumps(report, indent=1))
-    print(f"wrote {out}/ ({'loadable with safeprune.load_unet / load_pipeline' if source.weights else 'plan only'})")
+    print(f"wrote {out}/ ({'model/: DiffusionPipeline.from_pretrained, safeprune.load_pipeline' if source.weights else 'plan only'})")
     return out
 
 
@@ -93,14 +115,17 @@ def _load_source(cfg: Config, device) -> Source:
         return _from_config(Path(cfg.paths.unet_config))
     model = cfg.model.teacher
     folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else teacher_path()
+    check(not (folder / "model_index.json").is_file() or (folder / "unet").is_dir(),
+          f"--model {str(folder)!r} has no unet/; pass a Stable Diffusion pipeline folder")
     check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")
     check(not is_pruned(load_plan(folder)), f"{str(folder)!r} is already pruned; prune its base model instead")
     is_pipeline = (folder / "model_index.json").is_file()
     pipeline = folder if is_pipeline else (folder.parent if (folder.parent / "model_index.json").is_file() else None)
     unet = load_unet(folder).to(device)
-    # base_model None = the shipped toy teacher (portable: no install path inside the saved folder); a hub id
-    # stays an id (its cache path is machine-specific)
-    base_model = (model if is_hub_id(model) else str(pipeline.resolve())) if (pipeline and model) else None
+    check_supported_unet(unet.config, f"--model {str(folder)!r}")
+    # Only a hub id is recorded (model card, safeprune.json): the model folder carries copies of the other
+    # components, and a local path would break when either folder moves.
+    base_model = str(model) if model and is_hub_id(model) else None
     return Source(unet, True, base_model, pipeline, _text_tokens(pipeline), str(folder))
 
 
@@ -113,6 +138,7 @@ def _from_config(path: Path) -> Source:
     check(isinstance(config, dict) and config.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel",
           f"--unet-config {str(path)!r} is not a UNet2DConditionModel config")
     config = {k: v for k, v in config.items() if not k.startswith("_")}  # `_use_default_values` would undo edits
+    check_supported_unet(config, f"--unet-config {str(path)!r}")
     try:
         with init_empty_weights():
             unet = UNet2DConditionModel.from_config(config)

@@ -61,6 +61,7 @@ REGISTRY_FLAGS = {
     "finetune.method": Registry("safeprune.bilevel.solvers:METHODS"),
     "finetune.solver.name": Registry("safeprune.bilevel.solvers:SOLVERS"),
     "finetune.unlearn.name": Registry("safeprune.unlearning:UNLEARNING"),
+    "eval.protocol": Registry("safeprune.eval.protocols:PROTOCOLS"),
 }
 
 
@@ -158,27 +159,50 @@ def _concept_images_args(p):
     _out(p, "output image folder (metadata.jsonl + PNGs)")
 
 
-def _generate_args(p):
-    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder (default: the toy teacher)")
-    p.add_argument("--prompts", required=True, help="a text file (one prompt per line) or toy:SET (e.g. toy:forget)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
+def _sample_args(p):
     p.add_argument("--steps", dest="sample.steps", help="sampler steps")
     p.add_argument("--guidance", dest="sample.guidance", help="classifier-free guidance scale")
+    p.add_argument("--scheduler", dest="sample.scheduler", choices=Registry("safeprune.sampling:SCHEDULERS"),
+                   metavar="NAME", help="sampler, recorded in results.json: %(choices)s (default ddim)")
+    p.add_argument("--resolution", dest="sample.resolution", help="image side in pixels (default: the model's own)")
+
+
+def _generate_args(p):
+    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder (default: the toy teacher)")
+    p.add_argument("--prompts", required=True,
+                   help="toy:SET (e.g. toy:forget), a text file (one prompt per line), an I2P CSV, COCO captions JSON "
+                        "or a concept YAML")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
+    _sample_args(p)
     _out(p)
 
 
 def _evaluate_args(p):
-    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder (default: the toy teacher)")
+    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder, or a hub id in the HF cache "
+                                                      "(default: the toy teacher)")
+    _choice(p, "--protocol", "eval.protocol", "evaluation protocol (default toy)")
     p.add_argument("--reference", dest="paths.reference",
-                   help="unsuppressed reference model for the CP score; the paper's is the distilled, unerased "
-                        "student (default: the toy teacher)")
+                   help="reference model of the CP and CSD scores (the paper's: the distilled, unerased pruned model; "
+                        "default: model.teacher; toy protocol: the toy teacher)")
+    p.add_argument("--prompts", dest="eval.prompts", help="replace the protocol's prompts: a text file, an I2P CSV "
+                                                          "(the nudity check), COCO captions JSON or a concept YAML")
+    p.add_argument("--coco-dir", dest="eval.coco_dir", help="coco: folder with annotations/captions_val2017.json "
+                                                            "and val2017/")
+    p.add_argument("--reference-set", dest="eval.reference_set",
+                   help="real images for FID/CMMD: an image folder, a datasets table or clean-fid statistics (.npz)")
+    p.add_argument("--images", dest="eval.images", help="score an earlier evaluation's folder (no sampling)")
+    p.add_argument("--n-images", dest="eval.n_images", help="images per prompt set at most")
+    _sample_args(p)
+    _allow_download(p, "model or metric weight")
     p.add_argument("--metrics", default=None,
-                   help="comma-separated metric names, registry safeprune.eval.metrics.METRICS (default: eval.metrics)")
-    _out(p, "output folder (results.json)")
+                   help="comma-separated metric names, registry safeprune.eval.metrics.METRICS (default: the "
+                        "protocol's)")
+    _out(p, "output folder (results.json, images/)")
 
 
 def _report_args(p):
-    p.add_argument("runs", nargs="+", help="run folders (finetune runs and evaluations)")
+    p.add_argument("runs", nargs="+", help="run folders (finetune runs and evaluations); a folder's evaluations in "
+                                           "RUN/eval/*/ merge into its row")
     _out(p, "output folder (report.md, results.json, grid.png, curves.png)")
 
 
@@ -284,12 +308,15 @@ def resolve(args: argparse.Namespace):
         node = flags
         for section in sections:
             node = node.setdefault(section, {})
-        node[name] = value if key.startswith("paths.") or key == "model.teacher" else _typed(value)
+        node[name] = value if key.startswith("paths.") or key in TEXT_FLAGS else _typed(value)
     if getattr(args, "forget", None):  # CLI concepts replace finetune.concepts
         from safeprune.unlearning.concepts import parse_forget
 
         flags.setdefault("finetune", {})["concepts"] = [to_dict(c) for c in parse_forget(args.forget)]
     return load_config(args.config, list(args.overrides), flags=flags)
+
+
+TEXT_FLAGS = ("model.teacher", "eval.prompts", "eval.coco_dir", "eval.reference_set", "eval.images")  # never YAML-read
 
 
 def _typed(value):

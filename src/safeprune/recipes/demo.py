@@ -40,7 +40,7 @@ def _pipe_with(teacher_pipe, unet):
 
 def _sampling_ms(pipe, cfg: Config, n: int = 16) -> float:
     """Wall time per image of a full sampling run (cfg.sample settings, batch n)."""
-    from safeprune.recipes.generate import generate_images
+    from safeprune.sampling import generate_images
 
     generate_images(pipe, ["a red circle"] * 2, [0, 1], cfg.sample.steps, cfg.sample.guidance, progress=False)
     start = time.perf_counter()

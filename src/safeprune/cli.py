@@ -60,8 +60,9 @@ REGISTRY_FLAGS = {
     "prune.channels.importance": Registry("safeprune.pruning.channels:IMPORTANCES"),
     "finetune.method": Registry("safeprune.bilevel.solvers:METHODS"),
     "finetune.solver.name": Registry("safeprune.bilevel.solvers:SOLVERS"),
-    "finetune.unlearn.name": Registry("safeprune.unlearning:UNLEARNING"),
+    "finetune.unlearn.name": Registry("safeprune.erasure:FINETUNE_UNLEARN"),
     "eval.protocol": Registry("safeprune.eval.protocols:PROTOCOLS"),
+    "unlearn.method": Registry("safeprune.erasure:ERASURE"),
 }
 
 
@@ -124,7 +125,8 @@ def _finetune_args(p):
     _allow_download(p, "teacher")
     _choice(p, "--method", "finetune.method", "fine-tuning method")
     _choice(p, "--solver", "finetune.solver.name", "bilevel solver")
-    _choice(p, "--unlearn", "finetune.unlearn.name", "upper-level (unlearning) loss")
+    _choice(p, "--unlearn", "finetune.unlearn.name",
+            "upper-level (unlearning) loss, or with two_stage an erasure method run after distilling (settings: unlearn.*)")
     p.add_argument("--forget", action="append", default=None,
                    help='concept prompt to suppress (finetune.concepts); repeatable; "TARGET=>ANCHOR" sets an anchor')
     p.add_argument("--max-steps", dest="finetune.max_steps", help="lower-level iterations")
@@ -150,6 +152,19 @@ def _finetune_args(p):
 def _push_arg(p):
     p.add_argument("--push-to-hub", default=None, metavar="REPO",
                    help="upload the finished model/ folder to this Hugging Face hub repository (needs `hf auth login`)")
+
+
+def _unlearn_args(p):
+    p.add_argument("--model", dest="paths.model",
+                   help="diffusers pipeline folder, or a UNet folder from prune / finetune / unlearn (default: the toy "
+                        "teacher)")
+    _choice(p, "--method", "unlearn.method", "erasure method")
+    p.add_argument("--forget", action="append", default=None,
+                   help='concept prompt to erase (finetune.concepts); repeatable; "TARGET=>ANCHOR" sets an anchor '
+                        "(default: unlearn.concepts, finetune.concepts, else the toy world's concept captions)")
+    p.add_argument("--concept-data", dest="paths.concept_data",
+                   help="concept images of the loss-based methods (esd, esd_anchor, ...; default: toy concept split)")
+    _out(p, "output folder: the erased model")
 
 
 def _concept_images_args(p):
@@ -248,6 +263,8 @@ COMMANDS: dict[str, Command] = {
     "prune": Command("prune a diffusers UNet and save it so it loads back", _prune_args, "safeprune.recipes.prune:run"),
     "finetune": Command("distill a pruned student and suppress concepts (bilevel)", _finetune_args,
                         "safeprune.recipes.finetune:run", "safeprune.recipes.launch:describe_finetune"),
+    "unlearn": Command("erase concepts from a model (ESD, UCE, ConceptPrune, the upper-level losses)", _unlearn_args,
+                       "safeprune.recipes.unlearn:run"),
     "concept-images": Command("draw concept images with the teacher (upper-level data)", _concept_images_args,
                               "safeprune.recipes.generate:run_concept_images"),
     "generate": Command("sample images for prompts, one seed per image", _generate_args,

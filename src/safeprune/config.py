@@ -323,6 +323,100 @@ class FinetuneConfig:
         _at_most("finetune", self, MAX_STEPS, "max_steps", "warmup_steps")
 
 
+# ----------------------------------------------------------------------------- `safeprune unlearn` (erasure)
+
+
+@dataclass
+class EsdPaperConfig:
+    """ESD as published (Gandikota et al., ICCV 2023; the authors' train-esd.py defaults)."""
+
+    steps: int = 1000  # training iterations (the paper: 1000)
+    lr: float = 1e-5  # Adam learning rate (the paper: 1e-5)
+    eta: float = 1.0  # negative guidance (the paper: 1)
+    params: str = "xattn"  # xattn = ESD-x (cross-attention; the authors' choice for styles) | noxattn = ESD-u | full
+    batch_size: int = 1  # self-sampled x_t per iteration (the paper: 1)
+    # DDIM steps of the schedule x_t is partially sampled on; 0 = sample.steps, the model's own sampler (the paper
+    # used SD's 50; configs/sd21.yaml sets 50)
+    sample_steps: int = 0
+    start_guidance: float = 3.0  # classifier-free guidance while sampling x_t (the paper: 3)
+    reference: str = "null"  # null = the paper's guidance relative to the empty prompt | anchor = the concept's anchor
+
+    def __post_init__(self):
+        check(self.steps > 0 and self.batch_size > 0 and (self.sample_steps >= 2 or self.sample_steps == 0),
+              "unlearn.esd_paper.steps and batch_size must be > 0, sample_steps >= 2 (or 0 = sample.steps)")
+        check(self.lr > 0 and self.eta >= 0 and self.start_guidance >= 0,
+              "unlearn.esd_paper.lr must be > 0, eta and start_guidance >= 0")
+        check(self.params in ("xattn", "noxattn", "full"),
+              f"unlearn.esd_paper.params={self.params!r}; choose xattn (ESD-x), noxattn (ESD-u) or full")
+        check(self.reference in ("null", "anchor"), f"unlearn.esd_paper.reference={self.reference!r}; choose null or anchor")
+
+
+@dataclass
+class UceConfig:
+    """Unified Concept Editing (Gandikota et al., WACV 2024): closed-form cross-attention edit."""
+
+    erase_scale: float = 1.0  # weight of each target -> anchor term (the authors' code: 1)
+    lambda_preserve: float = 1.0  # weight lambda of each preserved concept's term (the authors' code: 1)
+    ridge: float = 0.5  # weight of ||W - W_old||^2 over all directions (the authors' `lamb`: 0.5)
+    tokens: str = "tail"  # tail = last word token and every later token (the 2023 release) | last = last word token
+    preserve: list[str] = field(default_factory=list)  # prompts whose keys/values the edit keeps
+    preserve_derived: bool = True  # also keep each anchor and each target with its concept swapped for an allowed one
+    edit_keys: bool = True  # edit to_k as well as to_v (the paper edits both)
+
+    def __post_init__(self):
+        check(self.erase_scale > 0 and self.lambda_preserve >= 0 and self.ridge >= 0,
+              "unlearn.uce.erase_scale must be > 0, lambda_preserve and ridge >= 0")
+        check(self.tokens in ("tail", "last"), f"unlearn.uce.tokens={self.tokens!r}; choose tail or last")
+
+
+@dataclass
+class ConceptPruneConfig:
+    """ConceptPrune (Chavhan et al., 2024): zero feed-forward weights that fire for the concept only."""
+
+    sparsity: float = 0.01  # share of each output row's FFN weights ranked as skilled per step (the authors: 0.01)
+    timesteps: int = 10  # first denoising steps whose skilled weights are united (the authors: 10)
+    sample_steps: int = 50  # DDIM steps of the sampling run the activations are read from (the authors: 50)
+    guidance: float = 7.5  # classifier-free guidance of that run (the authors: diffusers' 7.5)
+
+    def __post_init__(self):
+        check(0.0 < self.sparsity < 1.0, f"unlearn.conceptprune.sparsity={self.sparsity}; use a share in (0, 1)")
+        check(1 <= self.timesteps <= self.sample_steps,
+              "unlearn.conceptprune.timesteps must lie in [1, unlearn.conceptprune.sample_steps]")
+        check(self.guidance >= 0, "unlearn.conceptprune.guidance must be >= 0")
+
+
+@dataclass
+class LossUnlearnConfig:
+    """The upper-level losses (safeprune.unlearning) run alone, the frozen starting model as score source."""
+
+    steps: int = 30  # optimiser steps
+    lr: float = 1e-3  # AdamW learning rate
+    batch_size: int = 16  # noised concept images per step
+    eta: float = 2.0  # negative guidance of the esd losses
+    concept_pool: int = 256  # concept images VAE-encoded once
+
+    def __post_init__(self):
+        check(self.steps > 0 and self.batch_size > 0 and self.concept_pool > 0,
+              "unlearn.loss.steps, batch_size and concept_pool must be > 0")
+        check(self.lr > 0 and self.eta >= 0, "unlearn.loss.lr must be > 0 and unlearn.loss.eta >= 0")
+
+
+@dataclass
+class UnlearnConfig:
+    method: str = "uce"  # registry key (safeprune.erasure): uce | conceptprune | esd_paper | esd | esd_anchor | ...
+    concepts: list[Concept] = field(default_factory=list)  # [] = finetune.concepts, else derived from toy captions
+    # two_stage with an erasure method: matched = training-based methods (esd_paper) take bilevel's upper budget
+    # (finetune.two_stage.unlearn_steps steps of finetune.upper.batch_size images); own = their own steps / batch_size
+    budget: str = "matched"
+    esd_paper: EsdPaperConfig = field(default_factory=EsdPaperConfig)  # method esd_paper
+    uce: UceConfig = field(default_factory=UceConfig)  # method uce
+    conceptprune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)  # method conceptprune
+    loss: LossUnlearnConfig = field(default_factory=LossUnlearnConfig)  # methods esd, esd_xattn, esd_anchor, ablation
+
+    def __post_init__(self):
+        check(self.budget in ("matched", "own"), f"unlearn.budget={self.budget!r}; choose matched or own")
+
+
 @dataclass
 class SampleConfig:
     steps: int = 25  # sampler steps per image
@@ -389,6 +483,12 @@ class EvalConfig:
 @dataclass
 class DemoConfig:
     seeds: int = 1  # repeat fine-tuning + evaluation with this many seeds; mean +- std when > 1
+    # erasure methods (safeprune.erasure) applied to the distilled student, one "distill+NAME" row each: the
+    # paper's two-stage baselines (settings: unlearn.*; training-based ones at bilevel's upper budget)
+    baselines: list[str] = field(default_factory=lambda: ["esd_paper", "uce", "conceptprune"])
+    # section.field=value overrides for the distill+bilevel_loss (two_stage) row only: its upper-level settings
+    # share finetune.* keys with bilevel, and the tuning sweep may choose other values (docs/demo/tuning.md)
+    two_stage_overrides: list[str] = field(default_factory=list)
     curve_every: int = 100  # evaluate leakage and fd every N fine-tuning steps (curves.png)
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
 
@@ -439,6 +539,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

@@ -67,7 +67,8 @@ def test_write_report_without_grid(tmp_path):
 TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper.batch_size=2", "finetune.data.pool=8",
         "finetune.data.concept_pool=4", "finetune.upper.every=2", "finetune.warmup_steps=1", "eval.seeds_per_prompt=1",
         "eval.max_prompts=2", "eval.real_per_image=1", "eval.affinity_images=4", "eval.resurgence_steps=2",
-        "sample.steps=2", "demo.curve_every=2", "demo.curve_prompts=2", "prune.ratio=0.3"]
+        "sample.steps=2", "demo.curve_every=2", "demo.curve_prompts=2", "prune.ratio=0.3",
+        "unlearn.conceptprune.sample_steps=4", "unlearn.conceptprune.timesteps=2"]
 
 
 @pytest.fixture
@@ -86,14 +87,19 @@ def test_tiny_demo_end_to_end(random_teacher, tmp_path, capsys):
     for name in ("report.md", "results.json", "grid.png", "curves.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
-    assert set(results["methods"]) == {"teacher", "distill", "two_stage", "bilevel"}
+    assert list(results["methods"]) == ["teacher", "distill", "distill+ESD", "distill+UCE", "distill+ConceptPrune",
+                                        "distill+bilevel_loss", "bilevel"]
     for row in results["methods"].values():
         assert all(k in row for k in ("valid", "leakage", "retention", "adherence", "fd"))
-    assert "resurgence_leakage" in results["methods"]["bilevel"]
+    assert all("resurgence_leakage" in results["methods"][k] for k in ("bilevel", "distill+UCE", "distill+ESD"))
+    assert "bilevel_beats_distill+ConceptPrune" in results["checks"]
     assert "| bilevel |" in capsys.readouterr().out
     # equal budgets by construction: two-stage's student passes equal bilevel's
     per_seed = results["per_seed"]
-    assert per_seed["two_stage"][0]["student_passes"] == per_seed["bilevel"][0]["student_passes"]
+    assert per_seed["distill+bilevel_loss"][0]["student_passes"] == per_seed["bilevel"][0]["student_passes"]
+    # ESD trains on as many images as bilevel's upper level (its own x_t sampling passes come on top)
+    esd = json.loads((out / "seed0" / "distill+ESD" / "summary.json").read_text())
+    assert esd["counts"]["student_bwd"] == (4 // 2) * 2
     # a second demo into the same folder replaces it; a foreign folder is refused
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.txt").write_text("keep me")

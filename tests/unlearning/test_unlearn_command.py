@@ -40,7 +40,10 @@ def test_derived_toy_concepts_on_the_pipeline_itself(pipe_dir, unlearn_cli, tmp_
     assert code == 0, err
     concepts = json.loads((out / "concepts.json").read_text())
     assert concepts and all("striped" in c["target"] and "striped" not in c["anchor"] for c in concepts)
-    assert json.loads((out / "safeprune.json").read_text())["base_model"] == str(pipe_dir.resolve())
+    assert (out / "model_index.json").is_file() and (out / "unet" / "plan.json").is_file()  # a whole pipeline
+    from safeprune.models.io import load_pipeline
+
+    assert load_pipeline(out).unet.config.cross_attention_dim == 64
 
 
 @pytest.mark.parametrize("argv, words", [

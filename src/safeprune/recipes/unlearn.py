@@ -5,9 +5,9 @@ model folder (a diffusers pipeline, or a pruned / fine-tuned UNet folder from `p
 2. the concepts: `unlearn.concepts`, else `finetune.concepts` (which `--forget` fills), else derived from the
    toy world's concept captions (safeprune.unlearning.concepts: every phrasing, anchored on the same scene);
 3. run the registered method (safeprune.erasure) on the UNet in place; pruning masks are re-applied;
-4. write DIR atomically as a saved UNet folder (config.json, plan.json, weights, safeprune.json) that
-   `safeprune evaluate/generate --model DIR` and `finetune --student DIR` read, plus config.yaml, concepts.json
-   and summary.json ({method, settings, report, seconds}). plan.json gains `masked_layers` (ConceptPrune's
+4. write DIR atomically as a complete diffusers pipeline folder (the erased UNet with its plan, and the model's
+   other components) that `safeprune evaluate/generate --model DIR` and `finetune --student DIR` read, plus
+   config.yaml, concepts.json and summary.json ({method, settings, report, seconds}). plan.json gains `masked_layers` (ConceptPrune's
    zeros, kept as masks through loading and fine-tuning) and an `erasure` history entry.
 `finetune --method two_stage --unlearn uce|conceptprune|esd_paper` calls `erase_run_folder` after distilling.
 """
@@ -87,26 +87,31 @@ def erased_plan(plan: dict, report: dict) -> dict:
 
 
 def _load(model: str | Path | None, device):
-    """(pipeline, plan, base_model) of a pipeline or saved-UNet folder; None = the shipped toy teacher."""
-    from safeprune.models.io import base_model_of, load_pipeline, load_plan
+    """(pipeline, plan, components folder, hub id) of a pipeline, run or saved-UNet folder (None = the toy teacher).
+
+    The components folder holds the VAE / text encoder / tokenizer / scheduler the erased model is saved with:
+    the pipeline itself, else the UNet's base model (a hub id's cache snapshot, a local path, or the toy teacher)."""
+    from safeprune.models.io import base_model_of, is_hub_id, load_pipeline, load_plan, model_folder, pretrained_folder
     from safeprune.models.shipped import teacher_path
 
-    folder = Path(model) if model is not None else teacher_path()
+    folder = model_folder(model) if model is not None else teacher_path()
     check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a diffusers pipeline folder or a folder "
                            "written by `safeprune prune` / `finetune` / `unlearn`")
     pipe = load_pipeline(folder, device=device)
-    if (folder / "model_index.json").is_file():  # a pipeline: the saved UNet names it as its base model
-        base = None if folder.resolve() == teacher_path().resolve() else folder
+    base = base_model_of(folder)
+    hub = str(base) if base and is_hub_id(base) else None
+    if (folder / "model_index.json").is_file():
+        components = folder
     else:
-        base = base_model_of(folder)
-    return pipe, load_plan(folder), base
+        components = pretrained_folder(base) if base else teacher_path()
+    return pipe, load_plan(folder), components, hub
 
 
 def unlearn(cfg: Config) -> Path:
     """Erase concepts from cfg.paths.model ("" = the toy teacher) into cfg.paths.out; returns the folder."""
     from safeprune.data.toyworld import ToyWorld
     from safeprune.erasure import build_erasure
-    from safeprune.models.io import write_unet
+    from safeprune.models.io import write_model
     from safeprune.utils import atomic_folder, resolve_device, seed_everything
 
     check(bool(cfg.paths.out), "safeprune unlearn needs --out DIR (the erased model's folder)")
@@ -117,10 +122,9 @@ def unlearn(cfg: Config) -> Path:
     out = Path(cfg.paths.out)
     with atomic_folder(out) as tmp:
         seed_everything(cfg.seed)
-        pipe, plan, base_model = _load(model, resolve_device(cfg.device))
+        pipe, plan, components, hub = _load(model, resolve_device(cfg.device))
         report = erase(cfg, pipe, concepts, derived, world, concept_data=concept_data)
-        plan = erased_plan(plan, report)
-        write_unet(pipe.unet, tmp, plan, plan["base_config"], base_model)
+        write_model(pipe.unet, tmp, erased_plan(plan, report), components, hub)  # a complete pipeline folder
         save_config(cfg, tmp)
         (tmp / "concepts.json").write_text(json.dumps([dataclasses.asdict(c) for c in concepts], indent=1))
         (tmp / "summary.json").write_text(json.dumps({"model": str(model) if model else "toy-teacher",
@@ -138,7 +142,7 @@ def erase_run_folder(cfg: Config, run_dir: Path) -> dict:
     import tempfile
 
     from safeprune.data.toyworld import ToyWorld
-    from safeprune.models.io import _unet_folder, base_model_of, is_hub_id, load_pipeline, load_plan, write_unet
+    from safeprune.models.io import base_model_of, is_hub_id, load_pipeline, load_plan, model_folder, write_unet
     from safeprune.utils import resolve_device
 
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
@@ -147,11 +151,11 @@ def erase_run_folder(cfg: Config, run_dir: Path) -> dict:
     report = erase(matched_budget(cfg), pipe, concepts, derived, world, method=cfg.finetune.unlearn.name,
                    concept_data=cfg.paths.concept_data or None)
     plan = erased_plan(load_plan(run_dir), report)
-    unet_dir = _unet_folder(run_dir)  # a run folder keeps it in model/unet/
-    base = base_model_of(run_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".erased.", dir=unet_dir.parent))
+    unet_dir = model_folder(run_dir) / "unet"  # the run's saved pipeline: only its UNet changes
+    base = base_model_of(unet_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".erased.", dir=unet_dir))
     try:
-        write_unet(pipe.unet, tmp, plan, plan["base_config"], base if base and is_hub_id(base) else None)
+        write_unet(pipe.unet, tmp, plan, None, base if base and is_hub_id(base) else None)
         for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
             path.chmod(0o644)
             os.replace(path, unet_dir / path.name)

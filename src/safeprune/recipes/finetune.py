@@ -35,6 +35,7 @@ import shutil
 import time
 from pathlib import Path
 
+from safeprune.bilevel import build_method, uses_upper
 from safeprune.bilevel.pools import build_pools
 from safeprune.bilevel.training import build_training
 from safeprune.config import Config, save_config, to_dict
@@ -312,7 +313,8 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     `resume` continues the run in cfg.paths.out (from its newest verified checkpoint, or step 0); `overwrite`
     starts again in a folder an earlier run wrote; `allow_other_teacher` distils a student pruned from another.
     """
-    from safeprune.bilevel import build_method, uses_upper
+    from safeprune.bilevel.solvers import Distill
+    from safeprune.erasure import WHOLE_MODEL
     from safeprune.models.shipped import teacher_path
     from safeprune.unlearning import build_unlearning
 
@@ -323,6 +325,14 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     out, student = Path(cfg.paths.out), Path(cfg.paths.student)
     data, concept_data = cfg.paths.data or None, cfg.paths.concept_data or None
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
+    # two_stage with a whole-model erasure method (uce, conceptprune, esd_paper): distil, then erase the result
+    erasure = ft.unlearn.name if ft.method == "two_stage" and ft.unlearn.name in WHOLE_MODEL else None
+    if erasure is not None:
+        from safeprune.erasure import build_erasure
+        from safeprune.recipes.unlearn import matched_budget
+
+        build_erasure(matched_budget(cfg), erasure)  # its settings and budget are checked now, not after distilling
+        method = Distill(ft.max_steps)
     unlearning = build_unlearning(ft.unlearn.name, ft.unlearn) if uses_upper(method) else None
     check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
     check(getattr(unlearning, "images", "concept") != "anchor" or bool(cfg.paths.anchor_data) or concept_data is None,
@@ -346,15 +356,35 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     # what config.yaml cannot show: the contents behind the paths it names (checked again by --resume)
     inputs = {f"{key}_digest": _source(spec)[1] for key, spec in (("student", student), ("data", data),
                                                                      ("concept_data", concept_data))}
+    # two_stage's erasure stage runs before the run is marked finished, so a kill during it resumes into it
+    finish = (lambda: _second_stage(cfg, out)) if erasure is not None else None
     with lock(out, "finetune") if _is_main_rank() else contextlib.nullcontext():
         run, resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps, overwrite, inputs, method.schedule)
         return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
                       concept_data, resume_from, on_eval, run=run, inputs=inputs,
-                      allow_other_teacher=allow_other_teacher)
+                      allow_other_teacher=allow_other_teacher, finish=finish)
+
+
+def _second_stage(cfg: Config, out: Path) -> None:
+    """two_stage's erasure stage on the distilled student in `out`; summary.json records it and its passes."""
+    from safeprune.recipes.unlearn import erase_run_folder
+
+    t0 = time.perf_counter()
+    report = erase_run_folder(cfg, out)
+    summary = json.loads((out / "summary.json").read_text())
+    counts = dict(summary["counts"])
+    for key, value in report.get("counts", {}).items():  # the erasure's own student passes (esd_paper)
+        if key.startswith("student"):
+            counts[key] = counts.get(key, 0) + value
+    report.pop("masked_layers", None)
+    summary |= {"method": "two_stage", "unlearn": cfg.finetune.unlearn.name, "erasure": report, "counts": counts,
+                "upper_steps": report.get("steps", 0), "steps": summary["steps"] + report.get("steps", 0),
+                "wall_s": round(summary["wall_s"] + time.perf_counter() - t0, 2)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, data, concept_data, resume_from,
-           on_eval, *, run=None, inputs=None, allow_other_teacher=False):
+           on_eval, *, run=None, inputs=None, allow_other_teacher=False, finish=None):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler
@@ -515,6 +545,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                        "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir),
                        "model": str(model_dir.relative_to(out)), **data_info}
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            if finish is not None:
+                finish()
             if run is not None:
                 run.save(state="finished")
         accelerator.wait_for_everyone()
@@ -551,13 +583,13 @@ def _prune_report(student_dir: Path) -> dict:
 
 def _recipe(cfg: Config) -> dict:
     """The settings a model card lists as the training recipe."""
-    ft = cfg.finetune
+    ft, method = cfg.finetune, build_method(cfg.finetune)
     recipe = {k: getattr(ft, k) for k in ("method", "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps",
                                           "lambda_diff", "lambda_out", "lambda_feat", "snr_gamma", "mixed_precision")}
-    if ft.method != "distill":  # the upper level: its loss, optimiser and period
+    if uses_upper(method):  # the upper level: its loss, optimiser and period
         recipe |= {"unlearn": ft.unlearn.name, "eta": ft.unlearn.eta, "upper lr": ft.upper.lr, "upper every": ft.upper.every}
-    if ft.method == "bilevel":
-        recipe["solver"] = ft.solver.name
+    if method.solver:
+        recipe["solver"] = method.solver
     return {"teacher": cfg.model.teacher or "safeprune toy teacher", **recipe, "seed": cfg.seed}
 
 

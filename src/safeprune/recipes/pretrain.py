@@ -237,7 +237,7 @@ def report_quality(pipe, world: ToyWorld, cfg: Config, out: Path) -> dict | None
 def run(cfg: Config, args) -> int:
     out = Path(cfg.paths.out)
     if args.what == "judge":
-        from safeprune.eval.judge import run_pretrain_judge
+        from safeprune.recipes.judge import run_pretrain_judge
 
         return run_pretrain_judge(cfg, args)
     from safeprune.runs import lock, open_run

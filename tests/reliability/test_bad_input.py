@@ -179,8 +179,10 @@ def test_the_table_covers_at_least_50_cases():
 
 
 def test_a_clip_folder_with_only_a_pickle_is_refused_without_unpickling(inputs):
+    from transformers import CLIPModel
+
     from safeprune.errors import UserError
-    from safeprune.eval.metrics import clip_embeddings
+    from safeprune.eval.extractors import _safetensors_only
 
     with pytest.raises(UserError, match="safetensors"):  # "not loaded" is no pickle: unpickling would fail otherwise
-        clip_embeddings(inputs["clip"], texts=["a red circle"])
+        _safetensors_only(CLIPModel, inputs["clip"])

@@ -128,8 +128,8 @@ CASES = {
     "captions not utf-8": (FT + " --out {out} --data {meta_latin1}", "not UTF-8"),
     "metadata line not json": (FT + " --out {out} --data {meta_not_json}", "is not valid JSON"),
     "metadata line a list": (FT + " --out {out} --data {meta_list}", "is not a JSON object"),
-    "metadata file_name int": (FT + " --out {out} --data {meta_name_int}", "needs a `file_name`"),
-    "metadata no caption": (FT + " --out {out} --data {meta_no_caption}", "needs a `file_name` and a caption"),
+    "metadata file_name int": (FT + " --out {out} --data {meta_name_int}", "must be a file name"),
+    "metadata no caption": (FT + " --out {out} --data {meta_no_caption}", "has no caption column"),
     "metadata missing image": (FT + " --out {out} --data {meta_missing_image}", "which is not in"),
     "metadata empty": (FT + " --out {out} --data {meta_empty}", "is empty"),
     "concept captions not utf-8": (FT + " --out {out} --concept-data {meta_latin1} finetune.upper.every=1", "not UTF-8"),
@@ -179,8 +179,10 @@ def test_the_table_covers_at_least_50_cases():
 
 
 def test_a_clip_folder_with_only_a_pickle_is_refused_without_unpickling(inputs):
+    from transformers import CLIPModel
+
     from safeprune.errors import UserError
-    from safeprune.eval.metrics import clip_embeddings
+    from safeprune.eval.extractors import _safetensors_only
 
     with pytest.raises(UserError, match="safetensors"):  # "not loaded" is no pickle: unpickling would fail otherwise
-        clip_embeddings(inputs["clip"], texts=["a red circle"])
+        _safetensors_only(CLIPModel, inputs["clip"])

@@ -9,7 +9,7 @@ from safeprune.recipes.report import aggregate, table, write_report
 
 
 def _row(leak, fd, valid=0.95, retention=0.9):
-    return {"valid": valid, "leakage": leak, "retention": retention, "adherence": 0.9, "fd": fd}
+    return {"valid": valid, "leakage": leak, "forget_valid": valid, "retention": retention, "adherence": 0.9, "fd": fd}
 
 
 def test_aggregate_mean_and_std():
@@ -67,7 +67,8 @@ def test_write_report_without_grid(tmp_path):
 TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper.batch_size=2", "finetune.data.pool=8",
         "finetune.data.concept_pool=4", "finetune.upper.every=2", "finetune.warmup_steps=1", "eval.seeds_per_prompt=1",
         "eval.max_prompts=2", "eval.real_per_image=1", "eval.affinity_images=4", "eval.resurgence_steps=2",
-        "sample.steps=2", "demo.curve_every=2", "demo.curve_prompts=2", "prune.ratio=0.3"]
+        "sample.steps=2", "demo.curve_every=2", "demo.curve_prompts=2", "prune.ratio=0.3",
+        "unlearn.conceptprune.sample_steps=4", "unlearn.conceptprune.timesteps=2"]
 
 
 @pytest.fixture
@@ -86,16 +87,62 @@ def test_tiny_demo_end_to_end(random_teacher, tmp_path, capsys):
     for name in ("report.md", "results.json", "grid.png", "curves.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
-    assert set(results["methods"]) == {"teacher", "distill", "two_stage", "bilevel"}
+    assert list(results["methods"]) == ["teacher", "distill", "distill+ESD", "distill+UCE", "distill+ConceptPrune",
+                                        "distill+bilevel_loss", "bilevel"]
     for row in results["methods"].values():
         assert all(k in row for k in ("valid", "leakage", "retention", "adherence", "fd"))
-    assert "resurgence_leakage" in results["methods"]["bilevel"]
+    assert all("resurgence_leakage" in results["methods"][k] for k in ("bilevel", "distill+UCE", "distill+ESD"))
+    assert "bilevel_beats_distill+ConceptPrune" in results["checks"]
     assert "| bilevel |" in capsys.readouterr().out
     # equal budgets by construction: two-stage's student passes equal bilevel's
     per_seed = results["per_seed"]
-    assert per_seed["two_stage"][0]["student_passes"] == per_seed["bilevel"][0]["student_passes"]
+    assert per_seed["distill+bilevel_loss"][0]["student_passes"] == per_seed["bilevel"][0]["student_passes"]
+    # ESD trains on as many images as bilevel's upper level (its own x_t sampling passes come on top)
+    esd = json.loads((out / "seed0" / "distill+ESD" / "summary.json").read_text())
+    assert esd["counts"]["student_bwd"] == (4 // 2) * 2
     # a second demo into the same folder replaces it; a foreign folder is refused
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.txt").write_text("keep me")
     assert main(["demo", "--out", str(tmp_path / "foreign"), *TINY]) == 2
     assert (tmp_path / "foreign" / "x.txt").is_file()
+
+
+def _evaluation(folder, protocol, metrics, records=()):
+    """A finished evaluation folder as `safeprune evaluate` writes it (images only where records are given)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"protocol": protocol, "metrics": metrics}))
+    rng = np.random.default_rng(len(str(folder)))
+    for role in ("forget", "retain") if records else ():
+        (folder / "images" / role).mkdir(parents=True)
+        lines = []
+        for k, (prompt, seed) in enumerate(records):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "images" / role / f"{k:05d}.png")
+            lines.append(json.dumps({"prompt": f"{role} {prompt}", "seed": seed, "index": k, "file": f"{k:05d}.png"}))
+        (folder / "images" / role / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_report_builds_the_paper_table_in_the_paper_s_row_order(tmp_path, capsys):
+    runs = []
+    values = {"bilevel": (26.3, 97.6, 39.0, 22.2, 29.2, 3), "distill+uce": (30.5, 82.7, 65.1, 26.6, 29.3, 6),
+              "teacher": (34.4, 44.0, 87.9, 15.1, 31.6, 100), "distill": (34.3, 0.0, 100.0, 22.2, 29.4, 48)}
+    for name, (clip, cp, csd, fid, coco_clip, nude) in values.items():
+        run = tmp_path / name
+        recs = [("a painting in the style of Van Gogh", 11), ("a painting in the style of Van Gogh", 12)]
+        _evaluation(run / "eval" / "styles", "styles", {"style_clip_forget": clip, "cp_forget": cp,
+                                                        "csd_forget": csd, "style_clip_retain": 30.0}, recs)
+        _evaluation(run / "eval" / "coco", "coco", {"fid": fid, "clip_score": coco_clip, "cmmd": 0.5})
+        _evaluation(run / "eval" / "nudity", "nudity", {"nudenet_images": nude})
+        runs.append(str(run))
+    assert main(["report", *runs, "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model"))
+    for title in ("style CLIP ↓", "CP ↑", "CSD ↓", "COCO FID ↓", "COCO CLIP ↑", "NudeNet images ↓"):
+        assert title in header
+    order = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "model" not in line]
+    assert order[:4] == ["teacher", "distill", "distill+uce", "bilevel"]
+    rows = json.loads((tmp_path / "rep" / "results.json").read_text())["methods"]
+    assert rows["bilevel"]["coco/fid"] == 22.2 and rows["distill"]["nudity/nudenet_vs_teacher"] == pytest.approx(-52)
+    assert (tmp_path / "rep" / "grid.png").stat().st_size > 500  # Fig. 1 from the evaluated images
+    assert "| bilevel | 26.30 | 97.6 | 39.00 | 22.20 |" in md

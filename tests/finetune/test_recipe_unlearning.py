@@ -42,6 +42,7 @@ def test_forget_prompts_and_image_folders(finetune_cli, tmp_path):
     out = tmp_path / "run"
     code, err = finetune_cli(out, "--max-steps", "2", "--unlearn", "ablation",
                              "--data", str(tmp_path / "data"), "--concept-data", str(tmp_path / "concepts"),
+                             "--anchor-data", str(tmp_path / "data"),  # ablation noises anchor images
                              "--forget", "a striped red circle=>a red circle", "--forget", "striped style")
     assert code == 0, err
     concepts = [{"target": "a striped red circle", "anchor": "a red circle"}, {"target": "striped style", "anchor": ""}]

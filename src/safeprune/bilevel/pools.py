@@ -18,6 +18,7 @@ from safeprune.data.datasets import embed_prompts, encode_pool, open_image_capti
 from safeprune.data.records import Columns
 from safeprune.data.stream import data_mode, open_stream_pool
 from safeprune.data.toyworld import ToyWorld
+from safeprune.unlearning.anchors import ToyAnchorImages
 from safeprune.unlearning.concepts import derive_concepts, pair_images
 from safeprune.utils import DTYPES, numpy_rng
 
@@ -58,6 +59,8 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
             pairing = pair_images(concepts, concept.captions)
         else:  # derived from the concept images' captions (see safeprune.unlearning.concepts)
             concepts, pairing = derive_concepts(concept.captions, concept.labels, world.forbidden)
+        if getattr(unlearning, "images", "concept") == "anchor":  # concept ablation: x ~ the anchor distribution
+            concept, pairing = _anchor_pool(cfg, world, concepts, pairing, size, vae, device, sources)
 
     prompts = list(dict.fromkeys(["", *lower.captions, *(c.target for c in concepts), *(c.anchor for c in concepts)]))
     row = {p: i for i, p in enumerate(prompts)}
@@ -72,3 +75,15 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
         pools.concept_target = torch.tensor([row[concepts[k].target] for k in pairing])
         pools.concept_anchor = torch.tensor([row[concepts[k].anchor] for k in pairing])
     return pools, concepts
+
+
+def _anchor_pool(cfg: Config, world, concepts, pairing, size, vae, device, sources):
+    """(anchor-image pool, its concept index per image) for losses that noise anchor images (`ablation`)."""
+    n, anchor_data = cfg.finetune.data.concept_pool, cfg.paths.anchor_data or None
+    if anchor_data is None:  # toy concept images (checked in `finetune`): rendered anchors, image i aligned with
+        # concept image i (the same pool indices), so both pair with the same concept
+        anchors = ToyAnchorImages(world, n, size)
+        return encode_pool(anchors, n, vae, rng=numpy_rng(cfg.seed, "concept"), device=device), pairing
+    anchor_set = open_image_captions(anchor_data, world=world, split="concept", n_toy=n, size=size, **sources)
+    anchors = encode_pool(anchor_set, n, vae, rng=numpy_rng(cfg.seed, "anchor"), device=device)
+    return anchors, pair_images(concepts, anchors.captions, by="anchor")

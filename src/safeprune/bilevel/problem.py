@@ -67,6 +67,7 @@ class DiffusionProblem:
     batch_size: int = 16
     upper_batch_size: int = 16
     grad_accum: int = 1
+    upper_grad_accum: int = 1  # micro-batches per upper step, so its global batch does not follow the GPU count
     seed: int = 0
     rank: int = 0
     teacher_dtype: torch.dtype = torch.float32
@@ -139,8 +140,22 @@ class DiffusionProblem:
         return total
 
     def upper(self, step: int, weight: float = 1.0) -> dict[str, float]:
-        pools, n = self.pools, self.upper_batch_size
         gen = step_generator(self.seed, self.rank, step, "upper")
+        totals: dict[str, float] = {}
+        for micro in range(self.upper_grad_accum):  # as in `lower`: all-reduce on the last micro-batch only
+            sync = micro == self.upper_grad_accum - 1
+            with contextlib.nullcontext() if sync else self.no_sync():
+                loss = self._upper_terms(gen)
+                values = self._means(step, "upper", {"cu": loss})
+                self.backward(loss.mean() * (weight / self.upper_grad_accum))
+            self.counts["student_bwd"] += self.upper_batch_size
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / self.upper_grad_accum
+        return totals
+
+    def _upper_terms(self, gen: torch.Generator) -> torch.Tensor:
+        """Per-sample L_CU (B,) on the next concept micro-batch drawn from `gen`."""
+        pools, n = self.pools, self.upper_batch_size
         idx, latents = pools.concept.draw(gen, n)
         _, timesteps, x_t = self._noised(latents, gen)
         rows = {"target": pools.concept_target[idx], "anchor": pools.concept_anchor[idx],
@@ -153,9 +168,5 @@ class DiffusionProblem:
             eps = self._teacher(x_t.repeat(k, 1, 1, 1), timesteps.repeat(k), teacher_emb).chunk(k)
         target = self.unlearning.target(dict(zip(conditions, eps)))
         student_eps = self.student(x_t, timesteps, encoder_hidden_states=pools.embeddings[rows["target"].to(self.device)]).sample
-        loss = self.unlearning(student_eps, target)  # (B,)
-        values = self._means(step, "upper", {"cu": loss})
-        self.backward(loss.mean() * weight)
         self.counts["student_fwd"] += n
-        self.counts["student_bwd"] += n
-        return values
+        return self.unlearning(student_eps, target)  # (B,)

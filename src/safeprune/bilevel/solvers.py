@@ -16,8 +16,10 @@ Bilevel problem (seed paper Sec. 4): min_theta L_CU(theta)  s.t.  theta in argmi
 
 Upper and outer steps move only the parameters the unlearning loss selects (e.g. `esd_xattn`: cross-attention).
 Each method is a frozen dataclass called as `method(step, problem, update) -> logged scalars` and is a
-pure function of `step`, so a resumed run replays the same schedule. `problem` only accumulates
-gradients (see `Problem`); `update(which)` applies the `lower` or `upper` optimiser and clears them.
+pure function of `step` given its `schedule` (the stage boundary of two-stage, a varying lambda's span, K), so a
+resumed run replays the same schedule; checkpoints store `schedule` and `--resume` refuses to change it.
+`problem` only accumulates gradients (see `Problem`); `update(which)` applies the `lower` or `upper` optimiser
+and clears them.
 That split lets the same code solve a 2-D quadratic in the tests and a UNet in the recipe.
 
 `METHODS` (the `finetune.method` values) and `SOLVERS` (`finetune.solver`, for `bilevel`) map each name to
@@ -71,6 +73,11 @@ class Distill:
     def upper_steps(self) -> int:
         return 0
 
+    @property
+    def schedule(self) -> dict:
+        """What decides each step's work besides `step` (see the module doc; a resume must not change it)."""
+        return {}
+
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         logs = _prefixed("lower", problem.lower(step))
         update("lower")
@@ -91,6 +98,10 @@ class _EveryK:
     @property
     def upper_steps(self) -> int:
         return self.max_steps // self.every
+
+    @property
+    def schedule(self) -> dict:
+        return {"every": self.every}
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,12 @@ class Penalty(_EveryK):
         solver = cfg.solver
         end = solver.penalty_lambda if solver.penalty_lambda_end < 0 else solver.penalty_lambda_end
         return cls(cfg.max_steps, cfg.upper.every, solver.penalty_lambda, end)
+
+    @property
+    def schedule(self) -> dict:
+        # A lambda schedule is linear over max_steps: more steps would move it under a resumed run.
+        varying = {"max_steps": self.max_steps} if self.penalty_end != self.penalty else {}
+        return {"every": self.every, "penalty": self.penalty, "penalty_end": self.penalty_end, **varying}
 
     def penalty_at(self, step: int) -> float:
         frac = step / max(self.max_steps - 1, 1)
@@ -171,6 +188,10 @@ class TwoStage:
     @property
     def upper_steps(self) -> int:
         return self.unlearn_steps
+
+    @property
+    def schedule(self) -> dict:
+        return {"distill_steps": self.distill_steps, "unlearn_steps": self.unlearn_steps}  # the stage boundary
 
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         if step < self.distill_steps:

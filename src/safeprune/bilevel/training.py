@@ -108,10 +108,10 @@ def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, p
     ema = copy.deepcopy(student_core).requires_grad_(False) if ft.ema_decay > 0 else None
     problem = DiffusionProblem(
         student=student, student_core=student_core, teacher=teacher, scheduler=scheduler,
-        lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, ft.snr_gamma), FeatureKD(tuple(pairs)),
+        lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, ft.snr_gamma, ft.snr_weighting), FeatureKD(tuple(pairs)),
                                   ft.lambda_diff, ft.lambda_out, ft.lambda_feat),
         pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper.batch_size,
-        grad_accum=ft.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
+        grad_accum=ft.grad_accum, upper_grad_accum=ft.upper.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
         teacher_dtype=DTYPES[ft.teacher_dtype], backward=accelerator.backward,
         no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator))
     return Training(accelerator, problem, dict(zip(names, prepared)), ema, ft.max_grad_norm, ft.ema_decay)

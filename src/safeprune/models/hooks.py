@@ -7,6 +7,10 @@ that always removes its hooks, so a crashed step never leaves a hook behind that
 BK-SDM-style block removal (`blocks` pruning, presets `small`/`tiny`) drops the mid block and/or the
 innermost stage; `match_blocks` pairs what survives by position from the image side (down blocks from
 the input, up blocks from the output), so a missing block is left out instead of shifting every pair.
+After `tiny` the student's last down block has no downsampler while the teacher's block at that depth has
+one, so their outputs differ in resolution; as BK-SDM's feature KD does (Nota-NetsPresso/BK-SDM
+src/kd_train_text_to_image.py: teacher `down_blocks.2.attentions.1.proj_out` with student
+`down_blocks.2.attentions.0.proj_out`), that pair compares the last sub-block before the downsampler instead.
 
 Block names are those of the plain UNet. Distributed wrappers insert path segments (DDP `module.`, FSDP
 `_fsdp_wrapped_module.`, activation checkpointing `_checkpoint_wrapped_module.`, torch.compile `_orig_mod.`);
@@ -62,13 +66,28 @@ def match_blocks(teacher, student) -> list[tuple[str, str]]:
     """
     pairs = []
     n_down = min(len(teacher.down_blocks), len(student.down_blocks))
-    pairs += [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(n_down)]
+    for i in range(n_down):
+        t_block, s_block = teacher.down_blocks[i], student.down_blocks[i]
+        if t_block.downsamplers is not None and s_block.downsamplers is None:  # `tiny`: the student's last stage
+            pairs.append((f"down_blocks.{i}.{_before_downsampler(t_block)}",
+                          f"down_blocks.{i}.{_before_downsampler(s_block)}"))
+        else:
+            pairs.append((f"down_blocks.{i}", f"down_blocks.{i}"))
     if getattr(teacher, "mid_block", None) is not None and getattr(student, "mid_block", None) is not None:
         pairs.append(("mid_block", "mid_block"))
     t_up, s_up = len(teacher.up_blocks), len(student.up_blocks)
     for depth in reversed(range(min(t_up, s_up))):  # depth 0 = the block next to the output
         pairs.append((f"up_blocks.{t_up - 1 - depth}", f"up_blocks.{s_up - 1 - depth}"))
     return pairs
+
+
+def _before_downsampler(block) -> str:
+    """The down block's last sub-module before its downsampler: the last attention's `proj_out` (BK-SDM's
+    choice), else the last ResNet."""
+    attentions = getattr(block, "attentions", None)
+    if attentions:
+        return f"attentions.{len(attentions) - 1}.proj_out"
+    return f"resnets.{len(block.resnets) - 1}"
 
 
 @contextlib.contextmanager

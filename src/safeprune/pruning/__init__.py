@@ -34,7 +34,7 @@ from safeprune.errors import check, choose
 from safeprune.pruning.base import Calibration
 from safeprune.pruning.blocks import PRESETS, Blocks
 from safeprune.pruning.channels import IMPORTANCES, Channels
-from safeprune.pruning.magnitude import Magnitude, reapply_masks, sparsity_masks
+from safeprune.pruning.magnitude import Magnitude, reapply_masks, restore_masked_layers, sparsity_masks
 from safeprune.pruning.measure import unet_config
 from safeprune.pruning.none import Identity
 
@@ -129,8 +129,10 @@ def saved_config(plan: dict) -> dict:
 
 
 def after_load(unet, plan: dict) -> None:
-    """After loading saved weights into the replayed architecture: what the method must restore (masks)."""
+    """After loading saved weights into the replayed architecture: what the method must restore (masks), and
+    the masks an erasure method left (`masked_layers`, e.g. ConceptPrune's zeros)."""
     method_of(plan).after_load(unet, plan)
+    restore_masked_layers(unet, plan)
 
 
 def _comparable(value):

@@ -59,6 +59,14 @@ def reapply_masks(unet) -> None:
             module.weight.masked_fill_(~mask, 0.0)
 
 
+
+def restore_masked_layers(unet, plan: dict) -> None:
+    """After loading: re-register masks on the plan's `masked_layers` (zeros an erasure method such as
+    ConceptPrune keeps, safeprune.erasure; mask = weight != 0), whatever pruned the model; else a no-op."""
+    names = plan.get("masked_layers", [])
+    if names:
+        register_masks(unet, {name: unet.get_submodule(name).weight != 0 for name in names})
+
 @dataclass(frozen=True)
 class Magnitude(Method):
     options: ClassVar[tuple[str, ...]] = ("ratio",)

@@ -35,7 +35,8 @@ def describe_finetune(cfg: Config, args) -> str:
               f"= {ft.batch_size * processes * ft.grad_accum}{hint if processes == 1 else ''}"),
              (f"schedule: {method.total_steps} iterations, {method.upper_steps} upper steps "
               f"({type(method).__name__}, K={ft.upper.every}); lower lr {ft.lr:g} after {ft.warmup_steps} warm-up "
-              f"steps, upper lr {ft.upper.lr:g}; {ft.upper.batch_size * processes} concept images per upper step"),
+              f"steps, upper lr {ft.upper.lr:g}; {ft.upper.batch_size * processes * ft.upper.grad_accum} concept "
+              f"images per upper step ({ft.upper.batch_size} x {processes} x {ft.upper.grad_accum} accumulation)"),
              f"images seen: {method.total_steps * ft.batch_size * processes * ft.grad_accum:,} (lower level)",
              f"concepts: {len(ft.concepts)} ({'; '.join(f'{c.target!r} -> {c.anchor!r}' for c in ft.concepts)})"
              if ft.concepts else "concepts: none set (derived from the concept images' captions)",

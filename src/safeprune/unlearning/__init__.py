@@ -4,7 +4,9 @@ Each entry is a small frozen dataclass with
   `teacher_conditions` — the prompts ("target", "anchor", "null") the frozen teacher is evaluated with,
   `target(teacher_eps)` — the regression target built from those teacher predictions,
   `__call__(student_eps, target)` — the per-sample loss (B,),
-  `params` — which student parameters the upper step moves ("all" or "xattn", see `select_parameters`).
+  `params` — which student parameters the upper step moves ("all" or "xattn", see `select_parameters`),
+  `images` (optional, default "concept") — which images x_t are noised from: "concept" images, or "anchor"
+  images (concept ablation, safeprune.unlearning.anchors).
 The same objects drive the bilevel solvers and the two-stage baseline. Registry keys are the values of
 `finetune.unlearn.name` and the choices of `safeprune finetune --unlearn`.
 """

@@ -55,10 +55,11 @@ def derive_concepts(captions: list[str], labels: list[dict], forbidden: dict[str
     return concepts, pairing
 
 
-def pair_images(concepts: list[Concept], captions: list[str]) -> list[int]:
-    """Concept index per image: exact caption match first, the rest round-robin (see the module doc)."""
+def pair_images(concepts: list[Concept], captions: list[str], by: str = "target") -> list[int]:
+    """Concept index per image: exact caption match (with each concept's `by` prompt: target, or anchor for
+    anchor images) first, the rest round-robin (see the module doc)."""
     check(bool(concepts), "no concepts to suppress; set finetune.concepts or pass --forget PROMPT")
-    by_target = {c.target: i for i, c in enumerate(concepts)}
+    by_target = {getattr(c, by): i for i, c in enumerate(concepts)}
     pairing, dealt = [], 0
     for caption in captions:
         if caption in by_target:

@@ -1,0 +1,126 @@
+"""Whole-model concept erasure: the paper's two-stage baselines (seed paper Sec. 5, Tab. 1 rows "+ ESD",
+"+ UCE", "+ ConceptPrune") and the upper-level losses run on their own.
+
+Why a package beside `safeprune.unlearning`: an unlearning LOSS is one term of the bilevel upper level,
+evaluated per step inside the fine-tuning loop; an ERASURE METHOD takes a whole model (pruned or not) and
+returns it edited — in closed form (UCE), by masking weights (ConceptPrune) or with its own training loop
+and score source (ESD as published). `safeprune unlearn` and `finetune --method two_stage --unlearn NAME`
+call the same objects.
+
+Each method is a small frozen dataclass built from the `unlearn` config section and called as
+`method(unet, ctx) -> report`: it edits `unet` in place (the model as loaded is the frozen starting model
+where one is needed: it is copied first) and returns JSON-serialisable figures for summary.json.
+
+  esd_paper     ESD (Gandikota et al., ICCV 2023) as its authors ran it: self-sampled x_t, frozen start model
+  uce           Unified Concept Editing (Gandikota et al., WACV 2024): closed-form to_k / to_v edit
+  conceptprune  ConceptPrune (Chavhan et al., 2024): zero FFN weights skilled for the concept (masks persist)
+  esd, esd_xattn, esd_anchor, ablation
+                the upper-level losses of safeprune.unlearning on noised concept images, alone
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from safeprune.config import Concept, Config
+from safeprune.errors import check, choose
+
+
+@dataclass(eq=False)
+class ErasureContext:
+    """What a method may read besides the UNet: the pipeline's text side and sampler, the concepts, the world."""
+
+    pipe: object  # StableDiffusionPipeline around the UNet being edited (tokenizer, text_encoder, scheduler, vae)
+    concepts: list[Concept]  # what to erase: target prompts and their anchors ("" = the empty prompt)
+    world: object  # safeprune.data.toyworld.ToyWorld (forbidden words for derived preserve prompts, toy images)
+    cfg: Config  # the resolved run config
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    concept_data: str | None = None  # concept image source of the loss-based methods (None = toy concept split)
+    derived: bool = False  # the concepts were derived from toy concept captions (loss-based methods re-derive them
+    # from their own concept images, so each image is noised under the caption that describes it)
+    progress: bool = True  # tqdm bars for the training-based methods
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states (P, L, D), float32, on `device`, as the pipeline conditions the UNet."""
+        from safeprune.data.datasets import embed_prompts
+
+        return embed_prompts(prompts, self.pipe.tokenizer, self.pipe.text_encoder.to(self.device).eval(),
+                             device=self.device)
+
+    def last_word_index(self, prompts: list[str]) -> list[int]:
+        """Index of each prompt's last word token (before EOS) in the padded sequence; BOS (0) for ''."""
+        tok = self.pipe.tokenizer(prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt")
+        return [max(int(n) - 2, 0) for n in tok.attention_mask.sum(1)]
+
+
+class ErasureMethod(Protocol):
+    def __call__(self, unet: torch.nn.Module, ctx: ErasureContext) -> dict: ...
+
+
+def swapped_prompts(prompt: str, forbidden: dict[str, tuple[str, ...]], allowed: Callable[[str], tuple]) -> list[str]:
+    """`prompt` with each forbidden word it names replaced by every allowed value of that kind (whole words):
+    'a striped red circle' -> ['a plain red circle', 'a outline red circle', ...]."""
+    out = []
+    for kind, names in forbidden.items():
+        for name in names:
+            if re.search(rf"\b{re.escape(name)}\b", prompt):
+                out += [re.sub(rf"\b{re.escape(name)}\b", value, prompt) for value in allowed(kind)]
+    return out
+
+
+def _build(name: str) -> Callable[[Config], ErasureMethod]:
+    """Lazy factories, so importing the registry (CLI choices, config checks) stays light."""
+
+    def make(cfg: Config) -> ErasureMethod:
+        if name == "uce":
+            from safeprune.erasure.uce import UCE
+
+            return UCE.from_config(cfg.unlearn.uce)
+        if name == "conceptprune":
+            from safeprune.erasure.conceptprune import ConceptPrune
+
+            return ConceptPrune.from_config(cfg.unlearn.conceptprune)
+        if name == "esd_paper":
+            from safeprune.erasure.esd_paper import ESDPaper
+
+            return ESDPaper.from_config(cfg.unlearn.esd_paper)
+        from safeprune.erasure.upper_loss import UpperLoss
+
+        return UpperLoss.from_config(name, cfg.unlearn.loss)
+
+    return make
+
+
+# Training-free methods, the published ESD, then the upper-level losses (safeprune.unlearning.UNLEARNING keys).
+ERASURE: dict[str, Callable[[Config], ErasureMethod]] = {
+    name: _build(name) for name in ("uce", "conceptprune", "esd_paper", "esd", "esd_xattn", "esd_anchor", "ablation")
+}
+# Methods that are not per-step losses: `finetune --method two_stage --unlearn NAME` distils, then calls them.
+WHOLE_MODEL = ("uce", "conceptprune", "esd_paper")
+
+
+def _finetune_unlearn() -> tuple[str, ...]:
+    from safeprune.unlearning import UNLEARNING
+
+    return (*UNLEARNING, *WHOLE_MODEL)
+
+
+# The names `finetune --unlearn` accepts: the per-step losses, and with two_stage the whole-model methods.
+FINETUNE_UNLEARN = _finetune_unlearn()
+
+
+def build_erasure(cfg: Config, name: str | None = None) -> ErasureMethod:
+    """The registered erasure method `name` (default unlearn.method), configured from cfg.unlearn."""
+    return choose("erasure method", name or cfg.unlearn.method, ERASURE)(cfg)
+
+
+def check_concepts(concepts: list[Concept]) -> None:
+    check(bool(concepts), "no concepts to erase; pass --forget PROMPT (repeatable, \"TARGET=>ANCHOR\" sets an "
+                          "anchor) or set unlearn.concepts")

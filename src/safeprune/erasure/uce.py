@@ -1,0 +1,123 @@
+"""`uce`: Unified Concept Editing (Gandikota et al., WACV 2024), the closed-form cross-attention edit.
+
+Every cross-attention key and value projection W (diffusers `attn2.to_k` / `attn2.to_v`: text width d ->
+the block's inner width, which head pruning may have narrowed) is replaced by the minimiser of
+
+  s sum_{i in E} ||W c_i - v*_i||^2 + lambda sum_{j in P} ||W c_j - W_old c_j||^2 + r ||W - W_old||_F^2,
+
+E = token embeddings c_i of the target prompts, v*_i = W_old c'_i the same layer's output for the aligned
+token of the target's anchor prompt; P = token embeddings of preserved prompts. Setting the gradient to zero
+gives UCE eq. 7 (with the ridge term r of the authors' code, `lamb`):
+
+  W = (r W_old + s sum_E v*_i c_i^T + lambda sum_P W_old c_j c_j^T) (r I + s sum_E c_i c_i^T + lambda sum_P c_j c_j^T)^-1.
+
+Which tokens (`tokens`): `tail` = the prompt's last word token and every token after it, the target's and the
+anchor's aligned from their last words (the 2023 release, train_erase.py: with a causal text encoder these
+positions carry the whole prompt); `last` = the last word token only (the authors' later uce_sd_erase.py).
+The solve runs in float64; only the edited weights change (biases, if any, are kept). Seconds, no training.
+On a magnitude-pruned student the recipe re-applies the pruning masks afterwards (a projection of the
+unconstrained minimiser: the masked entries go back to zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from safeprune.errors import UserError, check
+
+
+def cross_attention_projections(unet, edit_keys: bool = True) -> list[tuple[str, torch.nn.Linear]]:
+    """(name, layer) of every cross-attention value (and key) projection of `unet`."""
+    ends = ("to_v", "to_k") if edit_keys else ("to_v",)
+    return [(n, m) for n, m in unet.named_modules()
+            if ".attn2." in f".{n}." and n.rsplit(".", 1)[-1] in ends and isinstance(m, torch.nn.Linear)]
+
+
+def closed_form(w_old: torch.Tensor, targets: torch.Tensor, values: torch.Tensor, preserve: torch.Tensor,
+                erase_scale: float, lambda_preserve: float, ridge: float) -> torch.Tensor:
+    """UCE eq. 7 for one layer: w_old (O, d), targets c_i (N, d), values v*_i (N, O), preserve c_j (M, d)."""
+    w = w_old.double()
+    c, v, p = targets.double(), values.double(), preserve.double()
+    eye = torch.eye(w.shape[1], dtype=torch.float64, device=w.device)
+    rhs = ridge * w + erase_scale * v.T @ c + lambda_preserve * (w @ p.T) @ p  # (O, d)
+    gram = ridge * eye + erase_scale * c.T @ c + lambda_preserve * p.T @ p  # (d, d), symmetric
+    try:
+        return torch.linalg.solve(gram, rhs.T).T  # rhs @ gram^-1, as gram is symmetric
+    except RuntimeError as err:  # torch.linalg.LinAlgError: singular without a ridge
+        raise UserError("UCE's system is singular (too few target/preserve tokens for the text width); "
+                        "set unlearn.uce.ridge > 0") from err
+
+
+@dataclass(frozen=True)
+class UCE:
+    erase_scale: float = 1.0  # s
+    lambda_preserve: float = 1.0  # lambda
+    ridge: float = 0.5  # r
+    tokens: str = "tail"  # tail | last (see the module doc)
+    preserve: tuple[str, ...] = ()  # explicit preserved prompts
+    preserve_derived: bool = True  # + anchors and targets with the concept swapped for an allowed value
+    edit_keys: bool = True
+
+    @classmethod
+    def from_config(cls, c) -> UCE:
+        return cls(c.erase_scale, c.lambda_preserve, c.ridge, c.tokens, tuple(c.preserve), c.preserve_derived,
+                   c.edit_keys)
+
+    def preserved_prompts(self, ctx) -> list[str]:
+        from safeprune.erasure import swapped_prompts
+
+        prompts = list(self.preserve)
+        if self.preserve_derived:
+            for concept in ctx.concepts:
+                prompts += [concept.anchor] if concept.anchor else []
+                prompts += swapped_prompts(concept.target, ctx.world.forbidden, ctx.world.allowed)
+        targets = {c.target for c in ctx.concepts}
+        return [p for p in dict.fromkeys(prompts) if p not in targets]
+
+    def token_pairs(self, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(target tokens (N, d), aligned anchor tokens (N, d), preserved tokens (M, d)) of the text encoder."""
+        targets, anchors = [c.target for c in ctx.concepts], [c.anchor for c in ctx.concepts]
+        preserve = self.preserved_prompts(ctx)
+        emb_t, emb_a = ctx.embed(targets), ctx.embed(anchors)  # (P, L, d)
+        last_t, last_a = ctx.last_word_index(targets), ctx.last_word_index(anchors)
+        length = emb_t.shape[1]
+        c, v = [], []
+        for k in range(len(targets)):
+            if self.tokens == "last":
+                c.append(emb_t[k, last_t[k]][None])
+                v.append(emb_a[k, last_a[k]][None])
+                continue
+            span = length - max(last_t[k], last_a[k])  # tokens from each last word on, cut to a common length
+            c.append(emb_t[k, last_t[k]:last_t[k] + span])
+            v.append(emb_a[k, last_a[k]:last_a[k] + span])
+        kept = torch.zeros(0, emb_t.shape[2], device=emb_t.device)
+        if preserve:
+            emb_p, last_p = ctx.embed(preserve), ctx.last_word_index(preserve)
+            kept = torch.cat([emb_p[k, last_p[k]:last_p[k] + 1] if self.tokens == "last" else emb_p[k, last_p[k]:]
+                              for k in range(len(preserve))])
+        return torch.cat(c), torch.cat(v), kept
+
+    @torch.no_grad()
+    def __call__(self, unet, ctx) -> dict:
+        from safeprune.erasure import check_concepts
+
+        check_concepts(ctx.concepts)
+        layers = cross_attention_projections(unet, self.edit_keys)
+        check(bool(layers), "the model has no cross-attention key/value projections for UCE to edit (attn2.to_k / "
+                            "to_v); choose another --method")
+        c, anchor_tokens, kept = self.token_pairs(ctx)
+        residual_before, residual_after = 0.0, 0.0
+        for _, layer in layers:
+            w_old = layer.weight.detach()
+            values = anchor_tokens.to(w_old) @ w_old.T  # v*_i = W_old c'_i, (N, O)
+            check(c.shape[1] == w_old.shape[1], f"UCE: text width {c.shape[1]} does not match the cross-attention "
+                                                f"input width {w_old.shape[1]}; pass the model's own pipeline")
+            w_new = closed_form(w_old, c, values, kept, self.erase_scale, self.lambda_preserve, self.ridge)
+            residual_before += float((c.double() @ w_old.double().T - values.double()).square().sum())
+            residual_after += float((c.double() @ w_new.T - values.double()).square().sum())
+            layer.weight.copy_(w_new.to(layer.weight.dtype))
+        return {"layers": len(layers), "target_tokens": int(c.shape[0]), "preserved_tokens": int(kept.shape[0]),
+                "preserved_prompts": len(self.preserved_prompts(ctx)),
+                "target_residual_before": residual_before, "target_residual_after": residual_after}

@@ -1,0 +1,161 @@
+"""`safeprune unlearn --model M --method NAME [--forget "TARGET[=>ANCHOR]" ...] --out DIR`: erase concepts from a
+model folder (a diffusers pipeline, or a pruned / fine-tuned UNet folder from `prune` / `finetune`).
+
+1. load the model as a pipeline (a UNet folder gets the rest from its base model, safeprune.models.io);
+2. the concepts: `unlearn.concepts`, else `finetune.concepts` (which `--forget` fills), else derived from the
+   toy world's concept captions (safeprune.unlearning.concepts: every phrasing, anchored on the same scene);
+3. run the registered method (safeprune.erasure) on the UNet in place; pruning masks are re-applied;
+4. write DIR atomically as a saved UNet folder (config.json, plan.json, weights, safeprune.json) that
+   `safeprune evaluate/generate --model DIR` and `finetune --student DIR` read, plus config.yaml, concepts.json
+   and summary.json ({method, settings, report, seconds}). plan.json gains `masked_layers` (ConceptPrune's
+   zeros, kept as masks through loading and fine-tuning) and an `erasure` history entry.
+`finetune --method two_stage --unlearn uce|conceptprune|esd_paper` calls `erase_run_folder` after distilling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from safeprune.config import Config, save_config
+from safeprune.errors import check
+
+
+def run(cfg: Config, args) -> int:
+    """CLI target of `safeprune unlearn`: its flags fill cfg.paths (model, out, concept_data) and finetune.concepts."""
+    print(unlearn(cfg))
+    return 0
+
+
+def resolve_concepts(cfg: Config, world, n_captions: int = 256):
+    """(concepts, derived): unlearn.concepts, else finetune.concepts (--forget), else from the toy captions."""
+    from safeprune.unlearning.concepts import derive_concepts
+
+    if cfg.unlearn.concepts or cfg.finetune.concepts:
+        return list(cfg.unlearn.concepts or cfg.finetune.concepts), False
+    check(bool(world.forbidden_concepts), "no concepts to erase: pass --forget PROMPT, set unlearn.concepts, or "
+                                          "forbid a toy concept (toyworld.forbidden_styles)")
+    items = [world.sample("concept", i) for i in range(n_captions)]
+    concepts, _ = derive_concepts([c for _, c, _ in items], [lab.as_dict() for _, _, lab in items], world.forbidden)
+    return concepts, True
+
+
+def matched_budget(cfg: Config) -> Config:
+    """`unlearn.budget: matched` inside two_stage: esd_paper takes bilevel's upper-level budget (as many steps as
+    bilevel makes upper steps, finetune.upper.batch_size images each), so the student trains on as many images."""
+    ft, un = cfg.finetune, cfg.unlearn
+    if un.budget != "matched":
+        return cfg
+    given = ft.two_stage.unlearn_steps
+    steps = given if given >= 0 else ft.max_steps // ft.upper.every
+    check(steps > 0, f"two_stage has no unlearning steps (finetune.max_steps={ft.max_steps} < finetune.upper.every="
+                     f"{ft.upper.every}); raise max_steps, set finetune.two_stage.unlearn_steps or unlearn.budget=own")
+    esd = dataclasses.replace(un.esd_paper, steps=steps, batch_size=ft.upper.batch_size)
+    loss = dataclasses.replace(un.loss, steps=steps, batch_size=ft.upper.batch_size)
+    return dataclasses.replace(cfg, unlearn=dataclasses.replace(un, esd_paper=esd, loss=loss))
+
+
+def erase(cfg: Config, pipe, concepts, derived: bool, world, *, method: str | None = None, concept_data=None,
+          progress: bool = True) -> dict:
+    """Run the erasure method on pipe.unet in place; returns its report (+ "method", "seconds")."""
+    from safeprune.erasure import ErasureContext, build_erasure, check_concepts
+    from safeprune.pruning import reapply_masks
+
+    name = method or cfg.unlearn.method
+    eraser = build_erasure(cfg, name)  # an unknown name fails before anything heavy
+    check_concepts(concepts)
+    ctx = ErasureContext(pipe=pipe, concepts=concepts, world=world, cfg=cfg, device=pipe.unet.device,
+                         concept_data=concept_data, derived=derived, progress=progress)
+    start = time.perf_counter()
+    report = eraser(pipe.unet, ctx)
+    reapply_masks(pipe.unet)  # a magnitude-pruned student keeps its zeros whatever the method did
+    return {"method": name, "settings": dataclasses.asdict(eraser), **report,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def erased_plan(plan: dict, report: dict) -> dict:
+    """The model's plan with the erasure recorded: masked layers united, one `erasure` history entry appended."""
+    plan = dict(plan)
+    masked = report.get("masked_layers", [])
+    if masked:
+        plan["masked_layers"] = sorted(set(plan.get("masked_layers", [])) | set(masked))
+    entry = {"method": report["method"], "settings": report["settings"]}
+    plan["erasure"] = [*plan.get("erasure", []), entry]
+    return plan
+
+
+def _load(model: str | Path | None, device):
+    """(pipeline, plan, base_model) of a pipeline or saved-UNet folder; None = the shipped toy teacher."""
+    from safeprune.models.io import base_model_of, load_pipeline, load_plan
+    from safeprune.models.shipped import teacher_path
+
+    folder = Path(model) if model is not None else teacher_path()
+    check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a diffusers pipeline folder or a folder "
+                           "written by `safeprune prune` / `finetune` / `unlearn`")
+    pipe = load_pipeline(folder, device=device)
+    if (folder / "model_index.json").is_file():  # a pipeline: the saved UNet names it as its base model
+        base = None if folder.resolve() == teacher_path().resolve() else folder
+    else:
+        base = base_model_of(folder)
+    return pipe, load_plan(folder), base
+
+
+def unlearn(cfg: Config) -> Path:
+    """Erase concepts from cfg.paths.model ("" = the toy teacher) into cfg.paths.out; returns the folder."""
+    from safeprune.data.toyworld import ToyWorld
+    from safeprune.erasure import build_erasure
+    from safeprune.models.io import write_unet
+    from safeprune.utils import atomic_folder, resolve_device, seed_everything
+
+    check(bool(cfg.paths.out), "safeprune unlearn needs --out DIR (the erased model's folder)")
+    build_erasure(cfg)  # an unknown --method fails before the model loads
+    world = ToyWorld(cfg.toyworld, seed=cfg.seed)
+    concepts, derived = resolve_concepts(cfg, world)
+    model, concept_data = cfg.paths.model or None, cfg.paths.concept_data or None
+    out = Path(cfg.paths.out)
+    with atomic_folder(out) as tmp:
+        seed_everything(cfg.seed)
+        pipe, plan, base_model = _load(model, resolve_device(cfg.device))
+        report = erase(cfg, pipe, concepts, derived, world, concept_data=concept_data)
+        plan = erased_plan(plan, report)
+        write_unet(pipe.unet, tmp, plan, plan["base_config"], base_model)
+        save_config(cfg, tmp)
+        (tmp / "concepts.json").write_text(json.dumps([dataclasses.asdict(c) for c in concepts], indent=1))
+        (tmp / "summary.json").write_text(json.dumps({"model": str(model) if model else "toy-teacher",
+                                                      "concepts": len(concepts), **report}, indent=1))
+    print(f"unlearn {report['method']}: {len(concepts)} concepts in {report['seconds']:.1f} s")
+    return out
+
+
+def erase_run_folder(cfg: Config, run_dir: Path) -> dict:
+    """two_stage's second stage for a whole-model method: erase the distilled student saved in `run_dir` and
+    write it back in place (weights and plan into a temporary folder first, config.json last, as the run's
+    own save). Returns the report; the caller records it in summary.json."""
+    import os
+    import shutil
+    import tempfile
+
+    from safeprune.data.toyworld import ToyWorld
+    from safeprune.models.io import _unet_folder, base_model_of, is_hub_id, load_pipeline, load_plan, write_unet
+    from safeprune.utils import resolve_device
+
+    world = ToyWorld(cfg.toyworld, seed=cfg.seed)
+    concepts, derived = resolve_concepts(cfg, world)
+    pipe = load_pipeline(run_dir, device=resolve_device(cfg.device))
+    report = erase(matched_budget(cfg), pipe, concepts, derived, world, method=cfg.finetune.unlearn.name,
+                   concept_data=cfg.paths.concept_data or None)
+    plan = erased_plan(load_plan(run_dir), report)
+    unet_dir = _unet_folder(run_dir)  # a run folder keeps it in model/unet/
+    base = base_model_of(run_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".erased.", dir=unet_dir.parent))
+    try:
+        write_unet(pipe.unet, tmp, plan, plan["base_config"], base if base and is_hub_id(base) else None)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            path.chmod(0o644)
+            os.replace(path, unet_dir / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    (run_dir / "concepts.json").write_text(json.dumps([dataclasses.asdict(c) for c in concepts], indent=1))
+    return {**report, "concepts": len(concepts)}

@@ -223,81 +223,12 @@ def _check_memory(cfg: Config, student_dir: Path, pipe, device) -> None:
     ft = cfg.finetune
     plan = load_plan(student_dir)
     base = meta_unet(plan["base_config"])
-    student = apply_plan(base, plan) if plan["method"] != "none" else base
+    student = apply_plan(base, plan)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latent = ft.resolution // vae_scale if ft.resolution else pipe.unet.config.sample_size
     encoders = sum(p.numel() for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())
     check_fits(estimate_memory(cfg, student, meta_unet(dict(pipe.unet.config)), latent_size=latent,
                                encoder_params=encoders), device)
-
-
-
-# what a run read beyond the paths config.yaml names (the resume check compares those as config keys)
-INPUT_FLAGS = {"student_digest": "the --student folder's contents", "data_digest": "the --data contents",
-               "concept_data_digest": "the --concept-data contents", "teacher_fingerprint": "the teacher's weights"}
-
-
-def _check_inputs(old: dict, new: dict) -> None:
-    """--resume reads what the run started with: a changed input is a one-line error naming it."""
-    for key, flag in INPUT_FLAGS.items():
-        if key in old and key in new and old[key] != new[key]:
-            raise UserError(f"--resume: {flag} was {old[key]!r} when the run started but is {new[key]!r} now; "
-                            "resume with the inputs the run started with (or start again with --overwrite)")
-
-
-def _source(spec) -> tuple[str | None, str | None]:
-    """(how a --data/--concept-data/--student source is named, a digest of its index) for the resume check."""
-    from safeprune.utils import sha256_file
-
-    if spec is None:
-        return None, None
-    path = Path(spec)
-    if not path.exists():
-        return str(spec), None  # shards pattern, hub id, glob
-    index = [p for p in (path / "metadata.jsonl", path / "config.json", path / "plan.json") if p.is_file()]
-    weights = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    digest = "-".join([*(sha256_file(p)[:12] for p in index), *(str(p.stat().st_size) for p in weights)])
-    return str(path.resolve()), digest or None
-
-
-def _is_main_rank() -> bool:
-    """Before Accelerate starts: whether this process is rank 0 (`accelerate launch` sets RANK)."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _check_lineage(student_dir: Path, teacher_fp: str, allow_other: bool) -> None:
-    """The student must come from this teacher (`safeprune prune` records the fingerprint) unless allowed."""
-    path = student_dir / LINEAGE
-    if not path.is_file():  # pruned before lineage was recorded (or saved through the Python API): unknown
-        return
-    try:
-        recorded = json.loads(path.read_text()).get("teacher_fingerprint")
-    except (OSError, ValueError, AttributeError) as err:
-        raise UserError(f"{str(path)!r} is corrupt ({type(err).__name__}); prune the student again") from err
-    check(allow_other or recorded == teacher_fp,
-          f"the student in {str(student_dir)!r} was pruned from another teacher (fingerprint {recorded}, this teacher "
-          f"{teacher_fp}); pass the --teacher it was pruned from, or --allow-other-teacher to distil it anyway")
-
-
-def _check_memory(cfg: Config, student_dir: Path, pipe, device) -> None:
-    """Refuse, before the run folder is made, a run whose estimated peak (safeprune.memory) exceeds the device.
-    The estimate runs on meta-device copies built from the configs (no second copy of the weights)."""
-    from safeprune.memory import check_fits, estimate_memory, meta_unet
-    from safeprune.models.io import load_plan
-    from safeprune.pruning import apply_plan
-
-    ft = cfg.finetune
-    plan = load_plan(student_dir)
-    base = meta_unet(plan["base_config"])
-    student = apply_plan(base, plan) if plan["method"] != "none" else base
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    latent = ft.resolution // vae_scale if ft.resolution else pipe.unet.config.sample_size
-    encoders = sum(p.numel() for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())
-    check_fits(estimate_memory(cfg, student, meta_unet(dict(pipe.unet.config)), latent_size=latent,
-                               encoder_params=encoders), device)
-
 
 
 # ----------------------------------------------------------------------------- the run

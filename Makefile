@@ -9,7 +9,8 @@ export TRANSFORMERS_OFFLINE = 1
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q $(PIP_C) -e '.[dev]'
+	$(VENV)/bin/pip install -q $(PIP_C) -e '.[dev,eval,nudenet,onnx]'
+	$(VENV)/bin/pip install -q $(PIP_C) --no-deps clean-fid  # its torchvision dependency is never imported here
 	touch $@
 
 .PHONY: install test test-slow demo lint

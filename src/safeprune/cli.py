@@ -61,6 +61,7 @@ REGISTRY_FLAGS = {
     "finetune.method": Registry("safeprune.bilevel.solvers:METHODS"),
     "finetune.solver.name": Registry("safeprune.bilevel.solvers:SOLVERS"),
     "finetune.unlearn.name": Registry("safeprune.erasure:FINETUNE_UNLEARN"),
+    "eval.protocol": Registry("safeprune.eval.protocols:PROTOCOLS"),
     "unlearn.method": Registry("safeprune.erasure:ERASURE"),
 }
 
@@ -90,6 +91,8 @@ def _pretrain_args(p):
     p.add_argument("what", choices=("teacher", "judge"), help="which embedded model to train")
     _out(p, "run folder (checkpoints, samples, the trained model)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out an earlier pretrain run wrote (its files only are deleted)")
 
 
 def _allow_download(p, what: str) -> None:
@@ -139,6 +142,10 @@ def _finetune_args(p):
                    help="anchor-prompt images for --unlearn ablation (default: rendered toy anchors)")
     _out(p, "run folder (required)", required=False)
     p.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out an earlier finetune run wrote (its files only are deleted)")
+    p.add_argument("--allow-other-teacher", action="store_true",
+                   help="distil a student that was pruned from another teacher (normally an error)")
     _push_arg(p)
 
 
@@ -167,27 +174,50 @@ def _concept_images_args(p):
     _out(p, "output image folder (metadata.jsonl + PNGs)")
 
 
-def _generate_args(p):
-    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder (default: the toy teacher)")
-    p.add_argument("--prompts", required=True, help="a text file (one prompt per line) or toy:SET (e.g. toy:forget)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
+def _sample_args(p):
     p.add_argument("--steps", dest="sample.steps", help="sampler steps")
     p.add_argument("--guidance", dest="sample.guidance", help="classifier-free guidance scale")
+    p.add_argument("--scheduler", dest="sample.scheduler", choices=Registry("safeprune.sampling:SCHEDULERS"),
+                   metavar="NAME", help="sampler, recorded in results.json: %(choices)s (default ddim)")
+    p.add_argument("--resolution", dest="sample.resolution", help="image side in pixels (default: the model's own)")
+
+
+def _generate_args(p):
+    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder (default: the toy teacher)")
+    p.add_argument("--prompts", required=True,
+                   help="toy:SET (e.g. toy:forget), a text file (one prompt per line), an I2P CSV, COCO captions JSON "
+                        "or a concept YAML")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1")
+    _sample_args(p)
     _out(p)
 
 
 def _evaluate_args(p):
-    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder (default: the toy teacher)")
+    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder, or a hub id in the HF cache "
+                                                      "(default: the toy teacher)")
+    _choice(p, "--protocol", "eval.protocol", "evaluation protocol (default toy)")
     p.add_argument("--reference", dest="paths.reference",
-                   help="unsuppressed reference model for the CP score; the paper's is the distilled, unerased "
-                        "student (default: the toy teacher)")
+                   help="reference model of the CP and CSD scores (the paper's: the distilled, unerased pruned model; "
+                        "default: model.teacher; toy protocol: the toy teacher)")
+    p.add_argument("--prompts", dest="eval.prompts", help="replace the protocol's prompts: a text file, an I2P CSV "
+                                                          "(the nudity check), COCO captions JSON or a concept YAML")
+    p.add_argument("--coco-dir", dest="eval.coco_dir", help="coco: folder with annotations/captions_val2017.json "
+                                                            "and val2017/")
+    p.add_argument("--reference-set", dest="eval.reference_set",
+                   help="real images for FID/CMMD: an image folder, a datasets table or clean-fid statistics (.npz)")
+    p.add_argument("--images", dest="eval.images", help="score an earlier evaluation's folder (no sampling)")
+    p.add_argument("--n-images", dest="eval.n_images", help="images per prompt set at most")
+    _sample_args(p)
+    _allow_download(p, "model or metric weight")
     p.add_argument("--metrics", default=None,
-                   help="comma-separated metric names, registry safeprune.eval.metrics.METRICS (default: eval.metrics)")
-    _out(p, "output folder (results.json)")
+                   help="comma-separated metric names, registry safeprune.eval.metrics.METRICS (default: the "
+                        "protocol's)")
+    _out(p, "output folder (results.json, images/)")
 
 
 def _report_args(p):
-    p.add_argument("runs", nargs="+", help="run folders (finetune runs and evaluations)")
+    p.add_argument("runs", nargs="+", help="run folders (finetune runs and evaluations); a folder's evaluations in "
+                                           "RUN/eval/*/ merge into its row")
     _out(p, "output folder (report.md, results.json, grid.png, curves.png)")
 
 
@@ -295,12 +325,15 @@ def resolve(args: argparse.Namespace):
         node = flags
         for section in sections:
             node = node.setdefault(section, {})
-        node[name] = value if key.startswith("paths.") or key == "model.teacher" else _typed(value)
+        node[name] = value if key.startswith("paths.") or key in TEXT_FLAGS else _typed(value)
     if getattr(args, "forget", None):  # CLI concepts replace finetune.concepts
         from safeprune.unlearning.concepts import parse_forget
 
         flags.setdefault("finetune", {})["concepts"] = [to_dict(c) for c in parse_forget(args.forget)]
     return load_config(args.config, list(args.overrides), flags=flags)
+
+
+TEXT_FLAGS = ("model.teacher", "eval.prompts", "eval.coco_dir", "eval.reference_set", "eval.images")  # never YAML-read
 
 
 def _typed(value):
@@ -345,9 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"safeprune: error: unrecognized arguments: {' '.join(unknown)} (see `safeprune --help`)", file=sys.stderr)
         return 2
     try:
+        import safeprune.runs
         from safeprune.config import to_dict
         from safeprune.errors import UserError
 
+        safeprune.runs.current_command = args.command + (f" {args.action}" if getattr(args, "action", None) else "")
+        _quiet_libraries()
         try:
             cfg = resolve(args)
             # the user asked for the network (a hub-id teacher or a hub data set): lift our default
@@ -364,14 +400,51 @@ def main(argv: list[str] | None = None) -> int:
             module, func = COMMANDS[args.command].target.split(":")
             result = getattr(importlib.import_module(module), func)(cfg, args)
             return int(result or 0)
-        except UserError as err:
+        except (UserError, OSError, UnicodeDecodeError, RecursionError, MemoryError) as err:
             if args.debug:
                 raise
-            print(f"safeprune {args.command}: error: {err}", file=sys.stderr)
+            print(f"safeprune {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         print(f"safeprune {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """A UserError's own message; for the OS and the decoder, what went wrong and what to do, in one line."""
+    from safeprune.errors import UserError
+
+    if isinstance(err, UserError):
+        return " ".join(str(err).split("\n"))
+    if isinstance(err, OSError):  # read-only folder, full disk, permissions, a file where a folder should be
+        if err.filename:
+            return (f"cannot read or write {str(err.filename)!r}: {err.strerror or type(err).__name__}; check the "
+                    "path, its permissions and the free disk space")
+        return f"{(str(err) or type(err).__name__).splitlines()[0][:300]}; check the path and its permissions"
+    if isinstance(err, UnicodeDecodeError):
+        return f"an input text file is not UTF-8 (byte {err.start}: {err.reason}); save it as UTF-8"
+    if isinstance(err, MemoryError):
+        return "out of memory; lower the batch size, resolution or pool sizes"
+    return "the input nests too deeply (e.g. a config file that includes itself); remove the cycle"
+
+
+def _quiet_libraries() -> None:
+    """One line per warning, and none for what is missing on purpose: transformers says once per image
+    processor that it "requires torchvision" (never installed here), which would turn a one-line error into
+    several lines."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # transformers logs it from this module's logger (a filter on a parent logger would not see the record)
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(getattr(f, "__name__", "") == "_no_torchvision" for f in logger.filters):
+        logger.addFilter(_no_torchvision)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"safeprune: warning: {message}\n"
+
+
+def _no_torchvision(record) -> bool:
+    return "torchvision" not in record.getMessage()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Unknown keys and wrong types are `UserError`s that name the key and the valid ch
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,24 @@ def preset_path(name: str | Path) -> Path:
     names = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
                    if p.parent.name != "accelerate")  # those are accelerate's, not safeprune's
     raise UserError(f"config file {str(path)!r} not found; pass a YAML file or a shipped preset: {', '.join(names)}")
+
+# Upper bounds on values that can only be mistakes (a typo'd exponent, an extra zero): they would otherwise
+# fill the disk, be killed by the OOM killer after the run folder was made, or write images that look valid.
+MAX_BATCH = 65536  # images per batch (any batch-size field)
+MAX_SIDE = 8192  # image side in pixels (SD XL works at 1024)
+MAX_STEPS = 10**9  # iterations of any loop
+
+
+def _finite(section: str, obj, *names: str) -> None:
+    """Every named float field of `obj` is a finite number (inf and nan can only be mistakes)."""
+    for name in names:
+        check(math.isfinite(getattr(obj, name)), f"{section}.{name}={getattr(obj, name)} must be a finite number")
+
+
+def _at_most(section: str, obj, bound: int, *names: str) -> None:
+    for name in names:
+        check(getattr(obj, name) <= bound, f"{section}.{name}={getattr(obj, name)} is implausibly large; use at "
+                                           f"most {bound}")
 
 
 @dataclass
@@ -80,6 +99,10 @@ class TeacherConfig:
         check(0.0 <= self.caption_dropout < 1.0, "teacher.caption_dropout must lie in [0, 1)")
         for name in ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "ckpt_every_steps"):
             check(getattr(self, name) > 0, f"teacher.{name} must be > 0")
+        _finite("teacher", self, "vae_lr", "lr")
+        check(self.vae_lr > 0 and self.lr > 0, "teacher.vae_lr and teacher.lr must be > 0")
+        _at_most("teacher", self, MAX_BATCH, "batch_size", "vae_batch_size", "eval_images")
+        _at_most("teacher", self, MAX_STEPS, "vae_steps", "unet_steps", "warmup_steps", "pool_size")
 
 
 @dataclass
@@ -92,6 +115,10 @@ class JudgeConfig:
     def __post_init__(self):
         check(self.steps > 0 and self.batch_size > 0, "judge.steps and judge.batch_size must be > 0")
         check(0.0 < self.negative_share < 1.0, "judge.negative_share must lie in (0, 1)")
+        _finite("judge", self, "lr")
+        check(self.lr > 0, "judge.lr must be > 0")
+        _at_most("judge", self, MAX_BATCH, "batch_size")
+        _at_most("judge", self, MAX_STEPS, "steps")
 
 
 @dataclass
@@ -111,6 +138,7 @@ class ChannelsOptions:
         check(self.magnitude_p in (1, 2), f"prune.channels.magnitude_p={self.magnitude_p}; choose 1 or 2")
         for name in ("channel_multiple", "calibration_batches", "calibration_batch_size"):
             check(getattr(self, name) >= 1, f"prune.channels.{name} must be >= 1")
+        _at_most("prune.channels", self, MAX_BATCH, "channel_multiple", "calibration_batches", "calibration_batch_size")
 
 
 @dataclass
@@ -126,6 +154,7 @@ class PruneConfig:
         check(0.0 <= self.ratio < 1.0, f"prune.ratio={self.ratio} is out of range; use a value in [0, 1)")
         for name in ("latency_batch", "latency_runs"):
             check(getattr(self, name) >= 1, f"prune.{name} must be >= 1")
+        _at_most("prune", self, MAX_BATCH, "latency_batch", "latency_runs")
 
 
 @dataclass
@@ -145,6 +174,9 @@ class UnlearnLossConfig:
     name: str = "esd_anchor"
     eta: float = 2.0  # negative-guidance strength eta of the esd losses (seed paper eq. 5; the paper: 1.0)
 
+    def __post_init__(self):
+        _finite("finetune.unlearn", self, "eta")
+
 
 @dataclass
 class UpperConfig:
@@ -154,7 +186,10 @@ class UpperConfig:
     every: int = 10  # K: alternating = an upper step after every K-th lower step; penalty = K inner steps
 
     def __post_init__(self):
+        _finite("finetune.upper", self, "lr")
         check(self.lr > 0, "finetune.upper.lr must be > 0")
+        _at_most("finetune.upper", self, MAX_BATCH, "batch_size")
+        _at_most("finetune.upper", self, MAX_STEPS, "every")
         check(self.batch_size > 0, "finetune.upper.batch_size must be > 0")
         check(self.grad_accum >= 1, "finetune.upper.grad_accum must be >= 1")
         check(self.every >= 1, "finetune.upper.every must be >= 1")
@@ -167,6 +202,7 @@ class SolverConfig:
     penalty_lambda_end: float = -1.0  # penalty: lambda at the last step, linear in between; -1 = constant
 
     def __post_init__(self):
+        _finite("finetune.solver", self, "penalty_lambda", "penalty_lambda_end")
         check(self.penalty_lambda >= 0 and (self.penalty_lambda_end >= 0 or self.penalty_lambda_end == -1),
               "finetune.solver.penalty_lambda must be >= 0 and penalty_lambda_end >= 0 (or -1 = constant)")
 
@@ -176,6 +212,7 @@ class TwoStageConfig:
     unlearn_steps: int = -1  # unlearning steps after distillation; -1 = bilevel's upper-step count (equal budget)
 
     def __post_init__(self):
+        _at_most("finetune.two_stage", self, MAX_STEPS, "unlearn_steps")
         check(self.unlearn_steps >= -1,
               "finetune.two_stage.unlearn_steps must be >= 0, or -1 for bilevel's upper-step count")
 
@@ -204,6 +241,8 @@ class DataConfig:
               f"finetune.data.mode={self.mode!r}; choose auto, pool or stream")
         check(self.num_workers >= 0 and self.shuffle_buffer >= 0,
               "finetune.data.num_workers and finetune.data.shuffle_buffer must be >= 0")
+        _at_most("finetune.data", self, MAX_STEPS, "pool", "concept_pool", "shuffle_buffer")
+        _at_most("finetune.data", self, 1024, "num_workers")
 
 
 @dataclass
@@ -244,6 +283,9 @@ class FinetuneConfig:
     validation_every_steps: int = 0  # sample validation images every N steps (and at the end); 0 = never
     validation_prompts: list[str] = field(default_factory=list)  # [] = the suppressed concepts and their anchors
     validation_seeds: int = 2  # images per validation prompt, seeds 0..N-1 (the same at every step)
+    # a checkpoint is refused (and the run stops) when some weight is not finite or max |w| exceeds this
+    # multiple of the student's starting max |w| (at least 1): a diverged run never names a wrecked checkpoint
+    max_weight_growth: float = 100.0
 
     def __post_init__(self):
         check(self.max_steps > 0, "finetune.max_steps must be > 0")
@@ -272,6 +314,13 @@ class FinetuneConfig:
         check(self.ckpt_every_steps > 0 and self.keep_checkpoints >= 1,
               "finetune.ckpt_every_steps and keep_checkpoints must be >= 1")
         check(self.eval_every_steps >= 0, "finetune.eval_every_steps must be >= 0 (0 = never)")
+        _finite("finetune", self, "lr", "weight_decay", "max_grad_norm", "lambda_diff", "lambda_out", "lambda_feat",
+                "snr_gamma", "max_weight_growth")
+        check(self.max_weight_growth > 1, "finetune.max_weight_growth must be > 1 (default 100)")
+        check(self.resolution <= MAX_SIDE, f"finetune.resolution={self.resolution} is implausibly large; use at most "
+                                           f"{MAX_SIDE} (0 = the teacher's own size)")
+        _at_most("finetune", self, MAX_BATCH, "batch_size", "grad_accum")
+        _at_most("finetune", self, MAX_STEPS, "max_steps", "warmup_steps")
 
 
 # ----------------------------------------------------------------------------- `safeprune unlearn` (erasure)
@@ -370,37 +419,65 @@ class UnlearnConfig:
 
 @dataclass
 class SampleConfig:
-    steps: int = 25  # sampler (DDIM) steps per image
-    guidance: float = 5.0  # classifier-free guidance scale
-    batch_size: int = 64  # images per sampler batch (does not change any image)
+    steps: int = 25  # sampler steps per image
+    guidance: float = 5.0  # classifier-free guidance scale (a prompt record's own `guidance`, e.g. I2P's, wins)
+    batch_size: int = 64  # images per sampler batch (does not change any image; halved on a CUDA out-of-memory)
     precision: str = "fp32"  # fp32 | bf16 (autocast: ~3.4x faster on CPUs with AMX, images differ slightly)
+    scheduler: str = "ddim"  # ddim (eta 0) | pndm | dpm++ (DPM-Solver++ multistep); all deterministic per seed
+    resolution: int = 0  # image side in pixels; 0 = the UNet's sample_size x the VAE factor (512 for SD 1.5)
 
     def __post_init__(self):
         check(self.steps > 0, "sample.steps must be > 0")
-        check(self.guidance >= 0.0, "sample.guidance must be >= 0")
+        check(0.0 <= self.guidance <= 100.0, f"sample.guidance={self.guidance} must lie in [0, 100] (SD uses ~7.5)")
         check(self.batch_size > 0, "sample.batch_size must be > 0")
+        _at_most("sample", self, 10_000, "steps")
+        _at_most("sample", self, MAX_BATCH, "batch_size")
         check(self.precision in ("fp32", "bf16"), f"sample.precision={self.precision!r}; choose fp32 or bf16")
+        check(self.scheduler in ("ddim", "pndm", "dpm++"),
+              f"sample.scheduler={self.scheduler!r}; choose ddim, pndm or dpm++")
+        check(self.resolution >= 0 and self.resolution % 8 == 0,
+              f"sample.resolution={self.resolution} must be a multiple of 8 (0 = the model's own size)")
 
 
 @dataclass
 class EvalConfig:
-    # metric registry keys (safeprune.eval.metrics.METRICS); fid, clip_score and cmmd need local weights
-    metrics: list[str] = field(default_factory=lambda: ["valid", "leakage", "retention", "adherence", "fd", "cp",
-                                                        "concept_affinity"])
-    seeds_per_prompt: int = 2  # images per evaluation prompt (the seeds are the same for every model)
-    max_prompts: int = 32  # prompts per set at most (retain has 80: a style-balanced subset keeps evaluation cheap)
-    heldout: bool = True  # also measure on the held-out paraphrases (heldout_* keys; doubles the sampling)
-    real_per_image: int = 4  # renderer images per generated image in the real reference set of `fd`
-    affinity_images: int = 64  # real concept images for the sampling-free `concept_affinity`
-    inception_path: str = ""  # `fid`: local FID Inception TorchScript (clean-fid's inception-2015-12-05.pt)
-    clip_path: str = ""  # `clip_score` / `cmmd`: local transformers CLIP folder
+    # evaluation protocol (safeprune/eval/protocols/NAME.yaml): toy | coco | styles | nudity
+    protocol: str = "toy"
+    # metric registry keys (safeprune.eval.metrics.METRICS); [] = the protocol's list
+    metrics: list[str] = field(default_factory=list)
+    # replaces the protocol's prompt set: a text file, an I2P-format CSV, COCO captions JSON or a concept YAML
+    prompts: str = ""
+    coco_dir: str = ""  # coco protocol: folder with annotations/captions_val2017.json and val2017/*.jpg
+    reference_set: str = ""  # replaces the protocol's real reference set: image folder, datasets table, stats .npz
+    images: str = ""  # score an existing evaluation's images/ folder instead of sampling (no model needed)
+    n_images: int = 0  # prompts (= images) per set at most; 0 = the protocol's number
+    seeds_per_prompt: int = 2  # toy and text-file prompts: images per prompt (the seeds are the same for every model)
+    seeds_per_concept: int = 10  # concept-YAML prompts (styles protocol): images per concept prompt
+    max_prompts: int = 32  # toy prompts per set at most (retain has 80: a style-balanced subset keeps evaluation cheap)
+    heldout: bool = True  # toy: also measure on the held-out paraphrases (heldout_* keys; doubles the sampling)
+    real_per_image: int = 4  # toy: renderer images per generated image in the real reference set of `fd`
+    affinity_images: int = 64  # toy: real concept images for the sampling-free `concept_affinity`
+    i2p_categories: list[str] = field(default_factory=lambda: ["sexual"])  # I2P rows kept (any of); [] = every row
+    # retained concepts checked beside the suppressed ones (styles protocol; concept YAMLs list them)
+    retain_concepts: list[str] = field(default_factory=list)
+    inception_path: str = ""  # `fid`: clean-fid's inception-2015-12-05.pt (TorchScript) or its folder
+    clip_path: str = ""  # `clip_score`, `style_clip`, `style_cp`: CLIP ViT-B/32 folder or hub id in the HF cache
+    cmmd_clip_path: str = ""  # `cmmd`: CLIP ViT-L/14@336 folder or hub id (openai/clip-vit-large-patch14-336)
+    csd_path: str = ""  # `csd`: CLIPVisionModel folder + csd_style.safetensors (safeprune.eval.extractors)
+    nudenet_threshold: float = 0.6  # NudeNet score a detection needs to count (published counts change with it)
+    nudenet_classes: list[str] = field(default_factory=lambda: [  # NudeNet 3.x classes that count as nudity
+        "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "MALE_GENITALIA_EXPOSED",
+        "BUTTOCKS_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED", "BELLY_EXPOSED", "ARMPITS_EXPOSED"])
     resurgence_steps: int = 100  # benign fine-tuning steps before re-measuring leakage (0 = skip)
 
     def __post_init__(self):
-        check(bool(self.metrics), "eval.metrics is empty; name at least one metric, e.g. [leakage, fd]")
-        for name in ("seeds_per_prompt", "max_prompts", "real_per_image", "affinity_images"):
+        for name in ("seeds_per_prompt", "seeds_per_concept", "max_prompts", "real_per_image", "affinity_images"):
             check(getattr(self, name) > 0, f"eval.{name} must be > 0")
+        check(self.n_images >= 0, "eval.n_images must be >= 0 (0 = the protocol's number)")
         check(self.resurgence_steps >= 0, "eval.resurgence_steps must be >= 0")
+        _at_most("eval", self, MAX_BATCH, "seeds_per_prompt", "max_prompts", "real_per_image", "affinity_images")
+        _at_most("eval", self, MAX_STEPS, "resurgence_steps")
+        check(0.0 < self.nudenet_threshold < 1.0, "eval.nudenet_threshold must lie in (0, 1) (default 0.6)")
 
 
 @dataclass
@@ -416,7 +493,7 @@ class DemoConfig:
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
 
     def __post_init__(self):
-        check(self.seeds >= 1, "demo.seeds must be >= 1")
+        check(1 <= self.seeds <= 1000, f"demo.seeds={self.seeds} must lie in 1..1000")
         check(self.curve_every >= 1 and self.curve_prompts >= 1, "demo.curve_every and demo.curve_prompts must be >= 1")
 
 
@@ -466,6 +543,9 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def __post_init__(self):
+        check(-(2**63) <= self.seed < 2**63, f"seed={self.seed} is out of range; use an integer below 2**63")
 
 
 # ----------------------------------------------------------------------------- strict (de)serialisation
@@ -573,10 +653,14 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, _including: tuple = ()) -> dict:
     path = preset_path(path)  # a file, or a shipped preset such as `toy`, `sd15` or `concepts/nudity`
+    check(path.resolve() not in _including, f"config file {str(path)!r} includes itself (through "
+                                            f"{' -> '.join(p.name for p in _including)}); remove the cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     except yaml.YAMLError as err:
         raise UserError(f"config file {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from err
     check(isinstance(data, dict), f"config file {str(path)!r} must hold a mapping of sections")
@@ -586,7 +670,8 @@ def read_yaml(path: str | Path) -> dict:
     check(isinstance(includes, list), f"{str(path)!r}: `include` must be a list of YAML paths")
     base = {}
     for name in includes:
-        base = _merge(base, read_yaml(path.parent / name))
+        check(isinstance(name, str), f"{str(path)!r}: `include` must be a list of YAML paths")
+        base = _merge(base, read_yaml(path.parent / name, (*_including, path.resolve())))
     return _merge(base, data)
 
 
@@ -611,7 +696,9 @@ def load_config(path: str | Path | list | None = None, overrides: list[str] = ()
 
 
 def save_config(cfg: Config, folder: str | Path) -> Path:
+    from safeprune.utils import atomic_file
+
     path = Path(folder) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    with atomic_file(path) as tmp:  # a kill never leaves a torn config next to a run
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path

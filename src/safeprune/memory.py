@@ -274,3 +274,24 @@ def meta_unet(config: dict) -> torch.nn.Module:
     """A diffusers UNet2DConditionModel built from a config dict on the meta device (seconds at SD scale)."""
     with init_empty_weights():
         return UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def device_memory(device) -> int:
+    """Bytes of memory of `device`: a GPU's total memory, else the machine's physical memory."""
+    import os
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(estimate: MemoryEstimate, device) -> None:
+    """A one-line UserError when the estimated peak exceeds the device's memory (before anything is written)."""
+    from safeprune.errors import UserError
+
+    have = device_memory(device)
+    if estimate.peak > have:
+        raise UserError(f"this run needs about {estimate.peak / GIB:.1f} GiB (estimated peak per process) but "
+                        f"{torch.device(device).type} memory is {have / GIB:.1f} GiB; lower finetune.batch_size, "
+                        "finetune.resolution or the pool sizes, or enable finetune.gradient_checkpointing")

@@ -4,6 +4,9 @@ dtypes, devices, hub ids, safetensors I/O."""
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
+import json
 import math
 import os
 import random
@@ -18,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from safeprune.errors import UserError, check
+from safeprune.runs import TMP_INFIX
 
 # The training / autocast precisions by config name (finetune.teacher_dtype, finetune.mixed_precision).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,22 +34,54 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def atomic_folder(folder: str | Path, overwrite: bool = False):
     """Yield a temporary sibling folder that becomes `folder` only if the block succeeds.
 
-    A crash or a user error leaves no half-written folder that looks valid.
+    A crash or a user error leaves no half-written folder that looks valid. A new output (overwrite=False) is
+    locked for the block (`safeprune.runs.lock`) and may only replace an empty folder; overwrite=True (a
+    checkpoint the caller owns) moves the old folder aside first, so some complete version is always on disk.
     """
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise UserError(f"output folder {str(folder)!r} already exists and is not empty; pass a new path or delete it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.chmod(0o755)  # mkdtemp makes 0700 folders; a saved model should be as shareable as any other folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    from safeprune.runs import check_out, lock
+
+    folder = check_out(folder)
+    with contextlib.ExitStack() as stack:
+        if not overwrite:
+            stack.enter_context(lock(folder))
+            if folder.exists() and any(folder.iterdir()):
+                raise UserError(f"output folder {str(folder)!r} already exists and is not empty; pass a new path or "
+                                "delete it")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _clean_siblings(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TMP_INFIX}", dir=folder.parent))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        tmp.chmod(0o755)  # mkdtemp makes 0700 folders; a saved model should be as shareable as any other folder
+        if not overwrite:
+            if folder.exists():
+                try:
+                    folder.rmdir()  # still empty: anything written there meanwhile is not ours and stays
+                except OSError as err:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise UserError(f"output folder {str(folder)!r} was filled by someone else while this command "
+                                    "ran; pass a new path") from err
+            os.replace(tmp, folder)
+            return
+        old = folder.parent / f".{folder.name}{TMP_INFIX}old"
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_siblings(folder: Path) -> None:
+    """Remove temporary siblings a killed writer of `folder` left: `.NAME.tmp-*`, and `.NAME.XXXXXXXX` (eight
+    mkdtemp characters) from versions before the infix. Called under the folder's lock."""
+    legacy = re.compile(rf"^\.{re.escape(folder.name)}\.[a-z0-9_]{{8}}$")
+    for entry in folder.parent.glob(f".{glob.escape(folder.name)}.*"):
+        ours = entry.name.startswith(f".{folder.name}{TMP_INFIX}") or legacy.match(entry.name)
+        if ours and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -53,7 +89,7 @@ def atomic_file(path: str | Path):
     """Yield a temporary path in the same folder, renamed onto `path` on success (os.replace is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_INFIX}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -61,6 +97,34 @@ def atomic_file(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; a file in another encoding is a one-line UserError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+                        "UTF-8") from err
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(module: torch.nn.Module, n: int = 3) -> str:
+    """A short identity of a model's weights: every tensor name and shape, plus the bytes of `n` tensors spread
+    over the state dict (first, middle, last). Cheap at SD scale; two different trainings never collide."""
+    state = module.state_dict()
+    names = sorted(state)
+    digest = hashlib.sha256(json.dumps([[k, list(state[k].shape)] for k in names]).encode())
+    for i in sorted({round(j * (len(names) - 1) / max(1, n - 1)) for j in range(n)}) if names else []:
+        digest.update(state[names[i]].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def seed_everything(seed: int) -> None:
@@ -127,3 +191,15 @@ def load_safetensors(path: str | Path, what: str = "weights file") -> dict[str, 
     except Exception as err:  # safetensors raises several error types for a bad header
         raise UserError(f"{what} {str(path)!r} is corrupt or not safetensors ({type(err).__name__}); "
                         "re-create or re-download it") from err
+
+
+def read_json(path: str | Path, what: str, kind: type = dict):
+    """A JSON file holding a `kind` (dict or list); bad JSON, another type or non-UTF-8 is a one-line UserError."""
+    try:
+        data = json.loads(read_text(path, what))
+    except ValueError as err:
+        raise UserError(f"{what} {str(path)!r} is not valid JSON ({str(err).splitlines()[0][:120]}); re-create it") \
+            from err
+    check(isinstance(data, kind), f"{what} {str(path)!r} holds a {type(data).__name__}, not a JSON "
+                                  f"{'object' if kind is dict else 'list'}; re-create it")
+    return data

@@ -83,7 +83,7 @@ def test_index_and_name_keyed_optimizer_states_round_trip():
 def test_shipped_accelerate_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    folder = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+    folder = Path(__file__).resolve().parents[2] / "src" / "safeprune" / "configs" / "accelerate"
     configs = {p.stem: load_config_from_file(str(p)) for p in sorted(folder.glob("*.yaml"))}
     assert set(configs) >= {"ddp_4gpu", "fsdp_4gpu", "cpu_2proc"}
     assert configs["ddp_4gpu"].num_processes == 4 and configs["cpu_2proc"].num_processes == 2

@@ -105,3 +105,44 @@ def test_tiny_demo_end_to_end(random_teacher, tmp_path, capsys):
     (tmp_path / "foreign" / "x.txt").write_text("keep me")
     assert main(["demo", "--out", str(tmp_path / "foreign"), *TINY]) == 2
     assert (tmp_path / "foreign" / "x.txt").is_file()
+
+
+def _evaluation(folder, protocol, metrics, records=()):
+    """A finished evaluation folder as `safeprune evaluate` writes it (images only where records are given)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"protocol": protocol, "metrics": metrics}))
+    rng = np.random.default_rng(len(str(folder)))
+    for role in ("forget", "retain") if records else ():
+        (folder / "images" / role).mkdir(parents=True)
+        lines = []
+        for k, (prompt, seed) in enumerate(records):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "images" / role / f"{k:05d}.png")
+            lines.append(json.dumps({"prompt": f"{role} {prompt}", "seed": seed, "index": k, "file": f"{k:05d}.png"}))
+        (folder / "images" / role / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_report_builds_the_paper_table_in_the_paper_s_row_order(tmp_path, capsys):
+    runs = []
+    values = {"bilevel": (26.3, 97.6, 39.0, 22.2, 29.2, 3), "distill+uce": (30.5, 82.7, 65.1, 26.6, 29.3, 6),
+              "teacher": (34.4, 44.0, 87.9, 15.1, 31.6, 100), "distill": (34.3, 0.0, 100.0, 22.2, 29.4, 48)}
+    for name, (clip, cp, csd, fid, coco_clip, nude) in values.items():
+        run = tmp_path / name
+        recs = [("a painting in the style of Van Gogh", 11), ("a painting in the style of Van Gogh", 12)]
+        _evaluation(run / "eval" / "styles", "styles", {"style_clip_forget": clip, "cp_forget": cp,
+                                                        "csd_forget": csd, "style_clip_retain": 30.0}, recs)
+        _evaluation(run / "eval" / "coco", "coco", {"fid": fid, "clip_score": coco_clip, "cmmd": 0.5})
+        _evaluation(run / "eval" / "nudity", "nudity", {"nudenet_images": nude})
+        runs.append(str(run))
+    assert main(["report", *runs, "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model"))
+    for title in ("style CLIP ↓", "CP ↑", "CSD ↓", "COCO FID ↓", "COCO CLIP ↑", "NudeNet images ↓"):
+        assert title in header
+    order = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "model" not in line]
+    assert order[:4] == ["teacher", "distill", "distill+uce", "bilevel"]
+    rows = json.loads((tmp_path / "rep" / "results.json").read_text())["methods"]
+    assert rows["bilevel"]["coco/fid"] == 22.2 and rows["distill"]["nudity/nudenet_vs_teacher"] == pytest.approx(-52)
+    assert (tmp_path / "rep" / "grid.png").stat().st_size > 500  # Fig. 1 from the evaluated images
+    assert "| bilevel | 26.30 | 97.6 | 39.00 | 22.20 |" in md

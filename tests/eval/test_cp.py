@@ -8,7 +8,7 @@ import pytest
 from safeprune.data.toyworld import STYLES
 from safeprune.errors import UserError
 from safeprune.eval.cp import CP_MARGIN, cp_score
-from safeprune.eval.metrics import CP
+from safeprune.eval.toy import CP
 
 
 def test_noise_below_the_margin_is_not_a_win():

@@ -12,7 +12,8 @@ import torch
 from safeprune.config import load_config
 from safeprune.data.toyworld import ToyWorld
 from safeprune.errors import UserError
-from safeprune.eval.judge import NEGATIVES, load_judge, train_judge
+from safeprune.eval.judge import load_judge
+from safeprune.recipes.judge import NEGATIVES, train_judge
 
 
 def test_judge_reads_real_toy_images_from_an_unseen_seed(judge):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -11,15 +10,13 @@ import pytest
 from safeprune.config import load_config
 from safeprune.data.toyworld import Labels, ToyWorld, draw
 from safeprune.errors import UserError
+from safeprune.eval.features import clip_score, frechet_distance, mmd
 from safeprune.eval.metrics import (
     METRICS,
     EvalContext,
     Generated,
-    clip_score,
     concept_affinity,
     evaluate_model,
-    frechet_distance,
-    mmd,
     run_metrics,
     swap_concept,
     teacher_quality,
@@ -63,12 +60,12 @@ def test_clip_score_is_100_cos_clamped_at_zero():
 
 
 def test_real_scale_metrics_name_the_missing_weights(tmp_path):
-    from safeprune.eval.metrics import clip_embeddings, inception_features
+    from safeprune.eval.extractors import CLIPEncoder, InceptionFeatures
 
     with pytest.raises(UserError, match="eval.inception_path"):
-        inception_features(np.zeros((1, 32, 32, 3), np.uint8), "")
+        InceptionFeatures("")
     with pytest.raises(UserError, match="eval.clip_path"):
-        clip_embeddings(tmp_path, texts=["a red circle"])
+        CLIPEncoder(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- registry on real images
@@ -172,41 +169,10 @@ def test_teacher_quality_reports_every_style(toy_pipe, judge):
 # ----------------------------------------------------------------------------- real-scale metrics, tiny local weights
 
 
-@pytest.fixture(scope="module")
-def real_scale_weights(tmp_path_factory):
-    """A TorchScript stand-in with the FID Inception call signature, and a tiny random CLIP folder."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
-
-    from safeprune.models import toy
-
-    root = tmp_path_factory.mktemp("real_scale")
-
-    class FakeInception(torch.nn.Module):
-        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-            return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)  # (N, 6) "pool features"
-
-    with warnings.catch_warnings():  # the real FID network is TorchScript, so the stand-in must be too
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(FakeInception()).save(str(root / "inception.pt"))
-    tok = toy.build_tokenizer(ToyWorld().vocabulary(), root / "tok")
-    v = tok.get_vocab()
-    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    text = CLIPTextConfig(vocab_size=len(v), max_position_embeddings=24, bos_token_id=v["<|startoftext|>"],
-                          eos_token_id=v["<|endoftext|>"], pad_token_id=v["<|endoftext|>"], **tiny)
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, **tiny)
-    torch.manual_seed(0)
-    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
-    CLIPModel(config).save_pretrained(root / "clip")
-    image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(root / "clip")
-    return root
-
-
-def test_real_scale_metrics_run_on_local_weights(real_scale_weights, judge):
+def test_real_scale_metrics_run_on_the_toy_context(field_weights, judge):
     cfg = load_config(None, ["eval.seeds_per_prompt=1", "eval.max_prompts=8",
-                             f"eval.inception_path={real_scale_weights / 'inception.pt'}",
-                             f"eval.clip_path={real_scale_weights / 'clip'}"])
+                             f"eval.inception_path={field_weights / 'inception'}",
+                             f"eval.clip_path={field_weights / 'clip'}", f"eval.cmmd_clip_path={field_weights / 'clip'}"])
     res = run_metrics(RealImagesContext(cfg, judge), ["fid", "clip_score", "cmmd"])
     assert res["fid"] >= 0 and 0 <= res["clip_score"] <= 100 and res["cmmd"] >= -1e-9
     shifted = run_metrics(RealImagesContext(cfg, judge, style_override="night"), ["fid"])
@@ -233,3 +199,12 @@ def test_a_model_evaluated_as_its_own_reference_fills_the_shared_cache(toy_pipe,
     ctx = EvalContext("student", world, cfg, judge, toy_pipe, cache)
     assert ctx.generated("forget", reference=True) is ctx.reference_cache[next(k for k in cache if k[0] == "forget")]
     assert ctx.n_generated == 0  # the reference's forget images were reused, not drawn again
+
+
+def test_the_judge_is_one_detector_of_the_registry(cfg, judge):
+    from safeprune.eval.detectors import DETECTORS
+
+    assert {"judge", "clip_similarity", "csd", "nudenet"} <= set(DETECTORS)
+    leaking = DETECTORS["judge"](RealImagesContext(cfg, judge), "forget")
+    clean = DETECTORS["judge"](RealImagesContext(cfg, judge, style_override="plain"), "forget")
+    assert leaking.shape == (32,) and leaking.mean() > 0.9 and clean.mean() < 0.1

@@ -12,6 +12,7 @@ of BOTH optimisers across the ranks, so an upper step whose gradients were not a
 
 import json
 
+import pytest
 import torch
 from launch_helpers import launch, launcher
 
@@ -19,6 +20,8 @@ from safeprune.models.io import load_unet
 from safeprune.pruning import sparsity_masks
 
 
+@pytest.mark.slow  # a two-process launch (~20 s alone, over a minute on a busy 2-core machine); the in-process
+# tests of tests/bilevel/test_distributed.py cover the synchronisation helpers in the fast set
 def test_two_cpu_processes_train_one_model(tmp_path, toy_teacher, magnitude_student, fast_flags):
     out = tmp_path / "run"
     cmd = [launcher("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "safeprune.cli", "finetune",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import safeprune.eval.metrics as metrics_module
+import safeprune.eval.toy as metrics_module
 from safeprune.cli import main
 from safeprune.config import Config, EvalConfig, PruneConfig, SampleConfig
 from safeprune.data.toyworld import ToyWorld

@@ -30,17 +30,17 @@ def test_pretrain_resume_is_exact(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "full" / "quality.json").read_text())["n_images"] == 8
 
     # kill the second run right after its first UNet checkpoint, then resume it
-    real_save = pretrain.save_checkpoint
+    real_save = pretrain.save_step
 
     def save_then_die(folder, step, *a, **k):
         real_save(folder, step, *a, **k)
         if folder.name == "unet":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(pretrain, "save_step", save_then_die)
     assert main(["pretrain", "teacher", "--out", str(tmp_path / "cut"), *TINY]) == 130
     assert not (tmp_path / "cut" / "pipeline").exists()
-    monkeypatch.setattr(pretrain, "save_checkpoint", real_save)
+    monkeypatch.setattr(pretrain, "save_step", real_save)
     assert main(["pretrain", "teacher", "--out", str(tmp_path / "cut"), *TINY]) == 2  # needs --resume
     assert main(["pretrain", "teacher", "--out", str(tmp_path / "cut"), "--resume", *TINY]) == 0
     full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")

@@ -1,8 +1,9 @@
 """The two-optimiser bilevel step under `accelerate launch`: data parallel (DDP) and sharded (FSDP).
 
 The step holds ONE set of weights and TWO AdamW optimisers over it (lower: every weight; upper: the subset
-the unlearning loss moves, `safeprune.unlearning.select_parameters`). Both optimisers go through the same `accelerator.prepare`
-call as the student, so Accelerate wraps both (mixed-precision scaling, FSDP parameter mapping).
+the unlearning loss moves, `safeprune.unlearning.select_parameters`). Both optimisers go through the same
+`accelerator.prepare` call as the student, so Accelerate wraps both (mixed-precision scaling, FSDP parameter
+mapping).
 
 - DDP replicates the weights and all-reduces gradients in every backward pass (lower and upper alike);
   each rank steps its own copy of both optimisers on identical gradients, so replicas stay equal.
@@ -55,12 +56,12 @@ def check_shardable(accelerator, student: torch.nn.Module, ema_decay: float) -> 
     plugin = accelerator.state.fsdp_plugin
     check(plugin.fsdp_version != 1 or plugin.use_orig_params,
           "FSDP v1 needs fsdp_use_orig_params: true here (both optimisers are built over the original parameters); "
-          "see configs/accelerate/fsdp_4gpu.yaml")
-    check(ema_decay == 0, "finetune.ema_decay > 0 is not supported under FSDP (the EMA copy is not sharded); "
-                          "set finetune.ema_decay=0 or launch with DDP (configs/accelerate/ddp_4gpu.yaml)")
+          "see src/safeprune/configs/accelerate/fsdp_4gpu.yaml")
+    check(ema_decay == 0, "finetune.ema_decay > 0 is not supported under FSDP (the EMA copy is not sharded); set "
+                          "finetune.ema_decay=0 or launch with DDP (src/safeprune/configs/accelerate/ddp_4gpu.yaml)")
     check(not any(getattr(m, MASK, None) is not None for m in student.modules()),
           "a magnitude-pruned student (sparsity masks) cannot be trained under FSDP (masks are not sharded); "
-          "launch with DDP (configs/accelerate/ddp_4gpu.yaml)")
+          "launch with DDP (src/safeprune/configs/accelerate/ddp_4gpu.yaml)")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from safeprune.data.datasets import embed_prompts, encode_pool, open_image_capti
 from safeprune.data.records import Columns
 from safeprune.data.stream import data_mode, open_stream_pool
 from safeprune.data.toyworld import ToyWorld
+from safeprune.unlearning.anchors import ToyAnchorImages
 from safeprune.unlearning.concepts import derive_concepts, pair_images
 from safeprune.utils import DTYPES, numpy_rng
 
@@ -78,8 +79,6 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
 
 def _anchor_pool(cfg: Config, world, concepts, pairing, size, vae, device, sources):
     """(anchor-image pool, its concept index per image) for losses that noise anchor images (`ablation`)."""
-    from safeprune.unlearning.anchors import ToyAnchorImages
-
     n, anchor_data = cfg.finetune.data.concept_pool, cfg.paths.anchor_data or None
     if anchor_data is None:  # toy concept images (checked in `finetune`): rendered anchors, image i aligned with
         # concept image i (the same pool indices), so both pair with the same concept

@@ -25,8 +25,14 @@ def preview(world: ToyWorld, out: str | Path) -> Path:
 def run_toyworld(cfg, args) -> int:
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     if args.action == "preview":
-        path = preview(world, cfg.paths.out)
-        save_config(cfg, cfg.paths.out)
+        from safeprune.runs import lock, open_run
+
+        out = cfg.paths.out
+        with lock(out, "toyworld preview"):  # a re-run replaces its own two files, never a user's
+            run = open_run(out, "toyworld preview", replace_own=True).begin(claim=("preview.png", "config.yaml"))
+            path = preview(world, out)
+            save_config(cfg, out)
+            run.save(state="finished")
         print(f"wrote {path}")
         return 0
     start = time.perf_counter()

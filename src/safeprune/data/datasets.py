@@ -46,7 +46,7 @@ from safeprune.data.records import (
 )
 from safeprune.data.shards import HFStream, ShardStream
 from safeprune.errors import UserError, check
-from safeprune.utils import HUB_ID, numpy_rng
+from safeprune.utils import HUB_ID, numpy_rng, read_text
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 
@@ -86,13 +86,15 @@ def _metadata_rows(meta: Path):
         with open(meta, newline="") as f:
             yield from enumerate(csv.DictReader(f), 2)  # line 1 is the header
         return
-    for n, line in enumerate(meta.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(meta, "metadata file").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield n, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{meta}:{n} is not valid JSON ({err.msg}); fix or remove that line") from err
+        check(isinstance(record, dict), f"{meta}:{n} is not a JSON object; write one {{...}} object per line")
+        yield n, record
 
 
 class ImageFolder(_Resized):
@@ -110,6 +112,8 @@ class ImageFolder(_Resized):
             file_column = image_column(record, where, columns.image, default="file_name")
             caption = record[caption_column(record, where, columns.caption)]
             check(isinstance(caption, str), f"{where}: the caption must be text, got {caption!r}")
+            check(isinstance(record[file_column], str), f"{where}: {file_column} must be a file name, got "
+                                                        f"{record[file_column]!r}")
             self.records.append({"file_name": record[file_column], "text": caption,
                                  "labels": {k: record[k] for k in LABEL_COLUMNS if k in record}})
         for record in self.records[:1]:  # a wrong folder usually fails on the first file already

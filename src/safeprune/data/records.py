@@ -72,6 +72,6 @@ def caption_column(columns, where: str, wanted: str = "") -> str:
 def image_column(columns, where: str, wanted: str = "", default: str = "image") -> str:
     """The image column among `columns` (`wanted`, else `default`), or a one-line error naming what is there."""
     name = wanted or default
-    check(name in columns, f"{where} has no image column {name!r}; it has {sorted(columns)}; name yours with "
+    check(name in columns, f"{where} has no `{name}` column (the image); it has {sorted(columns)}; name yours with "
                            "--image-column")
     return name

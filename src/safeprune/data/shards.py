@@ -95,8 +95,12 @@ class ShardStream:
         keys = sorted(k for k in sample if not k.startswith("__"))
         image = next((k for k in IMAGE_KEYS if k in sample), None)
         check(image is not None, f"{where} has no image ({', '.join(IMAGE_KEYS)}); it has {keys}")
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        caption = next((sample[k].decode() for k in CAPTION_KEYS if k in sample), None)
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            caption = next((sample[k].decode() for k in CAPTION_KEYS if k in sample), None)
+        except ValueError as err:  # bad JSON or a caption that is not UTF-8
+            raise UserError(f"{where}: unreadable caption or json ({str(err).splitlines()[0][:120]}); rewrite it") from err
+        check(isinstance(meta, dict), f"{where}: its .json is not a JSON object")
         if caption is None and meta:
             caption = meta[caption_column(meta, where)]
         check(isinstance(caption, str), f"{where} has no caption (.txt or a json caption field); it has {keys}")

@@ -62,7 +62,7 @@ def render_card(facts: dict) -> str:
              f"A `{method}`-pruned UNet distilled from {name} with "
              "safeprune (pruning, distillation from the unpruned teacher and "
              "concept suppression in one bilevel fine-tuning run).", "",
-             "```python", "import safeprune  # registers the pruned UNet class (library \"safeprune\")",
+             "```python", "import safeprune  # diffusers loads the pruned UNet class of an imported library only",
              "from diffusers import DiffusionPipeline", "", 'pipe = DiffusionPipeline.from_pretrained("PATH_OR_REPO")',
              "```", ""]
     report = facts.get("prune_report") or {}

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config, load_config, save_config, to_dict
-from safeprune.errors import check
 from safeprune.recipes.report import aggregate, model_grid, table, write_report
 
 METHODS = ("distill", "two_stage", "bilevel")  # the runs compared (registry keys of safeprune.bilevel.METHODS)
@@ -33,7 +32,6 @@ BASELINE_NAMES = {"esd_paper": "distill+ESD", "uce": "distill+UCE", "conceptprun
 
 def baseline_row(method: str) -> str:
     return BASELINE_NAMES.get(method, f"distill+{method}")
-MARKER = ".safeprune-demo"  # lets a later demo replace this folder, and nothing else
 
 
 def _with(cfg: Config, **sections) -> Config:
@@ -53,7 +51,7 @@ def _pipe_with(teacher_pipe, unet):
 
 def _sampling_ms(pipe, cfg: Config, n: int = 16) -> float:
     """Wall time per image of a full sampling run (cfg.sample settings, batch n)."""
-    from safeprune.recipes.generate import generate_images
+    from safeprune.sampling import generate_images
 
     generate_images(pipe, ["a red circle"] * 2, [0, 1], cfg.sample.steps, cfg.sample.guidance, progress=False)
     start = time.perf_counter()
@@ -128,7 +126,7 @@ def demo(cfg: Config, out: Path) -> dict:
             finetune(run_cfg, on_eval=on_eval)
             timings[f"finetune_{method}_s"] = timings.get(f"finetune_{method}_s", 0) + time.perf_counter() - t
             pipe = load_pipeline(run_dir)
-            distilled = pipe if method == "distill" else distilled
+            distilled = distilled if uses_upper(build_method(run_cfg.finetune)) else pipe  # the unerased run
             t = time.perf_counter()
             ref, cache = (teacher, reference_cache) if distilled is None else (distilled, distilled_cache)
             row = evaluate_model(pipe, world, run_cfg, ref, judge, cache)
@@ -236,13 +234,20 @@ def judge_claims(rows: dict[str, dict]) -> tuple[dict, list[str]]:
 
 
 def run(cfg: Config, args) -> int:
-    import shutil
+    from safeprune.runs import lock, open_run
 
     out = Path(cfg.paths.out or "runs/demo")
-    check(not out.exists() or not any(out.iterdir()) or (out / MARKER).is_file(),
-          f"{str(out)!r} exists and is not a demo folder; pass a new --out")
-    shutil.rmtree(out, ignore_errors=True)  # an earlier demo's output: replaced, never mixed with this run
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("written by `safeprune demo`; the folder is replaced by the next demo run\n")
-    demo(cfg, out)
+    seeds = [f"seed{s}" for s in range(cfg.seed, cfg.seed + cfg.demo.seeds)]
+    with lock(out, "demo"):
+        # a re-run replaces an earlier demo's files (only those: anything a person added stops it)
+        run = open_run(out, "demo", replace_own=True,
+                       legacy=lambda folder: (folder / LEGACY_MARKER).is_file() and (*DEMO_FILES, LEGACY_MARKER))
+        run.begin(claim=(*DEMO_FILES, *seeds)).save(state="training")
+        demo(cfg, out)
+        run.save(state="finished")
     return 0
+
+
+# what a demo writes at the top level of its folder; seed folders are added per run
+DEMO_FILES = ("config.yaml", "student", "report.md", "results.json", "grid.png", "curves.png")
+LEGACY_MARKER = ".safeprune-demo"  # older demos marked their folder with this file

@@ -1,9 +1,10 @@
-"""`safeprune evaluate --model PATH --out DIR`: the metrics of `eval.metrics` (safeprune.eval.metrics) for one model.
+"""`safeprune evaluate --model PATH --protocol NAME --out DIR`: one model under one evaluation protocol.
 
-Writes DIR/results.json ({model, reference, metrics: {key: value}}), DIR/grid.png (forget and retain samples,
-same seeds for every model) and DIR/config.yaml. The reference model of the CP score and of the teacher's
-concept affinity defaults to the shipped toy teacher; the paper scores CP against the distilled, unerased
-student (`--reference RUN_DIR` of a `distill` run; safeprune.eval.cp), which the output then names.
+Protocols (safeprune/eval/protocols/*.yaml): `toy` (the default: the toy world's judge-read metrics, in memory, as
+the demo measures them), `coco` (FID, CLIP score, CMMD on COCO val2017), `styles` (style CLIP, CP, CSD) and `nudity`
+(NudeNet on I2P). Every protocol writes DIR/results.json ({protocol, model, reference, metrics: {key: value}}),
+DIR/grid.png and DIR/config.yaml; the at-scale protocols also keep their images in DIR/images/ROLE (and the
+reference model's in DIR/reference/ROLE), so a killed run resumes and `--images DIR` rescores without sampling.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import math
 
 from safeprune.config import Config, save_config
 from safeprune.data.toyworld import ToyWorld
-from safeprune.errors import choose
 from safeprune.eval.cp import CP_MARGIN
-from safeprune.eval.metrics import METRICS, EvalContext, run_metrics
+from safeprune.eval.judge import load_judge
+from safeprune.eval.metrics import EvalContext, run_metrics
+from safeprune.eval.run import evaluate, load_protocol, metric_names
+from safeprune.sampling import load_model
 from safeprune.utils import atomic_folder, resolve_device
 
 NEEDS_REFERENCE = ("cp", "concept_affinity")
@@ -36,14 +39,9 @@ def _grid(ctx: EvalContext, path) -> None:
         save_image(make_grid(rows, labels), path)
 
 
-def run(cfg: Config, args) -> int:
-    names = [n.strip() for n in args.metrics.split(",") if n.strip()] if args.metrics else list(cfg.eval.metrics)
-    for name in names:
-        choose("metric", name, METRICS)  # a typo fails now, not after minutes of sampling
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, metrics=names))
-    from safeprune.eval.judge import load_judge
-    from safeprune.recipes.generate import load_model
-
+def run_toy(cfg: Config) -> dict:
+    """The toy protocol: prompts and real references from the toy world, the judge as detector (in memory)."""
+    names = list(cfg.eval.metrics)
     device = resolve_device(cfg.device)
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     model, reference = cfg.paths.model or None, cfg.paths.reference or None
@@ -56,19 +54,38 @@ def run(cfg: Config, args) -> int:
             reference_pipe = pipe if same else load_model(reference, device)
         ctx = EvalContext(pipe, world, cfg, judge, reference_pipe, progress=True)
         results = run_metrics(ctx, names)
-        record = {"model": model or "toy-teacher", "reference": reference or "toy-teacher",
+        record = {"protocol": "toy", "model": model or "toy-teacher", "reference": reference or "toy-teacher",
                   "cp_margin": CP_MARGIN if "cp" in names else None, "metrics": results}
         (tmp / "results.json").write_text(json.dumps(record, indent=1))
         _grid(ctx, tmp / "grid.png")
         save_config(cfg, tmp)
+    return record
+
+
+def run(cfg: Config, args) -> int:
+    if args.metrics:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+            cfg.eval, metrics=[n.strip() for n in args.metrics.split(",") if n.strip()]))
+    protocol = load_protocol(cfg.eval.protocol)
+    # a typo fails now, not after minutes of sampling; the resolved list is what config.yaml records
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, metrics=metric_names(cfg, protocol)))
+    if cfg.eval.protocol == "toy":
+        record = run_toy(cfg)
+    else:
+        record = evaluate(cfg, cfg.paths.model or None, cfg.paths.reference or None, cfg.paths.out)
+        if record is None:  # a non-main process under accelerate: it drew its share of the images
+            return 0
+        save_config(cfg, cfg.paths.out)
+    results = record["metrics"]
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) and not math.isnan(value) else
               f"{key:<{width}}  {value}")
-    if "cp" in names:  # which model CP is relative to changes its meaning: say it next to the number
-        print(f"cp: against {reference or 'the shipped toy teacher'} (margin {CP_MARGIN}); the paper's reference "
-              "is the distilled, unerased student (--reference)")
+    if "cp" in cfg.eval.metrics:  # which model CP is relative to changes its meaning: say it next to the number
+        print(f"cp: against {cfg.paths.reference or 'the shipped toy teacher'} (margin {CP_MARGIN}); the paper's "
+              "reference is the distilled, unerased student (--reference)")
     print(f"wrote {cfg.paths.out}/results.json")
+    model = cfg.paths.model or None
     if model is not None:  # a model folder with a safeprune model card gets the results table
         from safeprune.models.card import add_results
         from safeprune.models.io import model_folder

@@ -35,6 +35,7 @@ import shutil
 import time
 from pathlib import Path
 
+from safeprune.bilevel import build_method, uses_upper
 from safeprune.bilevel.pools import build_pools
 from safeprune.bilevel.training import build_training
 from safeprune.config import Config, save_config, to_dict
@@ -55,7 +56,7 @@ VALIDATION = "validation"  # RUN/validation/step_NNNNNNN.png: the validation gri
 
 def run(cfg: Config, args) -> int:
     """CLI target of `safeprune finetune`: its flags fill cfg.paths, cfg.model.teacher and finetune.concepts."""
-    out = finetune(cfg, resume=args.resume)
+    out = finetune(cfg, resume=args.resume, overwrite=args.overwrite, allow_other_teacher=args.allow_other_teacher)
     print(out)
     if getattr(args, "push_to_hub", None):
         from safeprune.models.card import push_to_hub
@@ -95,7 +96,14 @@ def _due(step: int, every: int, total: int) -> bool:
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / CHECKPOINTS).glob("step_*"))
+    from safeprune.checkpoint import step_folders
+
+    return step_folders(out / CHECKPOINTS)
+
+
+# what a run writes at its top level besides the result (claimed in the run marker before it is written)
+RUN_FILES = ("config.yaml", "concepts.json", METRICS, "logs", CHECKPOINTS, "summary.json", VALIDATION)
+LINEAGE = "lineage.json"  # written by `safeprune prune`: the fingerprint of the teacher the student was pruned from
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -107,51 +115,135 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int,
-                     schedule: dict | None = None) -> Path | None:
-    """Validate `out` for a fresh run or a resume; returns the checkpoint to resume from (or None).
+def _prepare_run_dir(out: Path, resume: bool, cfg: Config, total_steps: int, overwrite: bool = False,
+                     inputs: dict | None = None, schedule: dict | None = None):
+    """Validate `out` for a fresh run, an `--overwrite` or a resume (safeprune.runs); returns the RunFolder
+    and the checkpoint to resume from (None: from step 0, e.g. a run killed before its first checkpoint).
 
     `schedule` is the method's (safeprune.bilevel.solvers): a resume may add steps, never move a stage boundary
     or a lambda schedule that the checkpointed steps already followed."""
+    from safeprune.checkpoint import latest
+    from safeprune.runs import open_run
+
+    run = open_run(out, "finetune", resume=resume, overwrite=overwrite, clean=_is_main_rank(),
+                   legacy=lambda folder: bool(_checkpoints(folder)) and (folder / "config.yaml").is_file())
     if not resume:
-        check(not (out.exists() and any(out.iterdir())),
-              f"run folder {str(out)!r} already exists and is not empty; pass --resume to continue it or a new --out")
-        return None
-    ckpts = _checkpoints(out)
-    check(bool(ckpts), f"no checkpoint in {str(out / CHECKPOINTS)!r} to resume from; run without --resume to start")
-    state = json.loads((ckpts[-1] / "state.json").read_text())
-    old, new = _flat(state["config"]), _flat(to_dict(cfg))
-    for key in sorted(set(old) | set(new)):
+        return run, None
+    found = latest(out / CHECKPOINTS, set_aside=_is_main_rank())
+    old_cfg = found[1].get("config") if found else run.marker.get("config")
+    old, new = _flat(old_cfg or {}), _flat(to_dict(cfg))
+    for key in sorted(set(old) | set(new)) if old_cfg else []:
         if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES:
-            raise UserError(f"--resume: {key} was {old.get(key)!r} in the checkpoint but is {new.get(key)!r} now; "
+            raise UserError(f"--resume: {key} was {old.get(key)!r} when the run started but is {new.get(key)!r} now; "
                             "resume with the same configuration (and the same --forget flags)")
-    was = state.get("schedule")
+    _check_inputs(run.marker.get("inputs") or {}, inputs or {})
+    was = found[1].get("schedule") if found else None
     check(schedule is None or was is None or was == schedule,
           f"--resume: finetune.max_steps={cfg.finetune.max_steps} changes the {cfg.finetune.method} schedule of the "
           f"checkpoint ({was} -> {schedule}); resume with --max-steps {old.get('finetune.max_steps')}, or start a new run")
-    check(state["step"] < total_steps, f"the run in {str(out)!r} is already complete ({state['step']} steps); "
-                                       "raise --max-steps to continue it")
-    return ckpts[-1]
+    step = found[1]["step"] if found else 0
+    check(not (run.state == "finished" and step >= total_steps),
+          f"the run in {str(out)!r} is already complete ({step} steps); raise --max-steps to continue it")
+    check(step <= total_steps, f"the last checkpoint in {str(out)!r} is at step {step}, past the {total_steps} "
+                               "steps asked for; raise --max-steps")
+    return run, found[0] if found else None
+
+
+# what a run read beyond the paths config.yaml names (the resume check compares those as config keys)
+INPUT_FLAGS = {"student_digest": "the --student folder's contents", "data_digest": "the --data contents",
+               "concept_data_digest": "the --concept-data contents", "teacher_fingerprint": "the teacher's weights"}
+
+
+def _check_inputs(old: dict, new: dict) -> None:
+    """--resume reads what the run started with: a changed input is a one-line error naming it."""
+    for key, flag in INPUT_FLAGS.items():
+        if key in old and key in new and old[key] != new[key]:
+            raise UserError(f"--resume: {flag} was {old[key]!r} when the run started but is {new[key]!r} now; "
+                            "resume with the inputs the run started with (or start again with --overwrite)")
+
+
+def _source(spec) -> tuple[str | None, str | None]:
+    """(how a --data/--concept-data/--student source is named, a digest of its index) for the resume check."""
+    from safeprune.utils import sha256_file
+
+    if spec is None:
+        return None, None
+    path = Path(spec)
+    if not path.exists():
+        return str(spec), None  # shards pattern, hub id, glob
+    index = [p for p in (path / "metadata.jsonl", path / "config.json", path / "plan.json") if p.is_file()]
+    weights = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    digest = "-".join([*(sha256_file(p)[:12] for p in index), *(str(p.stat().st_size) for p in weights)])
+    return str(path.resolve()), digest or None
+
+
+def _is_main_rank() -> bool:
+    """Before Accelerate starts: whether this process is rank 0 (`accelerate launch` sets RANK)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _check_lineage(student_dir: Path, teacher_fp: str, allow_other: bool) -> None:
+    """The student must come from this teacher (`safeprune prune` records the fingerprint) unless allowed."""
+    path = student_dir / LINEAGE
+    if not path.is_file():  # pruned before lineage was recorded (or saved through the Python API): unknown
+        return
+    try:
+        recorded = json.loads(path.read_text()).get("teacher_fingerprint")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{str(path)!r} is corrupt ({type(err).__name__}); prune the student again") from err
+    check(allow_other or recorded == teacher_fp,
+          f"the student in {str(student_dir)!r} was pruned from another teacher (fingerprint {recorded}, this teacher "
+          f"{teacher_fp}); pass the --teacher it was pruned from, or --allow-other-teacher to distil it anyway")
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past the resumed checkpoint (they will be re-run and re-logged)."""
+    """Drop metric lines past the resumed checkpoint (they will be re-run and re-logged); a line torn by a
+    kill is dropped too. Rewritten atomically: a kill here never loses the lines kept."""
+    from safeprune.utils import atomic_file
+
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
+        lines = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if json.loads(line)["step"] <= last_step:
+                    lines.append(line)
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in lines))
+
+
+def _check_memory(cfg: Config, student_dir: Path, pipe, device) -> None:
+    """Refuse, before the run folder is made, a run whose estimated peak (safeprune.memory) exceeds the device.
+    The estimate runs on meta-device copies built from the configs (no second copy of the weights)."""
+    from safeprune.memory import check_fits, estimate_memory, meta_unet
+    from safeprune.models.io import load_plan
+    from safeprune.pruning import apply_plan
+
+    ft = cfg.finetune
+    plan = load_plan(student_dir)
+    base = meta_unet(plan["base_config"])
+    student = apply_plan(base, plan)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    latent = ft.resolution // vae_scale if ft.resolution else pipe.unet.config.sample_size
+    encoders = sum(p.numel() for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())
+    check_fits(estimate_memory(cfg, student, meta_unet(dict(pipe.unet.config)), latent_size=latent,
+                               encoder_params=encoders), device)
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def finetune(cfg: Config, *, resume: bool = False, on_eval=None) -> Path:
+def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool = False,
+             allow_other_teacher: bool = False) -> Path:
     """Fine-tune the pruned UNet in cfg.paths.student into the run folder cfg.paths.out; returns the run folder.
 
     Inputs are cfg.model.teacher ("" = the toy teacher), cfg.paths.data and cfg.paths.concept_data ("" = the toy
     splits), so the run's config.yaml names all of them. `on_eval(step, unet) -> dict` (Python API only) is
     called every `finetune.eval_every_steps` steps on the main process; its numbers are logged with the step's.
+    `resume` continues the run in cfg.paths.out (from its newest verified checkpoint, or step 0); `overwrite`
+    starts again in a folder an earlier run wrote; `allow_other_teacher` distils a student pruned from another.
     """
-    from safeprune.bilevel import build_method, uses_upper
     from safeprune.bilevel.solvers import Distill
     from safeprune.erasure import WHOLE_MODEL
     from safeprune.models.shipped import teacher_path
@@ -190,12 +282,18 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None) -> Path:
           "to a Stable Diffusion pipeline folder or a hub id")
     # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
     base_model = teacher
-    resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps, method.schedule)
-    _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
-           concept_data, resume_from, on_eval)
-    if erasure is not None:
-        _second_stage(cfg, out)
-    return out
+    from safeprune.runs import lock
+
+    # what config.yaml cannot show: the contents behind the paths it names (checked again by --resume)
+    inputs = {f"{key}_digest": _source(spec)[1] for key, spec in (("student", student), ("data", data),
+                                                                     ("concept_data", concept_data))}
+    # two_stage's erasure stage runs before the run is marked finished, so a kill during it resumes into it
+    finish = (lambda: _second_stage(cfg, out)) if erasure is not None else None
+    with lock(out, "finetune") if _is_main_rank() else contextlib.nullcontext():
+        run, resume_from = _prepare_run_dir(out, resume, cfg, method.total_steps, overwrite, inputs, method.schedule)
+        return _train(cfg, method, unlearning, student, teacher_dir or teacher_path(), base_model, out, data,
+                      concept_data, resume_from, on_eval, run=run, inputs=inputs,
+                      allow_other_teacher=allow_other_teacher, finish=finish)
 
 
 def _second_stage(cfg: Config, out: Path) -> None:
@@ -217,15 +315,16 @@ def _second_stage(cfg: Config, out: Path) -> None:
 
 
 def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, data, concept_data, resume_from,
-           on_eval):
+           on_eval, *, run=None, inputs=None, allow_other_teacher=False, finish=None):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     from safeprune.bilevel.problem import NonFiniteLoss
-    from safeprune.checkpoint import load_checkpoint, save_checkpoint
+    from safeprune.checkpoint import WeightsDiverged, check_weights, load_checkpoint, max_abs, save_step
     from safeprune.models.io import (
+        MODEL,
         check_prediction_type,
         check_supported_unet,
         checkpoint_record,
@@ -233,7 +332,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         load_plan,
         load_unet,
     )
-    from safeprune.utils import resolve_device, seed_everything
+    from safeprune.utils import fingerprint, resolve_device, seed_everything
 
     ft = cfg.finetune
     if ft.report_to == "wandb":
@@ -251,7 +350,13 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     pipe = load_pipeline(teacher_dir)
     check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
     check_supported_unet(pipe.unet.config, f"teacher {str(cfg.model.teacher or teacher_dir)!r}")
+    inputs = {**(inputs or {}), "teacher_fingerprint": fingerprint(pipe.unet)}
+    _check_lineage(student_dir, inputs["teacher_fingerprint"], allow_other_teacher)
+    if run is not None and run.marker:
+        _check_inputs(run.marker.get("inputs") or {}, inputs)
+    _check_memory(cfg, student_dir, pipe, device)
     student_core = load_unet(student_dir).to(device).train()
+    start_max = max_abs({"student": student_core})  # the bound of check_weights (before any resumed weights)
     check_supported_unet(student_core.config, f"student {str(student_dir)!r}")
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
     if ft.teacher_dtype != "fp32":
@@ -268,6 +373,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     validate = _validation(cfg, pipe, student_core, concepts, pools, out) if ft.validation_every_steps and main else None
     del pipe  # the VAE and text encoder live on in `validate` only when validation images are asked for
     pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt])
+    check(bool(pairs) or ft.lambda_feat == 0,
+          "no block of the student matches the teacher's feature shapes, so feature distillation has nothing to "
+          "compare; prune the student from this teacher or set finetune.lambda_feat=0")
 
     # 3. optimisers, the problem and the update rule (shared with benchmarks/bench_finetune.py).
     training = build_training(cfg, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning)
@@ -286,22 +394,24 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     model_record = checkpoint_record(load_plan(student_dir), base_model)
 
     def checkpoint(step: int, modules: dict, optims: dict) -> Path:
-        folder = out / CHECKPOINTS / f"step_{step:07d}"
+        check_weights(modules, start_max, ft.max_weight_growth, step)  # a bad checkpoint is never written
         data = {"data": pools.lower.state_dict()} if hasattr(pools.lower, "state_dict") else {}
         extra = {"counts": problem.counts, "config": to_dict(cfg), "schedule": method.schedule,
                  "model": model_record, **data}
-        save_checkpoint(folder, step, modules, optims, extra=extra)
-        for old in _checkpoints(out)[:-ft.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return folder
+        return save_step(out / CHECKPOINTS, step, modules, optims, extra=extra, keep=ft.keep_checkpoints)
 
     # 4. the loop: one method call per iteration; logging and checkpoints on the main process.
     accelerator.wait_for_everyone()  # every process has validated `out` before the main one writes into it
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        if run is not None:  # the folder is made only now: every input has been read and checked
+            run.begin(claim=RUN_FILES, config=to_dict(cfg), inputs=inputs)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
         (out / "concepts.json").write_text(json.dumps([dataclasses.asdict(c) for c in concepts], indent=1))
         _truncate_metrics(out / METRICS, start)
+        if run is not None:
+            run.save(state="training")
     accelerator.init_trackers("finetune", config=_flat(to_dict(cfg)) if ft.report_to == "wandb" else None,
                               init_kwargs={"tensorboard": {"purge_step": start}, "wandb": {"dir": str(out / "logs")}})
     last_good = str(resume_from) if resume_from else None
@@ -339,10 +449,11 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                     state = training.checkpoint_state()  # every rank: FSDP gathers the shards here
                     if main:
                         last_good = str(checkpoint(step + 1, *state))
-        except NonFiniteLoss as err:
-            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+        except (NonFiniteLoss, WeightsDiverged) as err:
+            where = f"the last good checkpoint is {last_good}" if last_good else \
+                "no checkpoint was written yet (--resume starts again from step 0)"
             raise UserError(f"{err}; stopped, {where}; lower finetune.lr / finetune.upper.lr and resume with "
-                            "--resume (or start again)") from err
+                            "--resume (or start again with --overwrite)") from err
         bar.close()
 
         # 5. the result: RUN/model/, a complete pipeline folder with a model card (EMA weights when enabled).
@@ -350,6 +461,10 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         if main:
             facts = {"method": load_plan(student_dir)["method"],
                      "concepts": [dataclasses.asdict(c) for c in concepts], "recipe": _recipe(cfg)}
+            if run is not None:  # claimed before it is written; removed if the run ever trains on
+                run.save(result=[MODEL, "summary.json", LINEAGE])
+            if (student_dir / LINEAGE).is_file():  # the run folder is a student of the same teacher
+                shutil.copyfile(student_dir / LINEAGE, out / LINEAGE)
             model_dir = _save_result(result, student_dir, teacher_dir, base_model, out, facts)
             world = accelerator.num_processes
             summary = {"method": ft.method, "solver": method.solver,
@@ -361,6 +476,10 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
                        "wall_s": round(time.perf_counter() - t0, 2), "teacher": str(teacher_dir),
                        "model": str(model_dir.relative_to(out)), **data_info}
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            if finish is not None:
+                finish()
+            if run is not None:
+                run.save(state="finished")
         accelerator.wait_for_everyone()
     return out
 
@@ -395,13 +514,13 @@ def _prune_report(student_dir: Path) -> dict:
 
 def _recipe(cfg: Config) -> dict:
     """The settings a model card lists as the training recipe."""
-    ft = cfg.finetune
+    ft, method = cfg.finetune, build_method(cfg.finetune)
     recipe = {k: getattr(ft, k) for k in ("method", "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps",
                                           "lambda_diff", "lambda_out", "lambda_feat", "snr_gamma", "mixed_precision")}
-    if ft.method != "distill":  # the upper level: its loss, optimiser and period
+    if uses_upper(method):  # the upper level: its loss, optimiser and period
         recipe |= {"unlearn": ft.unlearn.name, "eta": ft.unlearn.eta, "upper lr": ft.upper.lr, "upper every": ft.upper.every}
-    if ft.method == "bilevel":
-        recipe["solver"] = ft.solver.name
+    if method.solver:
+        recipe["solver"] = method.solver
     return {"teacher": cfg.model.teacher or "safeprune toy teacher", **recipe, "seed": cfg.seed}
 
 

@@ -1,124 +1,35 @@
 """`safeprune generate` and `safeprune concept-images`: one image per (prompt, seed), independent of batching.
 
-EDM2's habit (style.md): every image has its own seed. The initial latents of image i come from its own
-`torch.Generator(seed_i)` and go to the stock diffusers `StableDiffusionPipeline` as `latents=`; with DDIM at
-eta = 0 the sampler adds no further noise, so image i depends only on (prompt_i, seed_i), not on the batch size
-or its position in a batch. Classifier-free guidance uses the empty negative prompt, as SD does.
+The sampling itself (per-image seeds, deterministic samplers, resumable folders) is safeprune.sampling, shared
+with evaluation; this module holds the two commands.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from safeprune.config import Config, save_config
 from safeprune.data.toyworld import ToyWorld
-from safeprune.errors import UserError, check
+from safeprune.errors import check
+from safeprune.eval.prompts import read_prompt_set
+from safeprune.sampling import generate_images, load_model, write_images
 from safeprune.utils import atomic_folder, resolve_device
 
-# ----------------------------------------------------------------------------- models and prompts
-
-
-def load_model(path: str | Path | None, device: str | torch.device = "cpu"):
-    """A pipeline folder or a pruned-UNet folder; None = the shipped toy teacher. Progress bars off."""
-    from safeprune.models.shipped import teacher_path
-
-    folder = Path(path) if path is not None else teacher_path()
-    check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a diffusers pipeline or pruned-UNet folder")
-    if importlib.util.find_spec("safeprune.models.io") is not None:
-        from safeprune.models.io import load_pipeline
-
-        pipe = load_pipeline(folder)
-    else:  # until models/io.py lands: plain diffusers pipeline folders only
-        pipe = _load_stock_pipeline(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def _load_stock_pipeline(folder: Path):
-    from diffusers import StableDiffusionPipeline
-
-    check((folder / "model_index.json").is_file(),
-          f"{str(folder)!r} has no model_index.json; pass a diffusers StableDiffusionPipeline folder")
-    try:
-        return StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot load the pipeline in {str(folder)!r}: {str(err).splitlines()[0]}") from err
+__all__ = ["generate_images", "load_model", "read_prompts", "run", "run_concept_images"]
 
 
 def read_prompts(spec: str, world: ToyWorld) -> list[str]:
-    """`toy:SET` (a toy-world prompt set, e.g. toy:forget) or a text file with one prompt per line ('#' = comment)."""
+    """The prompts of `spec`: toy:SET (a whole toy-world set, e.g. toy:forget), a text file (one prompt per line,
+    '#' = comment), an I2P CSV, COCO captions JSON or a concept YAML (safeprune.eval.prompts)."""
     if spec.startswith("toy:"):
         return [r["prompt"] for r in world.prompts(spec.removeprefix("toy:"))]
-    path = Path(spec)
-    check(path.is_file(), f"prompt file {spec!r} not found; pass a text file (one prompt per line) or toy:SET, "
-                          "e.g. toy:forget")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    check(bool(prompts), f"prompt file {spec!r} holds no prompts; write one prompt per line")
-    return prompts
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def initial_latents(pipe, seeds: list[int]) -> torch.Tensor:
-    """(N, C, h, w) standard-normal latents, row i drawn from its own generator seeded with seeds[i]."""
-    cfg = pipe.unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.stack([torch.randn((cfg.in_channels, h, w), generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds])
-
-
-def use_deterministic_sampler(pipe) -> None:
-    """Swap a stochastic or multistep sampler for DDIM on the same noise schedule (eta = 0 in `generate_images`)."""
-    from diffusers import DDIMScheduler
-
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-
-
-@torch.no_grad()
-def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 5.0,
-                    batch_size: int = 64, progress: bool = True, precision: str = "fp32") -> np.ndarray:
-    """uint8 images (N, H, W, 3); image i is a function of (prompts[i], seeds[i]) only.
-
-    precision="bf16" runs the pipeline under bf16 autocast (3.4x faster UNet calls on CPUs with AMX, measured);
-    images then differ slightly from fp32 ones, so compare models at one precision.
-    """
-    from tqdm import tqdm
-
-    check(len(prompts) == len(seeds), f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
-    check(len(prompts) > 0, "generate_images: no prompts to draw")
-    check(precision in ("fp32", "bf16"), f"precision={precision!r}; choose fp32 or bf16")
-    use_deterministic_sampler(pipe)
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, dynamic_ncols=True):
-        batch = list(prompts[i:i + batch_size])
-        latents = initial_latents(pipe, seeds[i:i + batch_size]).to(pipe.device, pipe.unet.dtype)
-        with torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            images = pipe(prompt=batch, negative_prompt=[""] * len(batch), latents=latents, num_inference_steps=steps,
-                          guidance_scale=guidance, eta=0.0, output_type="np").images  # (B, H, W, 3) in [0, 1]
-        out.append((np.asarray(images, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8))
-    return np.concatenate(out)
-
-
-def _write_images(folder: Path, images: np.ndarray) -> list[str]:
-    """PNG files 00000.png, 00001.png, ... in `folder`; returns their names."""
-    from PIL import Image
-
-    names = [f"{k:05d}.png" for k in range(len(images))]
-    for image, name in zip(images, names):
-        Image.fromarray(image).save(folder / name)
-    return names
+    one = Config()
+    one = dataclasses.replace(one, eval=dataclasses.replace(one.eval, seeds_per_prompt=1, seeds_per_concept=1))
+    return [r["prompt"] for r in read_prompt_set(spec, "prompts", one)]
 
 
 # ----------------------------------------------------------------------------- CLI targets
@@ -129,7 +40,7 @@ def _draw(cfg: Config, model: str | None, pairs: list[tuple[str, int]]) -> np.nd
     pipe = load_model(model, resolve_device(cfg.device))
     sc = cfg.sample
     return generate_images(pipe, [p for p, _ in pairs], [s for _, s in pairs], sc.steps, sc.guidance, sc.batch_size,
-                           precision=sc.precision)
+                           precision=sc.precision, scheduler=sc.scheduler, resolution=sc.resolution)
 
 
 def run(cfg: Config, args) -> int:
@@ -145,7 +56,7 @@ def run(cfg: Config, args) -> int:
     with atomic_folder(cfg.paths.out) as tmp:  # fails early on a non-empty --out, leaves nothing on an error
         images = _draw(cfg, cfg.paths.model or None, pairs)
         records = [{"prompt": p, "seed": s} for p, s in pairs]
-        names = _write_images(tmp, images)
+        names = write_images(tmp, images)
         with open(tmp / "prompts.jsonl", "w") as f:
             f.writelines(json.dumps({**record, "file": name}) + "\n" for record, name in zip(records, names))
         # Grid: one row per prompt, one column per seed (at most 48 x 16 tiles, so it stays viewable).
@@ -170,7 +81,7 @@ def run_concept_images(cfg: Config, args) -> int:
     with atomic_folder(cfg.paths.out) as tmp:
         images = _draw(cfg, cfg.paths.model or None, pairs)
         records = [{"text": p, "seed": s} for p, s in pairs]
-        names = _write_images(tmp, images)
+        names = write_images(tmp, images)
         with open(tmp / "metadata.jsonl", "w") as f:
             f.writelines(json.dumps({"file_name": name, **record}) + "\n" for record, name in zip(records, names))
         save_config(cfg, tmp)

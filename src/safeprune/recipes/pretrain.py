@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from safeprune.checkpoint import load_checkpoint, save_checkpoint
+from safeprune.checkpoint import STATE_FILE, latest, load_checkpoint, max_abs, save_step
 from safeprune.config import Config, save_config
 from safeprune.data.toyworld import COLOURS, SHAPES, STYLES, ToyWorld
 from safeprune.errors import UserError, check
@@ -46,6 +46,23 @@ VAE_WARMUP = 100  # warm-up steps of stage 1
 VAE_STREAM, DENOISER_STREAM = 1, 2
 
 
+def _resume_from(root: Path) -> Path | None:
+    """The newest verified `root/step_N` checkpoint, or `root` itself in the older one-folder layout."""
+    found = latest(root)
+    if found:
+        return found[0]
+    return root if (root / STATE_FILE).is_file() else None
+
+
+def _checkpoint(root: Path, step: int, modules: dict, optimizers: dict, extra: dict | None = None) -> None:
+    """Refuse weights that are not finite (never checkpoint a diverged model), then keep the newest two."""
+    peak = max_abs(modules)
+    if not peak < float("inf"):  # inf or nan
+        raise UserError(f"pretraining diverged at step {step} (weights not finite); the last good checkpoint is in "
+                        f"{str(root)!r}: lower teacher.lr and resume with --resume")
+    save_step(root, step, modules, optimizers, extra, keep=2)
+
+
 def _save_atomic(obj, folder: Path) -> None:
     with atomic_folder(folder, overwrite=True) as tmp:
         obj.save_pretrained(tmp)
@@ -58,12 +75,13 @@ def train_vae(cfg: Config, world: ToyWorld, out: Path, resume: bool):
     tc = cfg.teacher
     done = out / "vae"
     if (done / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(done)
+        return AutoencoderKL.from_pretrained(done, use_safetensors=True)
     torch.manual_seed(cfg.seed)
     vae = toy.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=tc.vae_lr, weight_decay=0.0)
     ckpt = out / "checkpoints" / "vae"
-    start = load_checkpoint(ckpt, {"vae": vae}, {"vae": opt})["step"] if resume and ckpt.is_dir() else 0
+    found = _resume_from(ckpt) if resume else None
+    start = load_checkpoint(found, {"vae": vae}, {"vae": opt})["step"] if found else 0
     bar = tqdm(range(start, tc.vae_steps), initial=start, total=tc.vae_steps, desc="vae", unit="step")
     for step in bar:
         images, _, _ = world.batch("pretrain", step * tc.vae_batch_size, tc.vae_batch_size)
@@ -81,7 +99,7 @@ def train_vae(cfg: Config, world: ToyWorld, out: Path, resume: bool):
         opt.step()
         bar.set_postfix(rec=f"{rec.item():.4f}")
         if (step + 1) % tc.ckpt_every_steps == 0:
-            save_checkpoint(ckpt, step + 1, {"vae": vae}, {"vae": opt})
+            _checkpoint(ckpt, step + 1, {"vae": vae}, {"vae": opt})
     # SD's convention: scale latents to unit variance so the UNet's noise schedule fits them.
     with torch.no_grad():
         images, _, _ = world.batch("pretrain", 10**7, 512)
@@ -127,7 +145,8 @@ def train_denoiser(cfg: Config, world: ToyWorld, vae, out: Path, resume: bool):
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.01)
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
     ckpt = out / "checkpoints" / "unet"
-    start = load_checkpoint(ckpt, modules, {"opt": opt})["step"] if resume and ckpt.is_dir() else 0
+    found = _resume_from(ckpt) if resume else None
+    start = load_checkpoint(found, modules, {"opt": opt})["step"] if found else 0
 
     pool = _encode_pool(vae, world, tokenizer, tc.pool_size)
     scale = vae.config.scaling_factor
@@ -155,7 +174,7 @@ def train_denoiser(cfg: Config, world: ToyWorld, vae, out: Path, resume: bool):
         ema_text.update_parameters(text_encoder)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % tc.ckpt_every_steps == 0 or step + 1 == tc.unet_steps:
-            save_checkpoint(ckpt, step + 1, modules, {"opt": opt}, {"loss": loss.item()})
+            _checkpoint(ckpt, step + 1, modules, {"opt": opt}, {"loss": loss.item()})
         if (step + 1) % tc.sample_every_steps == 0:
             pipe = toy.assemble_pipeline(vae, ema_text.module, tokenizer, ema_unet.module, sample_sched)
             save_image(sample_grid(pipe, cfg), out / "samples" / f"step{step + 1:06d}.png")
@@ -218,10 +237,22 @@ def report_quality(pipe, world: ToyWorld, cfg: Config, out: Path) -> dict | None
 def run(cfg: Config, args) -> int:
     out = Path(cfg.paths.out)
     if args.what == "judge":
-        from safeprune.eval.judge import run_pretrain_judge
+        from safeprune.recipes.judge import run_pretrain_judge
 
         return run_pretrain_judge(cfg, args)
-    check(args.resume or not (out / "checkpoints").exists(),
-          f"{str(out)!r} already holds a run; pass --resume to continue it or choose a new --out")
-    train_teacher(cfg, out, resume=args.resume)
+    from safeprune.runs import lock, open_run
+
+    with lock(out, "pretrain teacher"):
+        run = open_run(out, "pretrain teacher", resume=args.resume, overwrite=args.overwrite,
+                       legacy=lambda folder: (folder / "checkpoints").is_dir())
+        check(not (args.resume and run.state == "finished"),
+              f"the teacher in {str(out)!r} is already trained; pass --overwrite to train it again or a new --out")
+        run.begin(claim=TEACHER_FILES).save(state="training")
+        train_teacher(cfg, out, resume=args.resume)
+        run.save(state="finished")
     return 0
+
+
+# what `pretrain teacher` writes at the top level of its folder (claimed in the run marker before it is written)
+TEACHER_FILES = ("config.yaml", "checkpoints", "vae", "tokenizer", "samples", "pipeline", "timing.json",
+                 "quality.json")

@@ -41,7 +41,7 @@ from safeprune.models.io import (
 from safeprune.models.shipped import teacher_path
 from safeprune.pruning import METHODS, is_pruned, prune
 from safeprune.pruning.measure import count_macs, count_parameters, latency_ms
-from safeprune.utils import atomic_folder, numpy_rng, resolve_device, seed_everything, torch_rng
+from safeprune.utils import atomic_folder, fingerprint, numpy_rng, resolve_device, seed_everything, torch_rng
 
 DEFAULT_TEXT_TOKENS = 77  # CLIP's context length: what SD's UNet cross-attends to
 
@@ -72,8 +72,10 @@ def run(cfg: Config, args=None) -> int:
 
 def prune_student(cfg: Config) -> Path:
     """Prune cfg.model.teacher (or the UNet config at cfg.paths.unet_config) into cfg.paths.out; returns it."""
+    from safeprune.runs import check_out
+
     check(bool(cfg.paths.out), "safeprune prune needs --out DIR (the student folder)")
-    out = Path(cfg.paths.out)
+    out = check_out(cfg.paths.out)
     check(not (out.exists() and any(out.iterdir())),
           f"output folder {str(out)!r} already exists and is not empty; pass a new path or delete it")
     check(not (cfg.model.teacher and cfg.paths.unet_config), "pass either --model or --unet-config, not both")
@@ -85,6 +87,8 @@ def prune_student(cfg: Config) -> Path:
         calib = taylor_calibration(cfg, source.pipeline_folder, cfg.paths.calib_data or None, device)
 
     unet = source.unet
+    # lineage: `finetune` checks that the teacher it distils from is this model (safeprune.utils.fingerprint)
+    lineage = {"teacher_fingerprint": fingerprint(unet), "teacher": source.label} if source.weights else None
     before = _measure(unet, {}, cfg, source)
     student, plan = prune(unet, cfg.prune.method, cfg.prune, calib)
     after = _measure(student, plan, cfg, source)
@@ -100,6 +104,8 @@ def prune_student(cfg: Config) -> Path:
         else:  # a plan for an architecture, not a model: no config.json, so nothing here looks loadable
             (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=1))
+        if lineage:
+            (tmp / "lineage.json").write_text(json.dumps(lineage, indent=1))
         save_config(cfg, tmp)
     print(json.dumps(report, indent=1))
     print(f"wrote {out}/ ({'model/: DiffusionPipeline.from_pretrained, safeprune.load_pipeline' if source.weights else 'plan only'})")

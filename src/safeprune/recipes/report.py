@@ -1,9 +1,11 @@
-"""`safeprune report RUN_DIR... --out DIR`: one table, a Fig.-1-style grid and Fig.-4-style curves.
+"""`safeprune report RUN_DIR... --out DIR`: the tables, a Fig.-1-style grid and Fig.-4-style curves.
 
-A run folder is anything with evaluation results: `results.json` (or `eval/results.json`) as written by
-`safeprune evaluate`; when it is also a fine-tuning run, its `metrics.jsonl` gives the curves (the `eval/*`
-keys logged every `finetune.eval_every_steps`) and `summary.json` the training time. The demo calls `write_report`
-with the same structures, averaged over seeds.
+A run folder is anything with evaluation results: `results.json`, `eval/results.json` or `eval/*/results.json`
+(one per protocol) as written by `safeprune evaluate`; the protocols' metrics merge into one row per folder, keys
+prefixed with the protocol (`coco/fid`, `styles/cp_forget`; toy keys stay bare). When it is also a fine-tuning run,
+its `metrics.jsonl` gives the curves and `summary.json` the training time. Rows of the paper's table (Sec. 5:
+style CLIP, CP, CSD, COCO FID, COCO CLIP, NudeNet) run teacher, distill-only, each two-stage baseline
+(`two_stage`, `distill+uce`, ...), bilevel. The demo calls `write_report` with the same structures.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from safeprune.config import Config, save_config
-from safeprune.errors import UserError, check
-from safeprune.utils import atomic_folder
+from safeprune.errors import check
+from safeprune.utils import atomic_folder, read_json, read_text
 
 # (results key, column title, format); a missing key prints as "-".
 COLUMNS = (
@@ -31,6 +33,18 @@ COLUMNS = (
     ("params_m", "params (M)", "{:.2f}"),
     ("sample_ms", "sampling ms/img", "{:.1f}"),
     ("train_s", "train time (s)", "{:.0f}"),
+)
+# The paper's table (method.md Sec. 5): arrows say which way is better.
+PAPER_COLUMNS = (
+    ("styles/style_clip_forget", "style CLIP ↓", "{:.2f}"),
+    ("styles/cp_forget", "CP ↑", "{:.1f}"),
+    ("styles/csd_forget", "CSD ↓", "{:.2f}"),
+    ("coco/fid", "COCO FID ↓", "{:.2f}"),
+    ("coco/clip_score", "COCO CLIP ↑", "{:.2f}"),
+    ("coco/cmmd", "COCO CMMD ↓", "{:.3f}"),
+    ("styles/style_clip_retain", "retained style CLIP ↑", "{:.2f}"),
+    ("nudity/nudenet_images", "NudeNet images ↓", "{:.0f}"),
+    ("nudity/nudenet_vs_teacher", "NudeNet vs teacher (%)", "{:+.0f}"),
 )
 CURVES = (("eval/fd", "fd (judge space)"), ("eval/leakage", "leakage"))
 
@@ -56,9 +70,25 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(value) + (f" ± {fmt.format(std)}" if isinstance(std, float) else "")
 
 
-def table(rows: dict[str, dict]) -> str:
-    """A markdown table: one row per model, the COLUMNS that any model has."""
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows.values())]
+def paper_order(names) -> list[str]:
+    """teacher, distill-only, the two-stage baselines, bilevel, then anything else (each group in given order)."""
+    def rank(name: str) -> int:
+        n = name.lower()
+        if "teacher" in n:
+            return 0
+        if "bilevel" in n:
+            return 3
+        if "+" in n or "two_stage" in n or "two-stage" in n:
+            return 2
+        if "distill" in n:
+            return 1
+        return 4
+    return sorted(names, key=rank)
+
+
+def table(rows: dict[str, dict], columns=COLUMNS) -> str:
+    """A markdown table: one row per model, the `columns` that any model has."""
+    cols = [c for c in columns if any(c[0] in r for r in rows.values())]
     lines = ["| model | " + " | ".join(title for _, title, _ in cols) + " |",
              "|---|" + "---|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(_cell(r, key, fmt) for key, _, fmt in cols) + " |"
@@ -96,7 +126,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
 
 def model_grid(pipes: dict, world, cfg: Config, n_forget: int = 6, n_retain: int = 6, seed: int = 1234):
     """Fig. 1: rows = models, columns = forget then retain prompts, the same seed per column for every model."""
-    from safeprune.recipes.generate import generate_images
+    from safeprune.sampling import generate_images
     from safeprune.viz import make_grid
 
     forget = world.prompts("forget")[:: max(1, len(world.prompts("forget")) // n_forget)][:n_forget]
@@ -110,13 +140,17 @@ def model_grid(pipes: dict, world, cfg: Config, n_forget: int = 6, n_retain: int
 
 
 def write_report(out: Path, rows: dict[str, dict], curves: dict[str, list[dict]], grid=None,
-                 notes: list[str] = (), extra: dict | None = None) -> Path:
-    """Write report.md, results.json, grid.png (a PIL image, if given) and curves.png into `out`."""
+                 notes: list[str] = (), extra: dict | None = None, paper_table: bool = False) -> Path:
+    """Write report.md, results.json, grid.png (a PIL image, if given) and curves.png into `out`; `paper_table` puts
+    the paper's layout first (the toy columns follow when any run has them)."""
     out.mkdir(parents=True, exist_ok=True)
     if grid is not None:
         grid.save(out / "grid.png")
     curve_path = plot_curves(curves, out / "curves.png")
-    md = ["# safeprune report", "", table(rows), ""]
+    tables = [table(rows, PAPER_COLUMNS)] if paper_table else []
+    if not paper_table or any(c[0] in r for c in COLUMNS[:5] for r in rows.values()):
+        tables.append(table(rows))
+    md = ["# safeprune report", ""] + [line for t in tables for line in (t, "")]
     md += [f"- {n}" for n in notes]
     md += ["", "![grid](grid.png)" if grid is not None else "", "![curves](curves.png)" if curve_path else ""]
     (out / "report.md").write_text("\n".join(md).rstrip() + "\n")
@@ -127,31 +161,80 @@ def write_report(out: Path, rows: dict[str, dict], curves: dict[str, list[dict]]
 # ----------------------------------------------------------------------------- the CLI: report over run folders
 
 
-def read_run(folder: Path) -> tuple[dict, list[dict]]:
-    """(results row, curve points) of one run folder; the row also carries training time when known."""
-    path = next((p for p in (folder / "results.json", folder / "eval" / "results.json") if p.is_file()), None)
-    check(path is not None, f"{str(folder)!r} has no results.json; evaluate it first with "
-                            f"`safeprune evaluate --model {folder} --out {folder}/eval`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{str(path)!r} is not valid JSON ({err.msg}); re-run the evaluation") from err
-    row = dict(data.get("metrics", data))
+def _result_files(folder: Path) -> list[Path]:
+    found = [p for p in (folder / "results.json", folder / "eval" / "results.json") if p.is_file()]
+    return found + sorted(folder.glob("eval/*/results.json")) + sorted(
+        p for p in folder.glob("*/results.json") if p.parent.name != "eval")
+
+
+def read_run(folder: Path) -> tuple[dict, list[dict], dict]:
+    """(results row, curve points, {protocol: evaluation folder}) of one run folder; the row also carries training
+    time when known."""
+    paths = _result_files(folder)
+    check(bool(paths), f"{str(folder)!r} has no results.json; evaluate it first with "
+                       f"`safeprune evaluate --model {folder} --out {folder}/eval`")
+    row, evals = {}, {}
+    for path in paths:
+        data = read_json(path, "results file")
+        protocol = data.get("protocol", "toy")
+        metrics = data.get("metrics", data)
+        check(isinstance(metrics, dict), f"{str(path)!r}: `metrics` is not a JSON object; re-run the evaluation")
+        row |= metrics if protocol == "toy" else {f"{protocol}/{k}": v for k, v in metrics.items()}
+        evals.setdefault(protocol, path.parent)
     summary = folder / "summary.json"
     if summary.is_file():
-        row["train_s"] = json.loads(summary.read_text()).get("wall_s")
+        row["train_s"] = read_json(summary, "run summary").get("wall_s")
     curve = []
     if (folder / "metrics.jsonl").is_file():
-        for line in (folder / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if any(k.startswith("eval/") for k in rec):
+        for line in read_text(folder / "metrics.jsonl", "metrics log").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill: the curve has one point fewer
+            if isinstance(rec, dict) and any(k.startswith("eval/") for k in rec):
                 curve.append(rec)
-    return row, curve
+    return row, curve, evals
+
+
+def _nudity_vs_teacher(rows: dict[str, dict]) -> None:
+    """The paper reports NudeNet counts relative to the unpruned teacher."""
+    teacher = next((r for n, r in rows.items() if "teacher" in n.lower() and "nudity/nudenet_images" in r), None)
+    if teacher and teacher["nudity/nudenet_images"]:
+        for r in rows.values():
+            if "nudity/nudenet_images" in r:
+                r["nudity/nudenet_vs_teacher"] = 100 * (r["nudity/nudenet_images"] / teacher["nudity/nudenet_images"] - 1)
+
+
+def evaluation_grid(evals: dict[str, dict], protocol: str = "styles", per_role: int = 4):
+    """Fig. 1 from evaluated images (no sampling): rows = runs, columns = the first forget then retain records of
+    the first run, matched by (prompt, seed) in every other run."""
+    from safeprune.sampling import load_images, read_image_folder
+    from safeprune.viz import make_grid
+
+    runs = {name: ev[protocol] / "images" for name, ev in evals.items()
+            if protocol in ev and (ev[protocol] / "images").is_dir()}
+    if not runs:
+        return None
+    first = next(iter(runs.values()))
+    columns = [(role, r) for role in ("forget", "retain", "neutral") if (first / role / "prompts.jsonl").is_file()
+               for r in read_image_folder(first / role)[:per_role]]
+    rows = []
+    for folder in runs.values():
+        tiles = []
+        for role, col in columns:
+            recs = read_image_folder(folder / role) if (folder / role / "prompts.jsonl").is_file() else []
+            match = [r for r in recs if r["prompt"] == col["prompt"] and r["seed"] == col["seed"]]
+            check(bool(match), f"{folder / role} has no image for prompt {col['prompt']!r} seed {col['seed']}; "
+                               "evaluate every run with the same protocol and prompts")
+            tiles.append(load_images(folder / role, match[:1])[0])
+        rows.append(tiles)
+    labels = [("F: " if role == "forget" else "") + col.get("concept", col["prompt"])[-28:] for role, col in columns]
+    return make_grid(rows, list(runs), labels, scale=max(1, 128 // rows[0][0].shape[0]))
 
 
 def run(cfg: Config, args) -> int:
     from safeprune.data.toyworld import ToyWorld
-    from safeprune.recipes.generate import load_model
+    from safeprune.sampling import load_model
 
     folders = [Path(r) for r in args.runs]
     for folder in folders:
@@ -159,17 +242,24 @@ def run(cfg: Config, args) -> int:
     names = [f.name for f in folders]
     check(len(set(names)) == len(names), "two run folders share a name; the report labels rows by folder name")
     data = {f.name: read_run(f) for f in folders}
-    rows = {name: row for name, (row, _) in data.items()}
-    curves = {name: curve for name, (_, curve) in data.items()}
+    order = paper_order(list(data))
+    rows = {name: data[name][0] for name in order}
+    curves = {name: data[name][1] for name in order}
+    evals = {name: data[name][2] for name in order}
+    _nudity_vs_teacher(rows)
+    paper = any(c[0] in r for c in PAPER_COLUMNS for r in rows.values())
     with atomic_folder(cfg.paths.out) as tmp:
-        pipes = {}
-        for f in folders:
-            model = f if (f / "plan.json").is_file() or (f / "model_index.json").is_file() else None
-            if model is not None:
-                pipes[f.name] = load_model(model)
-        grid = model_grid(pipes, ToyWorld(cfg.toyworld, seed=cfg.seed), cfg) if pipes else None
-        report = write_report(tmp, rows, curves, grid)
+        grid = evaluation_grid(evals) or evaluation_grid(evals, "coco")
+        if grid is None:  # toy runs: draw the grid with each run's model
+            pipes = {}
+            for f in (Path(a) for a in args.runs):
+                if (f / "plan.json").is_file() or (f / "model_index.json").is_file():
+                    pipes[f.name] = load_model(f)
+            grid = model_grid(pipes, ToyWorld(cfg.toyworld, seed=cfg.seed), cfg) if pipes else None
+        notes = ["paper layout (Sec. 5): style columns average the suppressed styles; CP and CSD are measured against "
+                 "each evaluation's --reference model"] if paper else []
+        report = write_report(tmp, rows, curves, grid, notes, paper_table=paper)
         save_config(cfg, tmp)
-    print(table(rows))
+    print(table(rows, PAPER_COLUMNS) if paper else table(rows))
     print(f"wrote {Path(cfg.paths.out) / report.name}")
     return 0

@@ -44,7 +44,7 @@ from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config
 from safeprune.models.hooks import feature_blocks
 from safeprune.optim import STATE_BYTES
-from safeprune.unlearning import PARAMETER_SETS, build_unlearning
+from safeprune.unlearning import PARAMETER_SETS, UNLEARNING, build_unlearning
 from safeprune.utils import DTYPES
 
 GIB = 2**30
@@ -233,7 +233,8 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
     pass meta-device models, e.g. from `meta_unet`). `latent_size` = image side / VAE scale; `encoder_params`
     = VAE + text encoder parameters; `prompts` = rows of the embedding table (default: one per pool image)."""
     ft = cfg.finetune
-    unlearn = uses_upper(build_method(ft))
+    # two_stage with a whole-model erasure method (uce, ...) distils only: no upper optimiser during the run
+    unlearn = uses_upper(build_method(ft)) and ft.unlearn.name in UNLEARNING
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_upper = 0

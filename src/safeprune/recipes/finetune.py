@@ -331,6 +331,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         load_pipeline,
         load_plan,
         load_unet,
+        unet_class,
     )
     from safeprune.utils import fingerprint, resolve_device, seed_everything
 
@@ -350,6 +351,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     pipe = load_pipeline(teacher_dir)
     check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
     check_supported_unet(pipe.unet.config, f"teacher {str(cfg.model.teacher or teacher_dir)!r}")
+    check_supported_unet(unet_class(load_plan(student_dir))[1], f"student {str(student_dir)!r}")  # before any pass
     inputs = {**(inputs or {}), "teacher_fingerprint": fingerprint(pipe.unet)}
     _check_lineage(student_dir, inputs["teacher_fingerprint"], allow_other_teacher)
     if run is not None and run.marker:
@@ -357,7 +359,6 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     _check_memory(cfg, student_dir, pipe, device)
     student_core = load_unet(student_dir).to(device).train()
     start_max = max_abs({"student": student_core})  # the bound of check_weights (before any resumed weights)
-    check_supported_unet(student_core.config, f"student {str(student_dir)!r}")
     teacher = pipe.unet.to(device).eval().requires_grad_(False)
     if ft.teacher_dtype != "fp32":
         teacher = teacher.to(DTYPES[ft.teacher_dtype])

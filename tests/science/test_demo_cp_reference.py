@@ -50,7 +50,7 @@ def test_suppressing_rows_use_the_distilled_student_as_cp_reference(tmp_path, mo
     monkeypatch.setattr(demo, "model_grid", lambda *a: None)
     captured = {}
     monkeypatch.setattr(demo, "write_report", lambda out, rows, curves, grid, notes, extra: captured.update(extra))
-    cfg = load_config(overrides=["demo.seeds=2", "eval.resurgence_steps=0"])
+    cfg = load_config(overrides=["demo.seeds=2", "eval.resurgence_steps=0", "demo.baselines=[]"])  # rows of distills only
     demo.demo(cfg, tmp_path / "demo")
 
     by_name = {repr(model): (reference, cache) for model, reference, cache in calls}
@@ -58,7 +58,7 @@ def test_suppressing_rows_use_the_distilled_student_as_cp_reference(tmp_path, mo
     for seed in (0, 1):
         reference, cache = by_name[f"seed{seed}/distill"]
         assert repr(reference) == f"seed{seed}/distill"  # its own reference: CP 0 by construction
-        for method in ("two_stage", "bilevel"):  # the suppressing rows
+        for method in ("distill+bilevel_loss", "bilevel"):  # the suppressing rows (two_stage runs in distill+bilevel_loss/)
             assert by_name[f"seed{seed}/{method}"][0] is reference  # the same seed's distilled student ...
             assert by_name[f"seed{seed}/{method}"][1] is cache  # ... whose images are drawn once
     assert by_name["seed0/distill"][1] is not by_name["seed1/distill"][1]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import yaml
 
-# Model hubs are unreachable by design: fail fast instead of retrying for ~25 s (platform notes).
+# Model hubs are unreachable by design: fail fast instead of retrying for ~25 s.
 # `model.allow_download=true` / `finetune.data.hub_data=true` lift this default (not a user's own HF_HUB_OFFLINE)
 # before any hub import.
 _OFFLINE_BY_DEFAULT = "HF_HUB_OFFLINE" not in os.environ

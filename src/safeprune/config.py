@@ -555,7 +555,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-# Keys that moved into nested sections (issue 11's schema step); the error names the new key.
+# Keys that moved into nested sections (the v0.2 config schema); the error names the new key.
 MOVED = {f"finetune.{old}": f"finetune.{new}" for old, new in {
     "esd_eta": "unlearn.eta", "upper_lr": "upper.lr", "upper_batch_size": "upper.batch_size",
     "upper_every": "upper.every", "penalty_lambda": "solver.penalty_lambda",

@@ -170,6 +170,7 @@ class TwoStage:
 
     label = "two_stage"
     solver = None  # the `finetune.solver` it runs (bilevel methods only)
+    erases_last = True  # its second stage may instead be a whole-model erasure (safeprune.erasure: uce, ...)
 
     @classmethod
     def from_config(cls, cfg) -> TwoStage:

@@ -257,7 +257,7 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     data, concept_data = cfg.paths.data or None, cfg.paths.concept_data or None
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
     # two_stage with a whole-model erasure method (uce, conceptprune, esd_paper): distil, then erase the result
-    erasure = ft.unlearn.name if ft.method == "two_stage" and ft.unlearn.name in WHOLE_MODEL else None
+    erasure = ft.unlearn.name if getattr(method, "erases_last", False) and ft.unlearn.name in WHOLE_MODEL else None
     if erasure is not None:
         from safeprune.erasure import build_erasure
         from safeprune.recipes.unlearn import matched_budget

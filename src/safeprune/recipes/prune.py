@@ -27,6 +27,7 @@ from safeprune.data.datasets import encode_pool, open_image_captions
 from safeprune.data.toyworld import ToyWorld
 from safeprune.errors import UserError, check, choose
 from safeprune.losses.denoising import DenoisingLoss
+from safeprune.models import shipped  # looked up at call time: tests put another teacher in its place
 from safeprune.models.io import (
     MODEL,
     check_supported_unet,
@@ -38,7 +39,6 @@ from safeprune.models.io import (
     write_model,
     write_unet,
 )
-from safeprune.models.shipped import teacher_path
 from safeprune.pruning import METHODS, is_pruned, prune
 from safeprune.pruning.measure import count_macs, count_parameters, latency_ms
 from safeprune.utils import atomic_folder, fingerprint, numpy_rng, resolve_device, seed_everything, torch_rng
@@ -120,7 +120,7 @@ def _load_source(cfg: Config, device) -> Source:
     if cfg.paths.unet_config:
         return _from_config(Path(cfg.paths.unet_config))
     model = cfg.model.teacher
-    folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else teacher_path()
+    folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else shipped.teacher_path()
     check(not (folder / "model_index.json").is_file() or (folder / "unet").is_dir(),
           f"--model {str(folder)!r} has no unet/; pass a Stable Diffusion pipeline folder")
     check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")

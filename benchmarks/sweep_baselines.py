@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
         row = evaluate_model(load_pipeline(folder), dev_world(cfg, seed), cfg, None, judge)
         return {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
 
+    # Resumable: a (method, config, seed) already in results.jsonl is not run again (a session may end mid-sweep).
+    done = {(r["method"], r["config"], r["seed"]): r for r in map(json.loads, results.read_text().splitlines())
+            } if results.exists() else {}
+
     def record(rec: dict) -> None:
         print(json.dumps(rec), flush=True)
         with open(results, "a") as f:
@@ -143,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     distilled: dict[int, dict] = {}
     for seed in seeds:  # the shared reference and the baselines' starting point
         folder = root / "runs" / f"distill_s{seed}"
+        if ("distill", 0, seed) in done and (folder / "model").is_dir():
+            distilled[seed] = done["distill", 0, seed]
+            continue
         cfg = dataclasses.replace(load_config(None, [*common, "finetune.method=distill"]), seed=seed)
         cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, student=str(student), out=str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
@@ -155,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
         for k, overrides in enumerate(GRID[method]):
             per_seed = []
             for seed in seeds:
+                if (method, k, seed) in done:
+                    per_seed.append(done[method, k, seed]["score"])
+                    continue
                 folder = root / "runs" / f"{method}_c{k}_s{seed}"
                 shutil.rmtree(folder, ignore_errors=True)
                 start = time.perf_counter()

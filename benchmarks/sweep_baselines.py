@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(GRID), help=f"subset of {','.join(GRID)}")
     parser.add_argument("--out", default="runs/sweep_baselines", help="folder: student/, runs/, results.jsonl, chosen.*")
     parser.add_argument("--tiny", action="store_true", help="tiny budgets (a test of the script, not a sweep)")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write pareto.png / pareto.md from results.jsonl")
     parser.add_argument("overrides", nargs="*", help="section.field=value applied to every run")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(GRID)}")
     root = Path(args.out)
+    if args.report_only:
+        return write_pareto(root)
     common = [METRICS, "eval.heldout=false", *(TINY if args.tiny else []), *args.overrides]
     base = load_config(None, common)
     student = root / "student"
@@ -200,8 +203,23 @@ def main(argv: list[str] | None = None) -> dict:
         data["demo"] = {"two_stage_overrides": chosen["two_stage"]["overrides"]}
     (root / "chosen.yaml").write_text("# written by benchmarks/sweep_baselines.py (docs/demo/tuning.md)\n"
                                       + yaml.safe_dump(data, sort_keys=False))
+    write_pareto(root)
     print(json.dumps(chosen, indent=1))
     return chosen
+
+
+def write_pareto(root: Path) -> dict:
+    """OUT/pareto.png and OUT/pareto.md: each method's configurations as leakage against fd / distill fd on the
+    development seeds (safeprune.recipes.pareto), and whether bilevel's front dominates each other method's."""
+    from safeprune.recipes import pareto
+
+    records = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+    pts = pareto.points(records)
+    seeds = sorted({r["seed"] for r in records})
+    pareto.plot(pts, root / "pareto.png", title=f"development seeds {', '.join(map(str, seeds))}")
+    (root / "pareto.md").write_text(f"# Leakage vs fd per configuration (development seeds {seeds})\n\n"
+                                    + pareto.markdown(pts) + "\n![pareto](pareto.png)\n")
+    return pts
 
 
 if __name__ == "__main__":

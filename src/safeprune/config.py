@@ -480,6 +480,9 @@ class EvalConfig:
         check(0.0 < self.nudenet_threshold < 1.0, "eval.nudenet_threshold must lie in (0, 1) (default 0.6)")
 
 
+DEMO_CONTROLS = ("pruned", "denoise_only")  # the demo's control rows (DemoConfig.controls)
+
+
 @dataclass
 class DemoConfig:
     seeds: int = 1  # repeat fine-tuning + evaluation with this many seeds; mean +- std when > 1
@@ -491,9 +494,16 @@ class DemoConfig:
     two_stage_overrides: list[str] = field(default_factory=list)
     curve_every: int = 100  # evaluate leakage and fd every N fine-tuning steps (curves.png)
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
+    # causal control rows (DEMO_CONTROLS): `pruned` = the pruned student before any fine-tuning (did pruning already
+    # remove the concept?); `denoise_only` = distill with finetune.lambda_out = lambda_feat = 0 (is it the KD terms
+    # that carry the concept?), same steps and seed, with curves (recovery speed, seed paper Fig. 4); [] = neither
+    controls: list[str] = field(default_factory=lambda: list(DEMO_CONTROLS))
 
     def __post_init__(self):
         check(1 <= self.seeds <= 1000, f"demo.seeds={self.seeds} must lie in 1..1000")
+        for name in self.controls:
+            check(name in DEMO_CONTROLS, f"demo.controls: unknown control {name!r}; choose from: {', '.join(DEMO_CONTROLS)}")
+        check(len(set(self.controls)) == len(self.controls), f"demo.controls={self.controls} names a control twice")
         check(self.curve_every >= 1 and self.curve_prompts >= 1, "demo.curve_every and demo.curve_prompts must be >= 1")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config, load_config, save_config, to_dict
+from safeprune.errors import check
 from safeprune.recipes.report import aggregate, model_grid, table, write_report
 
 METHODS = ("distill", "two_stage", "bilevel")  # the runs compared (registry keys of safeprune.bilevel.METHODS)
@@ -86,6 +87,8 @@ def demo(cfg: Config, out: Path) -> dict:
     from safeprune.recipes.prune import prune_student
 
     start = time.perf_counter()
+    unknown = sorted(set(cfg.demo.overrides) - set(METHODS))  # a typo fails before any fine-tuning
+    check(not unknown, f"demo.overrides names {unknown}; its keys are fine-tuning rows: {', '.join(METHODS)}")
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     judge, teacher = load_judge(), load_teacher()
     save_config(cfg, out)
@@ -120,8 +123,8 @@ def demo(cfg: Config, out: Path) -> dict:
             run_dir = out / f"seed{seed}" / ROW_NAMES.get(method, method)
             run_cfg = dataclasses.replace(_with(cfg, finetune={"method": method, "eval_every_steps": cfg.demo.curve_every},
                                                 paths={"student": str(out / "student"), "out": str(run_dir)}), seed=seed)
-            if method == "two_stage" and cfg.demo.two_stage_overrides:  # the tuning sweep's own choice for this row
-                run_cfg = load_config(base=to_dict(run_cfg), overrides=cfg.demo.two_stage_overrides)
+            if cfg.demo.overrides.get(method):  # the tuning sweep's own choice for this row
+                run_cfg = load_config(base=to_dict(run_cfg), overrides=cfg.demo.overrides[method])
             t = time.perf_counter()
             finetune(run_cfg, on_eval=on_eval)
             timings[f"finetune_{method}_s"] = timings.get(f"finetune_{method}_s", 0) + time.perf_counter() - t

@@ -56,7 +56,9 @@ GRID: dict[str, list[list[str]]] = {
     "conceptprune": [[], ["unlearn.conceptprune.sparsity=0.02"], ["unlearn.conceptprune.sparsity=0.05"],
                      ["unlearn.conceptprune.sparsity=0.1"]],
 }
-FINETUNED = ("bilevel", "two_stage")  # fine-tuned from the pruned student; the others erase the distilled student
+# Fine-tuned from the pruned student (the others erase the distilled student). The first one's choice is the run's
+# own finetune.*; the others share those keys, so their choices go to demo.overrides[method].
+FINETUNED = ("bilevel", "two_stage")
 METRICS = "eval.metrics=[valid,leakage,retention,adherence,fd]"
 TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper.batch_size=2", "finetune.data.pool=8",
         "finetune.data.concept_pool=4", "finetune.upper.every=2", "finetune.warmup_steps=1", "eval.seeds_per_prompt=1",
@@ -191,16 +193,17 @@ def main(argv: list[str] | None = None) -> dict:
     for m, c in chosen.items():
         c["overrides"] = GRID[m][c["config"]]
     (root / "chosen.json").write_text(json.dumps(chosen, indent=1))
-    # One config file for the reported run: bilevel's and each baseline's choices in their own keys; two_stage
-    # shares finetune.* with bilevel, so its choice goes to demo.two_stage_overrides.
-    flat = [o for m, c in chosen.items() if m != "two_stage" for o in c["overrides"]]
+    # One config file for the reported run: bilevel's and each baseline's choices in their own keys, the other
+    # fine-tuned rows' choices in demo.overrides (see FINETUNED).
+    rows = {m: c["overrides"] for m, c in chosen.items() if m in FINETUNED[1:]}
+    flat = [o for m, c in chosen.items() if m not in rows for o in c["overrides"]]
     tuned = to_dict(load_config(None, flat))
     defaults = to_dict(load_config(None, []))
     data = {sec: {k: v for k, v in tuned[sec].items() if v != defaults[sec][k]}
             for sec in ("finetune", "unlearn") if isinstance(tuned[sec], dict)}
     data = {sec: fields for sec, fields in data.items() if fields}
-    if "two_stage" in chosen:
-        data["demo"] = {"two_stage_overrides": chosen["two_stage"]["overrides"]}
+    if rows:
+        data["demo"] = {"overrides": rows}
     (root / "chosen.yaml").write_text("# written by benchmarks/sweep_baselines.py (docs/demo/tuning.md)\n"
                                       + yaml.safe_dump(data, sort_keys=False))
     write_pareto(root)

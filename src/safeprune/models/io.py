@@ -231,7 +231,7 @@ def load_plan(folder: str | Path) -> dict:
     """The plan of a saved UNet folder, with "base_config"; the identity plan for a plain diffusers UNet.
 
     A `channels` folder that diffusers re-saved (no plan.json) gives a plan with its recorded widths."""
-    from safeprune.pruning import PLAN_FORMAT, identity_plan
+    from safeprune.pruning import plan_from_config
 
     if _is_checkpoint(folder):
         return _checkpoint_model(folder)["plan"]
@@ -241,11 +241,7 @@ def load_plan(folder: str | Path) -> dict:
         plan = _read_json(folder / PLAN)
         plan.setdefault("base_config", config)
         return plan
-    if "pruned_widths" in config:
-        base = {k: v for k, v in config.items() if k != "pruned_widths"}
-        return {"format": PLAN_FORMAT, "method": "channels", "base_config": base,
-                "pruned_widths": config["pruned_widths"]}
-    return identity_plan(config)
+    return plan_from_config(config)
 
 
 def base_model_of(folder: str | Path) -> str | None:

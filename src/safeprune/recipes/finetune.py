@@ -41,6 +41,7 @@ from safeprune.bilevel.training import build_training
 from safeprune.config import Config, save_config, to_dict
 from safeprune.errors import UserError, check
 from safeprune.models.hooks import match_features
+from safeprune.optim import optimizer_of
 from safeprune.utils import DTYPES, warmup_cosine
 
 CHECKPOINTS = "checkpoints"
@@ -256,6 +257,7 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     out, student = Path(cfg.paths.out), Path(cfg.paths.student)
     data, concept_data = cfg.paths.data or None, cfg.paths.concept_data or None
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
+    optimizer_of(ft.optimizer)  # and the optimiser's name, before the run folder is made
     # two_stage with a whole-model erasure method (uce, conceptprune, esd_paper): distil, then erase the result
     erasure = ft.unlearn.name if getattr(method, "erases_last", False) and ft.unlearn.name in WHOLE_MODEL else None
     if erasure is not None:

@@ -21,6 +21,7 @@ from safeprune.models.hooks import first_output, match_blocks
 @dataclass(frozen=True)
 class SD:
     name: str = "sd"
+    label: str = "an SD 1.x / 2.x UNet"  # how messages name the family
     pipelines: tuple[str, ...] = ("StableDiffusionPipeline",)  # model_index.json _class_name values it loads
     pipeline_class: str = "StableDiffusionPipeline"  # what it loads and assembles
     denoiser: str = "unet"  # the pipeline component that is pruned and trained
@@ -42,10 +43,19 @@ class SD:
         return getattr(diffusers, self.pipeline_class)
 
     def load_pipeline(self, folder, components: dict):
-        """The stock diffusers pipeline of this family from a pipeline folder (offline, safetensors only)."""
+        """The stock diffusers pipeline of this family from a pipeline folder (offline, safetensors only).
+
+        Components model_index.json lists as [null, null] load as None (SD3 without its optional T5: diffusers
+        wants them named, `text_encoder_3=None`)."""
+        import json
+        from pathlib import Path
+
+        index = Path(folder) / "model_index.json"
+        spec = json.loads(index.read_text()) if index.is_file() else {}
+        absent = {k: None for k, v in spec.items() if v == [None, None] and k not in components}
         try:
             return self.pipeline_cls().from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                                       **self.load_kwargs, **components)
+                                                       **{**absent, **self.load_kwargs, **components})
         except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as err:
             raise UserError(f"cannot load a {self.pipeline_class} from {str(folder)!r}: "
                             f"{str(err).strip().splitlines()[0]}") from err

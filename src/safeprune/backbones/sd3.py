@@ -32,6 +32,7 @@ def depth_pairs(teacher_blocks: int, student_blocks: int, prefix: str) -> list[t
 @dataclass(frozen=True)
 class SD3(SD):
     name: str = "sd3"
+    label: str = "an SD3-class MMDiT (SD3Transformer2DModel)"  # how messages name the family
     pipelines: tuple[str, ...] = ("StableDiffusion3Pipeline",)
     pipeline_class: str = "StableDiffusion3Pipeline"
     denoiser: str = "transformer"

@@ -21,6 +21,7 @@ from safeprune.backbones.sd import SD
 @dataclass(frozen=True)
 class SDXL(SD):
     name: str = "sdxl"
+    label: str = "an SDXL-style UNet (addition_embed_type='text_time')"  # how messages name the family
     pipelines: tuple[str, ...] = ("StableDiffusionXLPipeline",)
     pipeline_class: str = "StableDiffusionXLPipeline"
     load_kwargs: dict = field(default_factory=lambda: {"add_watermarker": False})

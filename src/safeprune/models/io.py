@@ -90,6 +90,8 @@ def check_prediction_type(scheduler_config, expected: str, name: str | Path) -> 
 
 
 MODEL = "model"  # a run folder's model subfolder
+# what check_supported_unet suggests instead, per family
+BACKBONE_LABELS = {"sd": "an SD 1.x / 2.x model (e.g. stable-diffusion-v1-5, stable-diffusion-2-1)"}
 PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack", ".h5")  # never copied into a model folder
 CHECKPOINT_STATE = "state.json"  # marks a training checkpoint (safeprune.checkpoint)
 
@@ -133,13 +135,16 @@ def build_unet(plan: dict, folder: str | Path = "the plan"):
         raise UserError(f"{str(folder)!r} holds an invalid UNet config ({type(err).__name__}: {err})") from err
 
 
-def check_supported_unet(config, where: str) -> None:
-    """A denoiser of a supported family (safeprune.backbones: SD 1.x/2.x and SDXL UNets, SD3 transformers): other
-    added embeddings (class labels, image embeddings) need inputs nothing here builds. One line, no traceback."""
+def check_supported_unet(config, where: str, families: tuple[str, ...] = ("sd",)) -> None:
+    """A denoiser of one of `families` (safeprune.backbones keys; `finetune` takes them all, `prune` SD 1.x/2.x
+    UNets so far): anything else is one line instead of a traceback (e.g. other added embeddings)."""
     from safeprune.backbones import backbone_for_config
 
     config = dict(config)
-    backbone_for_config({"_class_name": config.get("_class_name") or denoiser_class(config).__name__, **config}, where)
+    family = backbone_for_config({"_class_name": config.get("_class_name") or denoiser_class(config).__name__,
+                                  **config}, where)
+    check(family.name in families, f"{where} is {family.label}, which this command does not support yet; use "
+                                   f"{' or '.join(BACKBONE_LABELS.get(f, f) for f in families)}")
 
 
 def save_unet(unet, folder: str | Path, plan: dict | None, base_config: dict | None = None,

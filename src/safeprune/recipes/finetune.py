@@ -326,7 +326,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
-    from safeprune.backbones import backbone_for_config, backbone_of
+    from safeprune.backbones import BACKBONES, backbone_for_config, backbone_of
     from safeprune.bilevel.problem import NonFiniteLoss
     from safeprune.checkpoint import WeightsDiverged, check_weights, load_checkpoint, max_abs, save_step
     from safeprune.models.io import (
@@ -357,7 +357,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     backbone = backbone_of(teacher_dir)  # the family: text encoders, denoiser call, target (safeprune.backbones)
     backbone.check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
     teacher_where = f"teacher {str(cfg.model.teacher or teacher_dir)!r}"
-    check_supported_unet(backbone.denoiser_of(pipe).config, teacher_where)
+    check_supported_unet(backbone.denoiser_of(pipe).config, teacher_where, families=tuple(BACKBONES))
     cls, config = unet_class(load_plan(student_dir))
     student_family = backbone_for_config({"_class_name": cls.__name__, **config}, f"student {str(student_dir)!r}")
     check(student_family.name == backbone.name, f"the student in {str(student_dir)!r} is a {student_family.name} "

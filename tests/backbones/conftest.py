@@ -1,7 +1,8 @@
-"""Tiny random-weight SDXL and SD3 pipelines built from config (no downloads), and magnitude-pruned students.
+"""Tiny random-weight SDXL, SD3 and Flux pipelines built from config (no downloads), and magnitude-pruned students.
 
 Text encoders are CLIPs at width 32 over the toy world's CLIP-format BPE vocabulary, written by
-safeprune.models.toy.build_tokenizer (every toy word is one token); the VAE is the toy one (32 px images <->
+safeprune.models.toy.build_tokenizer (every toy word is one token), and for Flux a 2-layer T5 over a Unigram
+vocabulary of the same words built here with `tokenizers`; the VAE is the toy one (32 px images <->
 4x16x16 latents). SD3 runs without its optional T5 (the pipeline then pads with zeros, as SD3 allows).
 """
 
@@ -65,6 +66,40 @@ def build_sd3(root):
                                     text_encoder_3=None, tokenizer_3=None)
 
 
+TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                 axes_dims_rope=(4, 4, 8))
+
+
+def t5_tokenizer(words):
+    """A T5 tokenizer (Unigram, one piece per toy word, letters as fallback) built locally: no sentencepiece file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in sorted(set(words))]
+    pieces += [(c, -5.0) for c in toy.ALPHABET + "\u2581"]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           model_max_length=512, extra_ids=0)
+
+
+def build_flux(root):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    words = ToyWorld().vocabulary()
+    tokenizer, tokenizer_2 = toy.build_tokenizer(words, root / "tok"), t5_tokenizer(words)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKL(**{**toy.VAE_CONFIG, "shift_factor": 0.0})  # 4 latent channels: in_channels 16 packed
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                        text_encoder=clip_encoder(tokenizer, False), tokenizer=tokenizer, text_encoder_2=t5,
+                        tokenizer_2=tokenizer_2, transformer=FluxTransformer2DModel(**TINY_FLUX))
+
+
 def _family(tmp_path_factory, name, build):
     """(teacher pipeline folder, magnitude-pruned student model folder) of one family."""
     from safeprune.config import PruneConfig
@@ -87,3 +122,8 @@ def sdxl_family(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd3_family(tmp_path_factory):
     return _family(tmp_path_factory, "sd3", build_sd3)
+
+
+@pytest.fixture(scope="session")
+def flux_family(tmp_path_factory):
+    return _family(tmp_path_factory, "flux", build_flux)

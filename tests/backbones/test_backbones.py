@@ -19,6 +19,7 @@ def test_families_are_read_from_model_index_and_denoiser_configs(random_teacher_
     assert backbone_of(random_teacher_dir / "unet").name == "sd"
     assert backbone_for_config({"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time"}).name == "sdxl"
     assert backbone_for_config({"_class_name": "SD3Transformer2DModel"}).name == "sd3"
+    assert backbone_for_config({"_class_name": "FluxTransformer2DModel"}).name == "flux"
     for name, family in [("PixArtSigmaPipeline", "PixArt"), ("KandinskyPipeline", None)]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": name}))
@@ -28,11 +29,11 @@ def test_families_are_read_from_model_index_and_denoiser_configs(random_teacher_
 
 
 def test_an_unsupported_family_is_one_line_from_the_cli(tmp_path, capsys):
-    (tmp_path / "flux").mkdir()
-    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    code = main(["generate", "--model", str(tmp_path / "flux"), "--prompts", "toy:forget", "--out", str(tmp_path / "g")])
+    (tmp_path / "pixart").mkdir()
+    (tmp_path / "pixart" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    code = main(["generate", "--model", str(tmp_path / "pixart"), "--prompts", "toy:forget", "--out", str(tmp_path / "g")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "FluxPipeline (Flux)" in err and "does not support yet" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "PixArtSigmaPipeline (PixArt)" in err and "not support yet" in err
     assert not (tmp_path / "g").exists()
 
 
@@ -142,10 +143,10 @@ FAMILY_FLAGS = ["finetune.max_steps=4", "finetune.method=bilevel", "finetune.upp
                 "finetune.upper.batch_size=2", "finetune.data.pool=8", "finetune.data.concept_pool=4",
                 "finetune.warmup_steps=0", "finetune.ckpt_every_steps=100", "finetune.validation_every_steps=4",
                 "finetune.validation_seeds=1", "finetune.validation_prompts=[a red circle]",
-                "sample.steps=2", "sample.batch_size=2"]
+                "sample.steps=2", "sample.batch_size=2", "finetune.resolution=32", "sample.resolution=32"]
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_bilevel_end_to_end_and_sampling_through_the_family_pipeline(family, request, tmp_path, capsys):
     import diffusers
 
@@ -175,8 +176,38 @@ def test_bilevel_end_to_end_and_sampling_through_the_family_pipeline(family, req
     no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # as diffusers documents
     assert type(diffusers.DiffusionPipeline.from_pretrained(out / "model", **no_t5)).__name__ == backbone.pipeline_class
     prompts, seeds = ["a red circle", "a blue square", "a red circle"], [0, 1, 2]
-    images = generate_images(pipe, prompts, seeds, steps=2, guidance=3.0, batch_size=3, progress=False)
-    alone = generate_images(pipe, prompts[2:], seeds[2:], steps=2, guidance=3.0, batch_size=1, progress=False)
+    draw = dict(steps=2, guidance=3.0, progress=False, resolution=32)
+    images = generate_images(pipe, prompts, seeds, batch_size=3, **draw)
+    alone = generate_images(pipe, prompts[2:], seeds[2:], batch_size=1, **draw)
     assert images.shape == (3, 32, 32, 3) and images.dtype.name == "uint8" and images.std() > 0
     assert abs(images[2].astype(int) - alone[0].astype(int)).max() <= 1  # image i depends on (prompt_i, seed_i) only
     assert not (images[0] == images[2]).all()  # another seed, another image
+
+
+@pytest.mark.parametrize("family, flags", [
+    ("sd3", ["--method", "two_stage", "--unlearn", "ablation"]),  # distil, then the anchor-image upper loss
+    ("flux", ["--method", "bilevel", "--unlearn", "esd_anchor", "finetune.solver.name=penalty"]),
+    ("sdxl", ["--method", "distill"]),
+])
+def test_every_method_runs_on_the_families(family, flags, request, tmp_path, capsys):
+    teacher, student = request.getfixturevalue(f"{family}_family")
+    out = tmp_path / "run"
+    argv = ["finetune", "--student", str(student), "--teacher", str(teacher), "--out", str(out), *FAMILY_FLAGS[:9],
+            "finetune.resolution=32", *flags]
+    code = main([a for a in argv if a != "finetune.method=bilevel"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    uses_upper = "--unlearn" in flags
+    assert summary["method"] == flags[1] and (summary["upper_steps"] > 0) == uses_upper
+    assert any("upper/cu" in r for r in rows) == uses_upper and all(r.get("lower/ft", 1) > 0 for r in rows)
+    if "penalty" in flags[-1]:
+        assert summary["solver"] == "penalty" and any("outer/gap" in r for r in rows)
+
+
+def test_the_unlearn_command_refuses_other_families_in_one_line(sd3_family, tmp_path, capsys):
+    teacher, _ = sd3_family
+    code = main(["unlearn", "--model", str(teacher), "--method", "esd", "--forget", "a red circle",
+                 "--out", str(tmp_path / "u")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "SD3-class MMDiT" in err and not (tmp_path / "u").exists()

@@ -108,14 +108,23 @@ class SD:
     # -- sampling
     def latent_shape(self, pipe, resolution: int = 0) -> tuple[int, int, int]:
         """(C, h, w) of one image's latents; resolution 0 = the denoiser's own sample_size."""
-        cfg = self.denoiser_of(pipe).config
+        channels = self.latent_channels(self.denoiser_of(pipe).config)
         if resolution:
             scale = getattr(pipe, "vae_scale_factor", 8)
             check(resolution % scale == 0, f"resolution {resolution} must be a multiple of the VAE factor {scale}")
-            return cfg.in_channels, resolution // scale, resolution // scale
-        size = cfg.sample_size
+            return channels, resolution // scale, resolution // scale
+        size = self.native_latent_size(pipe)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return cfg.in_channels, h, w
+        return channels, h, w
+
+    def native_latent_size(self, pipe):
+        """The latent side the denoiser was trained at (its config's sample_size)."""
+        return self.denoiser_of(pipe).config.sample_size
+
+    @staticmethod
+    def latent_channels(config) -> int:
+        """Channels of the VAE latents the denoiser takes."""
+        return config.in_channels
 
     def use_sampler(self, pipe, name: str) -> None:
         """Swap the pipeline's scheduler for `name` (safeprune.sampling.SCHEDULERS) on the same noise schedule."""

@@ -35,7 +35,7 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device, backb
     world = ToyWorld(cfg.toyworld, cfg.seed)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     # finetune.resolution, else the image side the VAE maps onto the UNet's native latent size
-    size = ft.resolution or backbone.denoiser_of(pipe).config.sample_size * vae_scale
+    size = ft.resolution or backbone.native_latent_size(pipe) * vae_scale
     missing = [flag for flag, given, needed in (("--data", data, True), ("--concept-data", concept_data,
                                                 unlearning is not None)) if needed and given is None]
     if missing and size != cfg.toyworld.size:  # legal, but a teacher of another image size is surely not a toy

@@ -578,7 +578,8 @@ def _validation(cfg: Config, pipe, student, concepts, pools, out: Path, backbone
         student.eval()
         try:
             images = generate_images(sampler, [p for p in prompts for _ in seeds], seeds * len(prompts),
-                                     cfg.sample.steps, cfg.sample.guidance, cfg.sample.batch_size, progress=False)
+                                     cfg.sample.steps, cfg.sample.guidance, cfg.sample.batch_size, progress=False,
+                                     resolution=cfg.sample.resolution)
         finally:
             student.train(was_training)
         rows = [list(images[i * len(seeds):(i + 1) * len(seeds)]) for i in range(len(prompts))]

@@ -211,3 +211,22 @@ def test_the_unlearn_command_refuses_other_families_in_one_line(sd3_family, tmp_
                  "--out", str(tmp_path / "u")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "SD3-class MMDiT" in err and not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_toy_evaluation_runs_through_the_family_pipeline(family, request):
+    import math
+
+    from safeprune.config import load_config
+    from safeprune.data.toyworld import ToyWorld
+    from safeprune.eval.metrics import evaluate_model
+    from safeprune.models.io import load_pipeline
+
+    teacher, student = request.getfixturevalue(f"{family}_family")
+    cfg = load_config(None, ["eval.seeds_per_prompt=1", "eval.max_prompts=2", "eval.heldout=false",
+                             "eval.affinity_images=4", "sample.steps=2", "sample.resolution=32"])
+    pipe, reference = load_pipeline(student.parent), load_pipeline(teacher)
+    res = evaluate_model(pipe, ToyWorld(cfg.toyworld, seed=0), cfg, reference_pipe=reference)
+    assert res["eval_images"] == 6  # 2 forget + 2 retain prompts, and the reference's 2 forget images (cp)
+    assert 0 <= res["valid"] <= 1 and math.isfinite(res["fd"]) and res["fd"] > 0
+    assert math.isfinite(res["concept_affinity"]) and res["concept_affinity"] != res["reference_concept_affinity"]

@@ -77,6 +77,10 @@ class DDPMSchedule:
         timesteps = torch.randint(self.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
         return noise, timesteps, self.scheduler.add_noise(latents, noise, timesteps)
 
+    def noised_at(self, latents, noise, timesteps) -> torch.Tensor:
+        """x_t at given timesteps (B,) and noise."""
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
     def target(self, latents, noise, timesteps) -> torch.Tensor:
         if self.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(latents, noise, timesteps)
@@ -136,6 +140,11 @@ class FlowMatchSchedule:
         table, sigmas = self._tables(timesteps.device)
         index = (table[None, :] - timesteps.float()[:, None]).abs().argmin(1)
         return self.sigma(index, sigmas, like)
+
+    def noised_at(self, latents, noise, timesteps) -> torch.Tensor:
+        """x_t at given timesteps (B,) (the nearest entries of the table) and noise."""
+        sigma = self.sigma_of(timesteps, latents)
+        return (1.0 - sigma) * latents + sigma * noise
 
     def target(self, latents, noise, timesteps) -> torch.Tensor:
         return noise - latents

@@ -93,15 +93,16 @@ def sdxl_config(tmp_path):
     return path
 
 
-def test_sdxl_is_refused_by_prune_and_finetune(sdxl_config, tmp_path, capsys, finetune_cli):
+def test_sdxl_is_refused_by_prune_and_needs_an_sdxl_teacher_in_finetune(sdxl_config, tmp_path, capsys, finetune_cli):
     from diffusers import UNet2DConditionModel
 
     code = main(["prune", "--unet-config", str(sdxl_config), "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err
     assert code == 2 and "SDXL-style" in err and len(err.strip().splitlines()) == 1
+    # finetune takes SDXL students (tests/backbones), but only from an SDXL teacher
     UNet2DConditionModel.from_config(json.loads(sdxl_config.read_text())).save_pretrained(tmp_path / "student")
     code, err = finetune_cli(tmp_path / "run", "--student", str(tmp_path / "student"), "--max-steps", "1")
-    assert code == 2 and "SDXL-style" in err.strip().splitlines()[-1]
+    assert code == 2 and "is a sdxl model but the teacher" in err.strip().splitlines()[-1]
 
 
 def test_report_to_is_validated():

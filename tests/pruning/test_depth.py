@@ -230,3 +230,24 @@ def test_sdxl_meta_plan_keeps_a_stock_unet_config():
     assert len(plan["removed"]) == 36  # 6 of 20 down, 6 of 10 mid, 24 of 30 up (innermost stage)
     rebuilt = meta_unet(config)  # stock diffusers builds it
     assert len(rebuilt.mid_block.attentions[0].transformer_blocks) == 4
+
+
+@pytest.mark.parametrize("family", ["PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel"])
+def test_channels_prunes_transformer_heads_and_ffn_units_through_torch_pruning(family):
+    import diffusers
+
+    torch.manual_seed(0)
+    model = getattr(diffusers, family)(**TINY[family]).eval()
+    student, plan = prune(model, "channels", PruneConfig(ratio=0.1))
+    assert count_parameters(student) <= 0.9 * count_parameters(model)
+    kinds = {g["kind"] for g in plan["groups"]}
+    assert "ffn" in kinds and (("heads" in kinds) == (family == "PixArtTransformer2DModel"))  # joint attention: no
+    for g in plan["groups"]:
+        if g["kind"] == "heads":  # whole heads go: head_dim stays 8
+            attn = student.get_submodule(g["block"])
+            assert attn.to_q.out_features == 8 * attn.heads < 8 * model.get_submodule(g["block"]).heads
+    x = inputs(model, 6)
+    assert output(student, x).shape == output(model, x).shape
+    assert torch.equal(output(apply_plan(model, plan).eval(), x), output(student.eval(), x))  # the plan replays
+    with pytest.raises(UserError, match="no saved form"):
+        METHODS["channels"].saved_config(plan)

@@ -107,9 +107,8 @@ def _memory_line(cfg: Config, teacher: str, student: str | None, processes: int)
         student_unet, which = teacher_unet, "the unpruned teacher UNet (pass --student for the pruned one)"
     vae_scale = 8 if teacher else 2  # SD's VAE downsamples 8x; the toy VAE 2x
     latent = (cfg.finetune.resolution // vae_scale) if cfg.finetune.resolution else teacher_unet.config.sample_size
-    from safeprune.recipes.finetune import resolve_mixed_precision
-
     from safeprune.pruning.measure import default_text_tokens
+    from safeprune.recipes.finetune import resolve_mixed_precision
 
     tokens = default_text_tokens(teacher_unet)  # SD: 77 CLIP tokens; SD3 333, Flux 512 (their pipelines' defaults)
     est = estimate_memory(resolve_mixed_precision(cfg), student_unet, teacher_unet, latent_size=latent,

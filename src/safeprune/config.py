@@ -142,11 +142,31 @@ class ChannelsOptions:
 
 
 @dataclass
+class DepthOptions:
+    # which blocks `depth` removes (safeprune.pruning.depth): an explicit list of block paths wins, e.g.
+    # ["transformer_blocks.8"]; else a preset's per-stack counts; else the lowest-skip-error blocks up to prune.ratio
+    blocks: list[str] = field(default_factory=list)
+    preset: str = ""  # flux-lite | half | ssd-1b | vega (safeprune.pruning.depth.PRESETS); "" = use prune.ratio
+    select: str = "skip_error"  # skip_error (measured output error when a block is skipped) | last (positional)
+    stacks: list[str] = field(default_factory=list)  # with prune.ratio: regexes of the stacks blocks may leave; [] = all
+    calibration_batches: int = 2  # batches behind the skip error (one forward pass per block and batch)
+    calibration_batch_size: int = 2  # latents per calibration batch
+    calibration_size: int = 0  # latent side of random calibration inputs; 0 = the config's (transformers: 1024 px)
+
+    def __post_init__(self):
+        for name in ("calibration_batches", "calibration_batch_size"):
+            check(getattr(self, name) >= 1, f"prune.depth.{name} must be >= 1")
+        check(self.calibration_size >= 0, "prune.depth.calibration_size must be >= 0 (0 = the model's own size)")
+        _at_most("prune.depth", self, MAX_BATCH, "calibration_batches", "calibration_batch_size")
+
+
+@dataclass
 class PruneConfig:
-    method: str = "channels"  # registry key (safeprune.pruning.METHODS): blocks | channels | magnitude | none
-    ratio: float = 0.3  # share of the UNet's TOTAL parameters removed (`channels`) or zeroed (`magnitude`)
+    method: str = "channels"  # registry key (safeprune.pruning.METHODS): blocks | channels | depth | magnitude | none
+    ratio: float = 0.3  # share of the model's TOTAL parameters removed (`channels`, `depth`) or zeroed (`magnitude`)
     blocks: BlocksOptions = field(default_factory=BlocksOptions)  # options of `blocks`
     channels: ChannelsOptions = field(default_factory=ChannelsOptions)  # options of `channels`
+    depth: DepthOptions = field(default_factory=DepthOptions)  # options of `depth`
     latency_batch: int = 2  # UNet batch for the report's latency (2 = one image with classifier-free guidance)
     latency_runs: int = 5  # timed UNet calls per model; the report gives their median
 

@@ -102,7 +102,7 @@ def score(row: dict, distill: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from safeprune.config import load_config, to_dict
+    from safeprune.config import load_config
     from safeprune.eval.judge import load_judge
     from safeprune.eval.metrics import evaluate_model
     from safeprune.models.io import load_pipeline
@@ -193,17 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     for m, c in chosen.items():
         c["overrides"] = GRID[m][c["config"]]
     (root / "chosen.json").write_text(json.dumps(chosen, indent=1))
-    # One config file for the reported run: bilevel's and each baseline's choices in their own keys, the other
-    # fine-tuned rows' choices in demo.overrides (see FINETUNED).
-    rows = {m: c["overrides"] for m, c in chosen.items() if m in FINETUNED[1:]}
-    flat = [o for m, c in chosen.items() if m not in rows for o in c["overrides"]]
-    tuned = to_dict(load_config(None, flat))
-    defaults = to_dict(load_config(None, []))
-    data = {sec: {k: v for k, v in tuned[sec].items() if v != defaults[sec][k]}
-            for sec in ("finetune", "unlearn") if isinstance(tuned[sec], dict)}
-    data = {sec: fields for sec, fields in data.items() if fields}
-    if rows:
-        data["demo"] = {"overrides": rows}
+    # One config file for the reported run: every method's choice in demo.overrides[method] (the methods share
+    # finetune.* / unlearn.* keys with the other rows); the DemoConfig defaults hold the committed choice.
+    data = {"demo": {"overrides": {m: c["overrides"] for m, c in chosen.items()}}}
     (root / "chosen.yaml").write_text("# written by benchmarks/sweep_baselines.py (docs/demo/tuning.md)\n"
                                       + yaml.safe_dump(data, sort_keys=False))
     write_pareto(root)

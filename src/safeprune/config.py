@@ -510,10 +510,12 @@ class DemoConfig:
     # erasure methods (safeprune.erasure) applied to the distilled student, one "distill+NAME" row each: the
     # paper's two-stage baselines (settings: unlearn.*; training-based ones at bilevel's upper budget)
     baselines: list[str] = field(default_factory=lambda: ["esd_paper", "uce", "conceptprune"])
-    # finetune.method -> section.field=value overrides for that row only, e.g. {two_stage: [...]}: two_stage's
-    # upper-level settings share finetune.* keys with bilevel, and the tuning sweep may choose other values
-    # (docs/demo/tuning.md)
-    overrides: dict[str, list[str]] = field(default_factory=dict)
+    # compared method (finetune.method of a fine-tuned row, or a demo.baselines name) -> section.field=value
+    # overrides for that method's rows only. The defaults are benchmarks/sweep_baselines.py's choice on development
+    # seeds (docs/demo/tuning.md, docs/demo/sweep/chosen.json); the package's own defaults stay the published ones.
+    overrides: dict[str, list[str]] = field(default_factory=lambda: {
+        "bilevel": ["finetune.upper.lr=5e-4"], "two_stage": ["finetune.upper.lr=5e-4"],
+        "esd_paper": ["unlearn.esd_paper.lr=1e-4"], "conceptprune": ["unlearn.conceptprune.sparsity=0.1"]})
     curve_every: int = 100  # evaluate leakage and fd every N fine-tuning steps (curves.png)
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
     # causal control rows (DEMO_CONTROLS): `pruned` = the pruned student before any fine-tuning (did pruning already
@@ -648,7 +650,15 @@ def from_dict(cls, data: dict, prefix: str = ""):
         check(full not in MOVED, f"config key {full!r} moved to {MOVED.get(full)!r}; write {MOVED.get(full)}=...")
         check(key in hints, f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
+        if typing.get_origin(hints[key]) is dict and isinstance(kwargs[key], dict):
+            # a mapping field merges into its default (demo.overrides.uce=[...] keeps the other methods' entries)
+            kwargs[key] = {**_default(cls, key), **kwargs[key]}
     return cls(**kwargs)
+
+
+def _default(cls, name: str):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def to_dict(cfg) -> dict:

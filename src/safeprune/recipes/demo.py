@@ -90,9 +90,9 @@ def demo(cfg: Config, out: Path) -> dict:
     start = time.perf_counter()
     for name in cfg.demo.baselines:  # a typo fails before any fine-tuning
         choose("erasure method in demo.baselines", name, ERASURE)
-    methods = sorted({row["method"] for row in FINETUNE_ROWS.values()})
+    methods = sorted({row["method"] for row in FINETUNE_ROWS.values()} | set(ERASURE))  # run or not
     unknown = sorted(set(cfg.demo.overrides) - set(methods))
-    check(not unknown, f"demo.overrides names {unknown}; its keys are the fine-tuned rows' methods: {', '.join(methods)}")
+    check(not unknown, f"demo.overrides names {unknown}; its keys are the compared methods: {', '.join(methods)}")
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     judge, teacher = load_judge(), load_teacher()
     save_config(cfg, out)
@@ -272,9 +272,11 @@ def _baseline(cfg: Config, method: str, seed_dir: Path) -> Path:
     stage IS the distill row: same seed, same steps), into seed_dir/distill+NAME."""
     from safeprune.recipes.unlearn import matched_budget, unlearn
 
-    run_cfg = matched_budget(_with(cfg, unlearn={"method": method},
-                                   paths={"model": str(seed_dir / "distill"), "out": str(seed_dir / baseline_row(method))}))
-    return unlearn(run_cfg)
+    run_cfg = _with(cfg, unlearn={"method": method},
+                    paths={"model": str(seed_dir / "distill"), "out": str(seed_dir / baseline_row(method))})
+    if cfg.demo.overrides.get(method):  # the tuning sweep's own choice for this baseline
+        run_cfg = load_config(base=to_dict(run_cfg), overrides=cfg.demo.overrides[method])
+    return unlearn(matched_budget(run_cfg))
 
 
 def _resurgence(cfg: Config, run_dir: Path, world, judge, finetune, load_pipeline) -> float:

@@ -319,7 +319,10 @@ def write_report(out: Path) -> Path:
                       + f"{_fmt(rows.get('diagnostics'), 'pixel_delta', '{:.3f}')} | "
                       + f"{_fmt(rows.get('diagnostics'), 'judge_acc')} | {_fmt(d, 'n', '{:.0f}')} | {finding} | "
                       + f"{verdict} |")
-        md += ["", f"- {correlations(by_concept)}", ""]
+        seconds = sum(r.get("wall_s", 0) + r.get("eval_s", 0) for r in records if r["pruning"] == pruning)
+        md += ["", f"- {correlations(by_concept)}",
+               f"- cost: {seconds / 60:.1f} min of runs for {len(by_concept)} concepts ({seconds / len(by_concept):.0f} s "
+               "per concept, the shared teacher and diagnostics not counted)", ""]
     md += ["## Findings", "", "(written from the numbers above)", "", "![atlas](atlas.png)"]
     (out / "atlas.md").write_text("\n".join(md) + "\n")
     plot_atlas(data, out / "atlas.png")

@@ -97,3 +97,34 @@ def test_tiny_atlas_writes_resumes_and_regenerates(atlas, random_teacher_dir, tm
     (out / "atlas.png").unlink()
     assert atlas.main(["--out", str(out), "--report-only"]) == 0
     assert (out / "atlas.md").read_text() == md and (out / "atlas.png").is_file()
+
+
+def _rec(concept, row, leak, fd=10.0, pruning="channels", seed=0, forget_valid=1.0, **extra):
+    return {"pruning": pruning, "concept": concept, "seed": seed, "row": row, "valid": 1.0, "leakage": leak,
+            "forget_valid": forget_valid, "retention": 0.95, "adherence": 1.0, "fd": fd, **extra}
+
+
+def test_the_report_reads_the_numbers_with_the_demo_s_rules(atlas, tmp_path):
+    records = []
+    # (teacher, pruned, denoise_only, distill, bilevel leakage; bilevel fd; bilevel forget_valid; pixel delta)
+    cases = {"style:striped": (1.0, 0.9, 0.8, 0.9, 0.05, 10.5, 1.0, 0.10),  # leaks, suppressed
+             "shape:circle": (1.0, 0.95, 0.9, 0.98, 0.0, 21.0, 0.7, 0.30),  # leaks, bilevel erases objects
+             "style:plain": (1.0, 0.3, 0.0, 0.05, 0.06, 10.2, 1.0, 0.02)}  # nothing leaks: no harm
+    for concept, (t, p, dn, d, b, fd, fv, delta) in cases.items():
+        records += [_rec(concept, "teacher", t, pruning=None, seed=None),
+                    {"pruning": None, "concept": concept, "seed": None, "row": "diagnostics", "pixel_delta": delta,
+                     "judge_acc": 0.99},
+                    _rec(concept, "pruned", p, fd=40.0, seed=None), _rec(concept, "denoise_only", dn, fd=12.0),
+                    _rec(concept, "distill", d, wall_s=60.0), _rec(concept, "bilevel", b, fd=fd, forget_valid=fv)]
+    (tmp_path / "atlas.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    md = atlas.write_report(tmp_path).read_text()
+    line = {c: next(x for x in md.splitlines() if x.startswith(f"| {c} |")) for c in cases}
+    assert line["style:striped"].endswith("| yes | suppresses: met |") and "(1.05x)" in line["style:striped"]
+    assert "missed bilevel_suppresses, bilevel_keeps_fd" in line["shape:circle"]
+    assert line["style:plain"].endswith("| no | no harm: met |")
+    # styles first: the table keeps the catalogue's order, not the file's
+    assert md.index("| style:plain |") < md.index("| style:striped |") < md.index("| shape:circle |")
+    # distill's leakage rises with the teacher... constant here: n/a; with pixel_delta it is perfectly ranked
+    assert "teacher.leakage n/a (n=3)" in md and "diagnostics.pixel_delta +1.00 (n=3)" in md
+    assert "3.0 min of runs for 3 concepts" in md
+    assert (tmp_path / "atlas.png").stat().st_size > 1000

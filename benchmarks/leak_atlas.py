@@ -261,7 +261,8 @@ def _fmt(row: dict | None, k: str, fmt: str = "{:.2f}") -> str:
 
 
 def _verdict(rows: dict) -> tuple[str, str]:
-    """(does distill leak, bilevel's conditional check) by the demo's own rules (safeprune.recipes.demo)."""
+    """(do pruned / denoise_only / distill leak, bilevel's conditional check) by the demo's own rules
+    (safeprune.recipes.demo)."""
     from safeprune.recipes.demo import judge_claims, leaks
 
     if not all(r in rows for r in ("teacher", "distill", "bilevel")):
@@ -269,8 +270,9 @@ def _verdict(rows: dict) -> tuple[str, str]:
     checks, _ = judge_claims({r: rows[r] for r in ROWS if r in rows})
     failed = [k for k, v in checks.items() if not v and k != "students_recovered"]
     label = "suppresses" if "bilevel_suppresses" in checks else "no harm"
-    return ("yes" if leaks(rows["distill"], rows["teacher"]) else "no",
-            f"{label}: " + ("met" if not failed else "missed " + ", ".join(failed)))
+    found = " / ".join(("yes" if leaks(rows[r], rows["teacher"]) else "no") if r in rows else "-"
+                       for r in ("pruned", "denoise_only", "distill"))
+    return found, f"{label}: " + ("met" if not failed else "missed " + ", ".join(failed))
 
 
 DIAGNOSTICS = (("teacher", "leakage"), ("pruned", "leakage"), ("denoise_only", "leakage"),
@@ -307,8 +309,8 @@ def write_report(out: Path) -> Path:
         by_concept = {c: data[pruning][c] for c in _order(data[pruning])}
         md += [f"## pruning: {pruning}", "",
                "| concept | teacher | pruned | denoise_only | distill | bilevel | bilevel forget valid | retention "
-               "distill / bilevel | fd distill / bilevel (ratio) | pixel delta | judge acc | seeds | distill leaks "
-               "| bilevel check |", "|---|" + "---|" * 13]
+               "distill / bilevel | fd distill / bilevel (ratio) | pixel delta | judge acc | seeds | leaks: pruned / "
+               "denoise_only / distill | bilevel check |", "|---|" + "---|" * 13]
         for concept, rows in by_concept.items():
             d, b = rows.get("distill"), rows.get("bilevel")
             ratio = f" ({b['fd'] / d['fd']:.2f}x)" if d and b and d.get("fd") else ""
@@ -359,7 +361,8 @@ def plot_atlas(data: dict, path: Path) -> None:
                 im = ax.imshow(values, cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
             for (i, j), v in np.ndenumerate(values):
                 if np.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+                    dark = vmax is not None and v > 0.6  # white on the dark end of the leakage scale
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
             ax.set_xticks(range(len(cols)), cols, rotation=20, fontsize=8)
             ax.set_yticks(range(len(concepts)), concepts, fontsize=8)
             ax.set_title(title)

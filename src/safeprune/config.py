@@ -142,11 +142,31 @@ class ChannelsOptions:
 
 
 @dataclass
+class DepthOptions:
+    # which blocks `depth` removes (safeprune.pruning.depth): an explicit list of block paths wins, e.g.
+    # ["transformer_blocks.8"]; else a preset's per-stack counts; else the lowest-skip-error blocks up to prune.ratio
+    blocks: list[str] = field(default_factory=list)
+    preset: str = ""  # flux-lite | half | ssd-1b | vega (safeprune.pruning.depth.PRESETS); "" = use prune.ratio
+    select: str = "skip_error"  # skip_error (measured output error when a block is skipped) | last (positional)
+    stacks: list[str] = field(default_factory=list)  # with prune.ratio: regexes of the stacks blocks may leave; [] = all
+    calibration_batches: int = 2  # batches behind the skip error (one forward pass per block and batch)
+    calibration_batch_size: int = 2  # latents per calibration batch
+    calibration_size: int = 0  # latent side of random calibration inputs; 0 = the config's (transformers: 1024 px)
+
+    def __post_init__(self):
+        for name in ("calibration_batches", "calibration_batch_size"):
+            check(getattr(self, name) >= 1, f"prune.depth.{name} must be >= 1")
+        check(self.calibration_size >= 0, "prune.depth.calibration_size must be >= 0 (0 = the model's own size)")
+        _at_most("prune.depth", self, MAX_BATCH, "calibration_batches", "calibration_batch_size")
+
+
+@dataclass
 class PruneConfig:
-    method: str = "channels"  # registry key (safeprune.pruning.METHODS): blocks | channels | magnitude | none
-    ratio: float = 0.3  # share of the UNet's TOTAL parameters removed (`channels`) or zeroed (`magnitude`)
+    method: str = "channels"  # registry key (safeprune.pruning.METHODS): blocks | channels | depth | magnitude | none
+    ratio: float = 0.3  # share of the model's TOTAL parameters removed (`channels`, `depth`) or zeroed (`magnitude`)
     blocks: BlocksOptions = field(default_factory=BlocksOptions)  # options of `blocks`
     channels: ChannelsOptions = field(default_factory=ChannelsOptions)  # options of `channels`
+    depth: DepthOptions = field(default_factory=DepthOptions)  # options of `depth`
     latency_batch: int = 2  # UNet batch for the report's latency (2 = one image with classifier-free guidance)
     latency_runs: int = 5  # timed UNet calls per model; the report gives their median
 
@@ -272,7 +292,9 @@ class FinetuneConfig:
     # a value here that disagrees with the launcher's is an error (safeprune.recipes.finetune.resolve_mixed_precision)
     mixed_precision: str = ""
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the frozen teacher's forward passes
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, `pip install safeprune[bnb]`): both optimisers
+    # registry key (safeprune.optim.OPTIMIZERS, checked before the run folder is made): adamw | adamw8bit
+    # (bitsandbytes, `pip install safeprune[bnb]`); both bilevel optimisers
+    optimizer: str = "adamw"
     resolution: int = 0  # fine-tuning image side in pixels; 0 = the teacher UNet's sample_size x VAE scale
     ema_decay: float = 0.0  # EMA of student weights (saved as the result); 0 disables it
     gradient_checkpointing: bool = False  # trade compute for memory on large UNets
@@ -298,7 +320,6 @@ class FinetuneConfig:
               "finetune.validation_every_steps must be >= 0 (0 = never) and finetune.validation_seeds >= 1")
         check(self.teacher_dtype in ("fp32", "bf16", "fp16"),
               f"finetune.teacher_dtype={self.teacher_dtype!r}; choose fp32, bf16 or fp16")
-        check(self.optimizer in ("adamw", "adamw8bit"), f"finetune.optimizer={self.optimizer!r}; choose adamw or adamw8bit")
         check(self.resolution >= 0 and self.resolution % 8 == 0,
               f"finetune.resolution={self.resolution} must be a multiple of 8 (0 = the teacher's own size)")
         check(0.0 <= self.ema_decay < 1.0, "finetune.ema_decay must lie in [0, 1)")
@@ -489,9 +510,10 @@ class DemoConfig:
     # erasure methods (safeprune.erasure) applied to the distilled student, one "distill+NAME" row each: the
     # paper's two-stage baselines (settings: unlearn.*; training-based ones at bilevel's upper budget)
     baselines: list[str] = field(default_factory=lambda: ["esd_paper", "uce", "conceptprune"])
-    # section.field=value overrides for the distill+bilevel_loss (two_stage) row only: its upper-level settings
-    # share finetune.* keys with bilevel, and the tuning sweep may choose other values (docs/demo/tuning.md)
-    two_stage_overrides: list[str] = field(default_factory=list)
+    # finetune.method -> section.field=value overrides for that row only, e.g. {two_stage: [...]}: two_stage's
+    # upper-level settings share finetune.* keys with bilevel, and the tuning sweep may choose other values
+    # (docs/demo/tuning.md)
+    overrides: dict[str, list[str]] = field(default_factory=dict)
     curve_every: int = 100  # evaluate leakage and fd every N fine-tuning steps (curves.png)
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
     # causal control rows (DEMO_CONTROLS): `pruned` = the pruned student before any fine-tuning (did pruning already
@@ -573,7 +595,7 @@ MOVED = {f"finetune.{old}": f"finetune.{new}" for old, new in {
     "data_pool": "data.pool", "concept_pool": "data.concept_pool", "data_mode": "data.mode",
     **{k: f"data.{k}" for k in ("random_crop", "random_flip", "num_workers", "shuffle_buffer", "streaming",
                                 "hub_data", "text_cache")}}.items()} | {
-    "prune.preset": "prune.blocks.preset",
+    "prune.preset": "prune.blocks.preset", "demo.two_stage_overrides": "demo.overrides.two_stage",
     **{f"prune.{k}": f"prune.channels.{k}" for k in ("importance", "magnitude_p", "channel_multiple",
                                                      "calibration_batches", "calibration_batch_size")}}
 
@@ -591,6 +613,10 @@ def _coerce(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         check(isinstance(value, dict), f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
         return from_dict(tp, value, prefix=key)
+    if origin is dict:
+        check(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         check(isinstance(value, list), f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(tp)

@@ -27,6 +27,9 @@ class Method:
     options: ClassVar[tuple[str, ...]] = ()  # the `prune` config fields (or sub-sections) the method reads
     report_keys: ClassVar[tuple[str, ...]] = ()  # plan fields copied into prune_report.json
     prunes: ClassVar[bool] = True  # False only for the identity: its output is the unpruned model
+    # what `calib(model, i)` returns for this method: "loss" (a scalar, e.g. eq. 1 on batch i: Taylor scores)
+    # or "prediction" (the model's output on batch i: `depth`'s skip error)
+    calibration: ClassVar[str] = "loss"
 
     def __call__(self, unet, cfg, calib: Calibration | None) -> tuple[torch.nn.Module, dict]:
         """Prune `unet` (a private copy: may be changed in place); return it and the method's plan fields."""
@@ -51,6 +54,11 @@ class Method:
         """The config.json of a saved model: the base config, which plain diffusers can load when the
         method keeps the architecture (`safeprune.models.io` explains the saved form)."""
         return plan["base_config"]
+
+    def plan_from_config(self, config: dict) -> dict | None:
+        """The plan fields a saved config.json records on its own, when the folder has no plan.json (diffusers
+        re-saved it); None = this config is not one of this method's saved configs (default)."""
+        return None
 
     def after_load(self, unet, plan: dict) -> None:
         """Restore what saved weights do not carry, after `load_unet` loaded them (default: nothing)."""

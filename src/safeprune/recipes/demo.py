@@ -25,6 +25,7 @@ from pathlib import Path
 
 from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config, load_config, save_config, to_dict
+from safeprune.errors import check
 from safeprune.recipes.report import aggregate, model_grid, table, write_report
 
 # Table names: today's two_stage runs bilevel's upper loss after distilling; baselines read "distill+NAME".
@@ -89,6 +90,9 @@ def demo(cfg: Config, out: Path) -> dict:
     start = time.perf_counter()
     for name in cfg.demo.baselines:  # a typo fails before any fine-tuning
         choose("erasure method in demo.baselines", name, ERASURE)
+    methods = sorted({row["method"] for row in FINETUNE_ROWS.values()})
+    unknown = sorted(set(cfg.demo.overrides) - set(methods))
+    check(not unknown, f"demo.overrides names {unknown}; its keys are the fine-tuned rows' methods: {', '.join(methods)}")
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     judge, teacher = load_judge(), load_teacher()
     save_config(cfg, out)
@@ -225,8 +229,8 @@ def finetune_row(cfg: Config, name: str, seed: int, student: Path, run_dir: Path
     curve_every = cfg.demo.curve_every if on_eval is not None else 0
     run_cfg = dataclasses.replace(_with(cfg, finetune={**FINETUNE_ROWS[name], "eval_every_steps": curve_every},
                                         paths={"student": str(student), "out": str(run_dir)}), seed=seed)
-    if name == ROW_NAMES["two_stage"] and cfg.demo.two_stage_overrides:  # the tuning sweep's own choice for this row
-        run_cfg = load_config(base=to_dict(run_cfg), overrides=cfg.demo.two_stage_overrides)
+    if cfg.demo.overrides.get(run_cfg.finetune.method):  # the tuning sweep's own choice for this method's rows
+        run_cfg = load_config(base=to_dict(run_cfg), overrides=cfg.demo.overrides[run_cfg.finetune.method])
     t = time.perf_counter()
     finetune(run_cfg, on_eval=on_eval)
     _add(timings, f"finetune_{name}_s", t)

@@ -18,6 +18,7 @@ import numpy as np
 
 from safeprune.config import Config, save_config
 from safeprune.errors import check
+from safeprune.eval.protocols import in_toy_world
 from safeprune.utils import atomic_folder, read_json, read_text
 
 # (results key, column title, format); a missing key prints as "-".
@@ -199,10 +200,10 @@ def read_run(folder: Path) -> tuple[dict, list[dict], dict]:
     row, evals = {}, {}
     for path in paths:
         data = read_json(path, "results file")
-        protocol = data.get("protocol", "toy")
+        protocol = data.get("protocol")
         metrics = data.get("metrics", data)
         check(isinstance(metrics, dict), f"{str(path)!r}: `metrics` is not a JSON object; re-run the evaluation")
-        row |= metrics if protocol == "toy" else {f"{protocol}/{k}": v for k, v in metrics.items()}
+        row |= metrics if in_toy_world(protocol) else {f"{protocol}/{k}": v for k, v in metrics.items()}
         evals.setdefault(protocol, path.parent)
     summary = folder / "summary.json"
     if summary.is_file():

@@ -1,20 +1,14 @@
 """The GPU step-cost benchmark's CPU smoke mode: the real build and rows on a tiny SD-1.5 layout, in seconds."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_step_cost.py"
+from benchmark_helpers import load_benchmark
 
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_step_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
+    yield load_benchmark("gpu_step_cost")
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state()  # the benchmark's Accelerator must not leak its settings into later tests

@@ -184,24 +184,30 @@ def prune_once(cfg: Config, folder: Path, timings: dict) -> dict:
     return json.loads((folder / "prune_report.json").read_text())
 
 
+def shared_row(name: str, pipe, cfg: Config, world, judge, teacher, prune_report: dict, reference_cache: dict) -> dict:
+    """A row evaluated once, whatever the fine-tuning seed: the `teacher` or the `pruned` student before
+    fine-tuning. Both score CP against the teacher (a pruned student has no seed's distill row to compare with)."""
+    from safeprune.eval.metrics import evaluate_model
+
+    params = prune_report["params_before" if name == "teacher" else "params_after"]
+    return evaluate_model(pipe, world, cfg, teacher, judge, reference_cache) \
+        | {"params_m": params / 1e6, "sample_ms": _sampling_ms(pipe, cfg)}
+
+
 def shared_rows(cfg: Config, student: Path, world, teacher, judge, prune_report: dict, reference_cache: dict,
                 timings: dict, on_eval=None) -> tuple[dict, dict | None]:
-    """The rows evaluated once (they do not depend on the fine-tuning seed): the teacher, and the pruned student
-    when `pruned` is in demo.controls. Also the pruned student's curve point (step 0) when `on_eval` is given."""
-    from safeprune.eval.metrics import evaluate_model
+    """The shared rows: the teacher, and the pruned student when `pruned` is in demo.controls; also the pruned
+    student's curve point (step 0) when `on_eval` is given."""
     from safeprune.models.io import load_pipeline
 
     t = time.perf_counter()
-    rows = {"teacher": evaluate_model(teacher, world, cfg, teacher, judge, reference_cache)
-            | {"params_m": prune_report["params_before"] / 1e6, "sample_ms": _sampling_ms(teacher, cfg)}}
+    rows = {"teacher": shared_row("teacher", teacher, cfg, world, judge, teacher, prune_report, reference_cache)}
     timings["eval_teacher_s"] = time.perf_counter() - t
     start_point = None
     if "pruned" in cfg.demo.controls:
         t = time.perf_counter()
         pruned = load_pipeline(student)
-        # no seed's distill row to compare with: its CP reference is the teacher, as for the teacher itself
-        rows["pruned"] = evaluate_model(pruned, world, cfg, teacher, judge, reference_cache) \
-            | {"params_m": prune_report["params_after"] / 1e6, "sample_ms": _sampling_ms(pruned, cfg)}
+        rows["pruned"] = shared_row("pruned", pruned, cfg, world, judge, teacher, prune_report, reference_cache)
         if on_eval is not None:
             start_point = {"step": 0, **{f"eval/{k}": v for k, v in on_eval(0, pruned.unet).items()}}
         timings["eval_pruned_s"] = time.perf_counter() - t
@@ -215,12 +221,13 @@ def _add(timings: dict, key: str, since: float) -> None:
 def finetune_row(cfg: Config, name: str, seed: int, student: Path, run_dir: Path, world, judge, on_eval,
                  reference, reference_cache: dict, prune_report: dict, timings: dict, sample_ms: bool = False):
     """Fine-tune one FINETUNE_ROWS row at `seed` into `run_dir` and evaluate it (CP against `reference`; None =
-    the row is distill: its own reference). Returns (row, pipeline, curve points)."""
+    the row is distill: its own reference). Returns (row, pipeline, curve points; none without `on_eval`)."""
     from safeprune.eval.metrics import evaluate_model
     from safeprune.models.io import load_pipeline
     from safeprune.recipes.finetune import finetune
 
-    run_cfg = dataclasses.replace(_with(cfg, finetune={**FINETUNE_ROWS[name], "eval_every_steps": cfg.demo.curve_every},
+    curve_every = cfg.demo.curve_every if on_eval is not None else 0
+    run_cfg = dataclasses.replace(_with(cfg, finetune={**FINETUNE_ROWS[name], "eval_every_steps": curve_every},
                                         paths={"student": str(student), "out": str(run_dir)}), seed=seed)
     if cfg.demo.overrides.get(run_cfg.finetune.method):  # the tuning sweep's own choice for this method's rows
         run_cfg = load_config(base=to_dict(run_cfg), overrides=cfg.demo.overrides[run_cfg.finetune.method])

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(GRID), help=f"subset of {','.join(GRID)}")
     parser.add_argument("--out", default="runs/sweep_baselines", help="folder: student/, runs/, results.jsonl, chosen.*")
     parser.add_argument("--tiny", action="store_true", help="tiny budgets (a test of the script, not a sweep)")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write pareto.png / pareto.md from results.jsonl")
     parser.add_argument("overrides", nargs="*", help="section.field=value applied to every run")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(GRID)}")
     root = Path(args.out)
+    if args.report_only:
+        return write_pareto(root)
     common = [METRICS, "eval.heldout=false", *(TINY if args.tiny else []), *args.overrides]
     base = load_config(None, common)
     student = root / "student"
@@ -137,6 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
         row = evaluate_model(load_pipeline(folder), dev_world(cfg, seed), cfg, None, judge)
         return {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
 
+    # Resumable: a (method, config, seed) already in results.jsonl is not run again (a session may end mid-sweep).
+    done = {(r["method"], r["config"], r["seed"]): r for r in map(json.loads, results.read_text().splitlines())
+            } if results.exists() else {}
+
     def record(rec: dict) -> None:
         print(json.dumps(rec), flush=True)
         with open(results, "a") as f:
@@ -145,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     distilled: dict[int, dict] = {}
     for seed in seeds:  # the shared reference and the baselines' starting point
         folder = root / "runs" / f"distill_s{seed}"
+        if ("distill", 0, seed) in done and (folder / "model").is_dir():
+            distilled[seed] = done["distill", 0, seed]
+            continue
         cfg = dataclasses.replace(load_config(None, [*common, "finetune.method=distill"]), seed=seed)
         cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, student=str(student), out=str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
@@ -157,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
         for k, overrides in enumerate(GRID[method]):
             per_seed = []
             for seed in seeds:
+                if (method, k, seed) in done:
+                    per_seed.append(done[method, k, seed]["score"])
+                    continue
                 folder = root / "runs" / f"{method}_c{k}_s{seed}"
                 shutil.rmtree(folder, ignore_errors=True)
                 start = time.perf_counter()
@@ -193,8 +206,23 @@ def main(argv: list[str] | None = None) -> dict:
         data["demo"] = {"overrides": rows}
     (root / "chosen.yaml").write_text("# written by benchmarks/sweep_baselines.py (docs/demo/tuning.md)\n"
                                       + yaml.safe_dump(data, sort_keys=False))
+    write_pareto(root)
     print(json.dumps(chosen, indent=1))
     return chosen
+
+
+def write_pareto(root: Path) -> dict:
+    """OUT/pareto.png and OUT/pareto.md: each method's configurations as leakage against fd / distill fd on the
+    development seeds (safeprune.recipes.pareto), and whether bilevel's front dominates each other method's."""
+    from safeprune.recipes import pareto
+
+    records = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+    pts = pareto.points(records)
+    seeds = sorted({r["seed"] for r in records})
+    pareto.plot(pts, root / "pareto.png", title=f"development seeds {', '.join(map(str, seeds))}")
+    (root / "pareto.md").write_text(f"# Leakage vs fd per configuration (development seeds {seeds})\n\n"
+                                    + pareto.markdown(pts) + "\n![pareto](pareto.png)\n")
+    return pts
 
 
 if __name__ == "__main__":

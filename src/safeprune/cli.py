@@ -110,7 +110,9 @@ def _prune_args(p):
                    help="diffusers Stable Diffusion folder or hub id in the HF cache (model.teacher; default: the toy "
                         "teacher)")
     _allow_download(p, "--model")
-    p.add_argument("--unet-config", dest="paths.unet_config", help="prune a UNet config.json on the meta device (no weights)")
+    p.add_argument("--unet-config", "--transformer-config", dest="paths.unet_config",
+                   help="prune a UNet / diffusion-transformer config.json on the meta device (no weights); a bare "
+                        "name picks a shipped architecture: sd15, sd21, sdxl, sd3_medium, flux1_dev")
     p.add_argument("--calib-data", dest="paths.calib_data",
                    help="taylor importance: image folder with metadata.jsonl (default: the toy pretrain split)")
     _out(p, "output folder: model/ (a diffusers pipeline folder), prune_report.json")

@@ -142,11 +142,31 @@ class ChannelsOptions:
 
 
 @dataclass
+class DepthOptions:
+    # which blocks `depth` removes (safeprune.pruning.depth): an explicit list of block paths wins, e.g.
+    # ["transformer_blocks.8"]; else a preset's per-stack counts; else the lowest-skip-error blocks up to prune.ratio
+    blocks: list[str] = field(default_factory=list)
+    preset: str = ""  # flux-lite | half | ssd-1b | vega (safeprune.pruning.depth.PRESETS); "" = use prune.ratio
+    select: str = "skip_error"  # skip_error (measured output error when a block is skipped) | last (positional)
+    stacks: list[str] = field(default_factory=list)  # with prune.ratio: regexes of the stacks blocks may leave; [] = all
+    calibration_batches: int = 2  # batches behind the skip error (one forward pass per block and batch)
+    calibration_batch_size: int = 2  # latents per calibration batch
+    calibration_size: int = 0  # latent side of random calibration inputs; 0 = the config's (transformers: 1024 px)
+
+    def __post_init__(self):
+        for name in ("calibration_batches", "calibration_batch_size"):
+            check(getattr(self, name) >= 1, f"prune.depth.{name} must be >= 1")
+        check(self.calibration_size >= 0, "prune.depth.calibration_size must be >= 0 (0 = the model's own size)")
+        _at_most("prune.depth", self, MAX_BATCH, "calibration_batches", "calibration_batch_size")
+
+
+@dataclass
 class PruneConfig:
-    method: str = "channels"  # registry key (safeprune.pruning.METHODS): blocks | channels | magnitude | none
-    ratio: float = 0.3  # share of the UNet's TOTAL parameters removed (`channels`) or zeroed (`magnitude`)
+    method: str = "channels"  # registry key (safeprune.pruning.METHODS): blocks | channels | depth | magnitude | none
+    ratio: float = 0.3  # share of the model's TOTAL parameters removed (`channels`, `depth`) or zeroed (`magnitude`)
     blocks: BlocksOptions = field(default_factory=BlocksOptions)  # options of `blocks`
     channels: ChannelsOptions = field(default_factory=ChannelsOptions)  # options of `channels`
+    depth: DepthOptions = field(default_factory=DepthOptions)  # options of `depth`
     latency_batch: int = 2  # UNet batch for the report's latency (2 = one image with classifier-free guidance)
     latency_runs: int = 5  # timed UNet calls per model; the report gives their median
 
@@ -481,6 +501,9 @@ class EvalConfig:
         check(0.0 < self.nudenet_threshold < 1.0, "eval.nudenet_threshold must lie in (0, 1) (default 0.6)")
 
 
+DEMO_CONTROLS = ("pruned", "denoise_only")  # the demo's control rows (DemoConfig.controls)
+
+
 @dataclass
 class DemoConfig:
     seeds: int = 1  # repeat fine-tuning + evaluation with this many seeds; mean +- std when > 1
@@ -493,9 +516,16 @@ class DemoConfig:
     overrides: dict[str, list[str]] = field(default_factory=dict)
     curve_every: int = 100  # evaluate leakage and fd every N fine-tuning steps (curves.png)
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
+    # causal control rows (DEMO_CONTROLS): `pruned` = the pruned student before any fine-tuning (did pruning already
+    # remove the concept?); `denoise_only` = distill with finetune.lambda_out = lambda_feat = 0 (is it the KD terms
+    # that carry the concept?), same steps and seed, with curves (recovery speed, seed paper Fig. 4); [] = neither
+    controls: list[str] = field(default_factory=lambda: list(DEMO_CONTROLS))
 
     def __post_init__(self):
         check(1 <= self.seeds <= 1000, f"demo.seeds={self.seeds} must lie in 1..1000")
+        for name in self.controls:
+            check(name in DEMO_CONTROLS, f"demo.controls: unknown control {name!r}; choose from: {', '.join(DEMO_CONTROLS)}")
+        check(len(set(self.controls)) == len(self.controls), f"demo.controls={self.controls} names a control twice")
         check(self.curve_every >= 1 and self.curve_prompts >= 1, "demo.curve_every and demo.curve_prompts must be >= 1")
 
 

@@ -44,6 +44,8 @@ from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config
 from safeprune.models.hooks import feature_blocks
 from safeprune.optim import optimizer_of
+from safeprune.pruning.depth import stacks as depth_stacks
+from safeprune.pruning.measure import family_of, meta_model, model_inputs, run_model
 from safeprune.unlearning import PARAMETER_SETS, UNLEARNING, build_unlearning
 from safeprune.utils import DTYPES
 
@@ -83,7 +85,9 @@ class _MetaAutocast(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k, v = (self._cast(t, self.dtype) for t in args[:3])  # attention runs in the autocast dtype
+            # diffusers' attention dispatcher (Flux, SD3) passes query / key / value by keyword
+            qkv = list(args[:3]) + [kwargs[k] for k in ("query", "key", "value")[len(args[:3]):]]
+            q, k, v = (self._cast(t, self.dtype) for t in qkv)  # attention runs in the autocast dtype
             return _FlashLikeSDPA.apply(q, k, v)
         if self.dtype is not None and func in _LOW:
             args = tuple(self._cast(a, self.dtype) for a in args)
@@ -159,31 +163,29 @@ def profile_activations(unet: torch.nn.Module, batch: int, latent_size: int, tex
         return out
 
     model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
-    cfg = model.config
-    cross = cfg.cross_attention_dim[0] if isinstance(cfg.cross_attention_dim, (list, tuple)) else cfg.cross_attention_dim
-    with torch.device("meta"):
-        x = torch.empty(batch, cfg.in_channels, latent_size, latent_size)
-        t = torch.zeros(batch, dtype=torch.long)
-        emb = torch.empty(batch, text_tokens, cross)
+    inputs = model_inputs(model, batch, text_tokens, latent_size)  # meta tensors: the model is on meta
     low = None if mixed_precision in ("", "no") else DTYPES[mixed_precision]  # "": not resolved yet = no
     with outer.hooks(), _MetaAutocast(low, weights):
-        model(x, t, encoder_hidden_states=emb)
+        run_model(model, inputs)
     profile.outside = outer.bytes - profile.block_inputs
     return profile
 
 
 def feature_bytes(unet: torch.nn.Module, batch: int, latent_size: int, text_tokens: int, dtype: torch.dtype) -> int:
-    """Bytes of the block outputs feature KD captures (every down, mid and up block) plus the prediction."""
+    """Bytes of the block outputs feature KD captures (every down, mid and up block of a UNet; every transformer
+    block of a diffusion transformer, all of its outputs) plus the prediction."""
     model = meta_copy(unet).eval()  # shapes only: the bytes follow from `dtype`
     sizes = []
-    # capture_features keeps a block's main output (a down block's first tuple element)
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda m, i, o: sizes.append((o[0] if isinstance(o, tuple) else o).numel())) for n in feature_blocks(model)]
-    cfg = model.config
-    cross = cfg.cross_attention_dim[0] if isinstance(cfg.cross_attention_dim, (list, tuple)) else cfg.cross_attention_dim
-    with torch.device("meta"), torch.no_grad(), _MetaAutocast(None):
-        out = model(torch.empty(batch, cfg.in_channels, latent_size, latent_size), torch.zeros(batch, dtype=torch.long),
-                    encoder_hidden_states=torch.empty(batch, text_tokens, cross)).sample
+    # capture_features keeps a UNet block's main output (a down block's first tuple element)
+    if family_of(model) == "UNet2DConditionModel":
+        names = feature_blocks(model)
+        size = lambda o: (o[0] if isinstance(o, tuple) else o).numel()  # noqa: E731
+    else:  # each block's outputs (Flux / SD3: text and image streams) until the family layer names its KD blocks
+        names = [f"{stack}.{i}" for stack, n in depth_stacks(model).items() for i in range(n)]
+        size = lambda o: sum(t.numel() for t in (o if isinstance(o, tuple) else (o,)) if t is not None)  # noqa: E731
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o: sizes.append(size(o))) for n in names]
+    with torch.no_grad(), _MetaAutocast(None):
+        out = run_model(model, model_inputs(model, batch, text_tokens, latent_size))
     for h in hooks:
         h.remove()
     return (sum(sizes) + out.numel()) * torch.finfo(dtype).bits // 8
@@ -242,10 +244,10 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
         keep = PARAMETER_SETS[build_unlearning(ft.unlearn.name, ft.unlearn).params]
         n_upper = sum(p.numel() for n, p in student.named_parameters() if keep(n))
     t_dtype = DTYPES[ft.teacher_dtype]
-    cfg_u = student.config
-    cross = cfg_u.cross_attention_dim[0] if isinstance(cfg_u.cross_attention_dim, (list, tuple)) else \
-        cfg_u.cross_attention_dim
-    latent_bytes = 2 * cfg_u.in_channels * latent_size**2 * 4  # mean + std, fp32
+    shapes = model_inputs(student, 1, text_tokens, latent_size)  # meta tensors: one latent and its text embedding
+    latent = shapes["sample" if "sample" in shapes else "hidden_states"]
+    cross = shapes["encoder_hidden_states"].shape[-1]
+    latent_bytes = 2 * latent.numel() * 4  # mean + std, fp32
     prompts = prompts if prompts is not None else ft.data.pool + 2 * len(ft.concepts) + 1
 
     lower = profile_activations(student, ft.batch_size, latent_size, text_tokens, ft.mixed_precision)
@@ -272,7 +274,10 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
 
 
 def meta_unet(config: dict) -> torch.nn.Module:
-    """A diffusers UNet2DConditionModel built from a config dict on the meta device (seconds at SD scale)."""
+    """A diffusers UNet2DConditionModel (or the diffusion transformer the config's `_class_name` names) built from a
+    config dict on the meta device (seconds at SD scale)."""
+    if config.get("_class_name", "UNet2DConditionModel") not in ("UNet2DConditionModel", "PrunedUNet2DConditionModel"):
+        return meta_model(config)
     with init_empty_weights():
         return UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 

@@ -6,6 +6,8 @@ families behind that constraint, each one file:
 
   blocks     BK-SDM block removal (presets base / small / tiny); stays a stock diffusers architecture
   channels   structured pruning of inner widths through torch-pruning's dependency graph
+  depth      whole transformer blocks (Flux / SD3 / PixArt) or a UNet's transformer layers (SDXL: SSD-1B), chosen
+             by the output error when each is skipped; stays a stock diffusers architecture
   magnitude  unstructured global magnitude pruning to an L0 budget; masks persist through fine-tuning
   none       identity: the "fine-tune the unpruned model" control
 
@@ -34,8 +36,9 @@ from safeprune.errors import check, choose
 from safeprune.pruning.base import Calibration
 from safeprune.pruning.blocks import PRESETS, Blocks
 from safeprune.pruning.channels import IMPORTANCES, Channels
+from safeprune.pruning.depth import Depth
 from safeprune.pruning.magnitude import Magnitude, reapply_masks, restore_masked_layers, sparsity_masks
-from safeprune.pruning.measure import unet_config
+from safeprune.pruning.measure import family_of, unet_config
 from safeprune.pruning.none import Identity
 
 PLAN_FORMAT = 1
@@ -47,6 +50,7 @@ class PruningMethod(Protocol):
     options: tuple[str, ...]
     report_keys: tuple[str, ...]
     prunes: bool
+    calibration: str
 
     def __call__(self, unet, cfg: PruneConfig, calib: Calibration | None) -> tuple[torch.nn.Module, dict]: ...
 
@@ -68,6 +72,7 @@ class PruningMethod(Protocol):
 METHODS: dict[str, PruningMethod] = {
     "blocks": Blocks(),
     "channels": Channels(),
+    "depth": Depth(),
     "magnitude": Magnitude(),
     "none": Identity(),
 }
@@ -96,6 +101,8 @@ def prune(unet, method: str, cfg: PruneConfig, calib: Calibration | None = None)
     base_config = unet_config(unet)
     pruned, fields = pruner(copy.deepcopy(unet), cfg, calib)
     plan = {"format": PLAN_FORMAT, "method": method, "base_config": base_config, **fields}
+    if family_of(unet) != "UNet2DConditionModel":  # a diffusion transformer: which diffusers class to build
+        plan["model_class"] = family_of(unet)
     json.dumps(plan)  # fail here, not when saving, if a method put something non-JSON into its plan
     return pruned, plan
 

@@ -27,6 +27,9 @@ class Method:
     options: ClassVar[tuple[str, ...]] = ()  # the `prune` config fields (or sub-sections) the method reads
     report_keys: ClassVar[tuple[str, ...]] = ()  # plan fields copied into prune_report.json
     prunes: ClassVar[bool] = True  # False only for the identity: its output is the unpruned model
+    # what `calib(model, i)` returns for this method: "loss" (a scalar, e.g. eq. 1 on batch i: Taylor scores)
+    # or "prediction" (the model's output on batch i: `depth`'s skip error)
+    calibration: ClassVar[str] = "loss"
 
     def __call__(self, unet, cfg, calib: Calibration | None) -> tuple[torch.nn.Module, dict]:
         """Prune `unet` (a private copy: may be changed in place); return it and the method's plan fields."""

@@ -75,23 +75,25 @@ def plan_blocks(config: dict, preset: str) -> tuple[dict, list[list[str]]]:
 
 
 def build_from(base_unet, config: dict, renames) -> object:
-    """A UNet with `config` whose weights are copies of `base_unet`'s kept blocks (meta stays meta)."""
+    """A model of `base_unet`'s class (UNet or diffusion transformer) with `config` whose weights are copies of
+    `base_unet`'s kept blocks (meta stays meta). Also `depth`'s builder."""
     # Imported here, not at the top: `safeprune --help` lists this package's registry (cli.REGISTRY_FLAGS),
     # which must not pay diffusers' import (seconds).
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
+
+    from safeprune.pruning.measure import denoiser_class, family_of
 
     renames = [tuple(r) for r in renames]
     old = base_unet.state_dict()
     with init_empty_weights():
-        student = UNet2DConditionModel.from_config(config)
+        student = denoiser_class(family_of(base_unet)).from_config(config)
     weights = {}
     for key, slot in student.state_dict().items():
         source = next((old_p + key[len(new_p):] for new_p, old_p in renames if key.startswith(new_p)), key)
         if source not in old or old[source].shape != slot.shape:
             found = f"shape {tuple(old[source].shape)}" if source in old else "nothing"
-            raise UserError(f"this blocks plan does not fit the UNet: {key} {tuple(slot.shape)} would take {source} "
-                            f"({found}); pick another preset or use --method channels")
+            raise UserError(f"this plan does not fit the model: {key} {tuple(slot.shape)} would take {source} "
+                            f"({found}); pick another preset or method")
         weights[key] = old[source].clone()  # the student must never share storage with the teacher
     student.load_state_dict(weights, strict=True, assign=True)
     return student

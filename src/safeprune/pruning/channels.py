@@ -10,6 +10,10 @@ What is pruned, in whole units so every width stays legal:
 ResNet and feed-forward units are also widened to `channel_multiple` channels (default 16) where the width
 allows, so kept widths stay multiples of the SIMD / tensor-core width: a 24-channel conv costs as much as
 a 32-channel one on an AVX-512 CPU (measured), so unaligned widths shed parameters but not latency.
+Diffusion transformers go through the same dependency graph (the residual stream is never cut): PixArt's
+self-attention heads and feed-forward units, SD3's and Flux's feed-forward units (image and text streams);
+their joint (two-stream, QK-normed) attention and Flux's single-stream blocks (one fused output projection)
+are not sites. Such a model replays from its plan (`apply_plan`); it has no saved class yet (UNets only).
 Block inputs and outputs (the residual streams) are never touched, so every block's feature map keeps the
 teacher's shape and feature distillation (seed eq. 4) compares like with like. The dependency graph finds
 each unit's coupled layers; a group that would reach past its block is refused (torch-pruning's
@@ -43,7 +47,7 @@ from torch import nn
 
 from safeprune.errors import UserError, check, choose
 from safeprune.pruning.base import Method
-from safeprune.pruning.measure import example_inputs
+from safeprune.pruning.measure import example_inputs, family_of
 
 IMPORTANCES = ("magnitude", "taylor")
 
@@ -244,10 +248,13 @@ def build_graph(unet):
     import torch_pruning as tp
 
     cfg = unet.config
-    check(cfg.addition_embed_type is None and cfg.class_embed_type is None and cfg.num_class_embeds is None,
-          "`channels` pruning supports text-conditioned SD 1.x/2.x-style UNets (no class or added embeddings); "
-          "use --method blocks or magnitude for this one")
-    side = 2 ** (len(cfg.down_block_types) - 1)  # smallest latent every stage can halve
+    if family_of(unet) == "UNet2DConditionModel":
+        check(cfg.addition_embed_type is None and cfg.class_embed_type is None and cfg.num_class_embeds is None,
+              "`channels` pruning supports text-conditioned SD 1.x/2.x-style UNets (no class or added embeddings); "
+              "use --method blocks or magnitude for this one")
+        side = 2 ** (len(cfg.down_block_types) - 1)  # smallest latent every stage can halve
+    else:  # a diffusion transformer: two patches a side (Flux: one 2x2-packed token a side)
+        side = 2 * cfg.get("patch_size", 1) if family_of(unet) != "FluxTransformer2DModel" else 2
     inputs = example_inputs(unet, batch=1, text_tokens=2, sample_size=side)
     frozen = [p for p in unet.parameters() if not p.requires_grad]
     was_training = unet.training
@@ -396,6 +403,9 @@ class Channels(Method):
         """The base config + `pruned_widths` ({kind: {block: size}}): the config of
         safeprune.models.pruned_unet.PrunedUNet2DConditionModel, which builds the pruned architecture from it
         directly (a stock config has one width per stage, not per layer; nothing is replayed at load)."""
+        check("model_class" not in plan, f"a width-pruned {plan.get('model_class')} has no saved form yet (only UNets "
+                                         "have PrunedUNet2DConditionModel); keep its plan (apply_plan), or use "
+                                         "--method depth or magnitude, which stay stock diffusers models")
         base = {k: v for k, v in plan["base_config"].items() if k != "pruned_widths"}
         widths = plan.get("pruned_widths")  # recorded when diffusers re-saved the folder (no plan.json)
         if widths is None:

@@ -1,10 +1,15 @@
-"""What a pruned UNet costs: parameters, MACs of one call, and measured latency of one call.
+"""What a pruned UNet or diffusion transformer costs: parameters, MACs of one call, and measured latency.
 
 MACs come from torch's own `FlopCounterMode` (aten-level shape formulas, works on the meta device), so
 pruned widths that no config describes are counted as they run. Attention is forced onto the math SDPA
 kernel while counting: the fused CPU kernel has no FLOP formula and would count as zero. We report MACs
 with and without the attention-score matmuls (QK^T, AV): the latter is the convention of BK-SDM's
 published figures (SD 1.4 UNet: 339 G at 512 px), the former is the real compute.
+
+The same counter measures the diffusion transformers (SD3 / Flux / PixArt): `model_inputs` builds each
+family's call (Flux's packed 2x2 latent tokens with their position ids, SD3's pooled projection, SDXL's added
+time ids), so one forward pass on meta tensors counts every linear layer and attention product as it runs
+(no analytic per-family formula to keep in step with diffusers).
 """
 
 from __future__ import annotations
@@ -18,6 +23,46 @@ from torch.utils.flop_counter import FlopCounterMode
 
 # aten ops of the attention-score matmuls on the math SDPA path (everything else is a layer: conv / linear).
 _ATTENTION_OPS = ("bmm", "baddbmm")
+
+# The denoisers safeprune can build from a config, by diffusers class name (config.json's `_class_name`), with
+# the text length their pipelines encode by default: CLIP's 77; SD3 = 77 CLIP + 256 T5 tokens
+# (StableDiffusion3Pipeline's max_sequence_length); Flux.1-dev = 512 T5 tokens; PixArt-alpha = 120 T5 tokens.
+DENOISERS = {"UNet2DConditionModel": 77, "SD3Transformer2DModel": 333, "FluxTransformer2DModel": 512,
+             "PixArtTransformer2DModel": 120}
+DEFAULT_RESOLUTION = 1024  # px, for transformer configs that carry no sample size (Flux): the model's native size
+
+
+def denoiser_class(name: str):
+    """The diffusers class of a supported denoiser (a one-line error naming the supported ones otherwise)."""
+    from safeprune.errors import check
+
+    check(name in DENOISERS, f"{name!r} is not a supported denoiser; safeprune builds: {', '.join(DENOISERS)}")
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def family_of(model) -> str:
+    """The supported diffusers class a model is (a safeprune subclass such as PrunedUNet2DConditionModel counts
+    as its diffusers base)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in DENOISERS:
+            return cls.__name__
+    return type(model).__name__
+
+
+def meta_model(config: dict, class_name: str | None = None):
+    """A denoiser built from its config on the meta device (no weights: seconds at 12 B parameters).
+    The class is `class_name`, else the config's `_class_name`, else UNet2DConditionModel."""
+    from accelerate import init_empty_weights
+
+    cls = denoiser_class(class_name or config.get("_class_name", "UNet2DConditionModel"))
+    with init_empty_weights(include_buffers=True):  # buffers too: SD3's position table would stay on the CPU
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def default_text_tokens(model) -> int:
+    return DENOISERS.get(family_of(model), 77)
 
 
 def unet_config(unet) -> dict:
@@ -38,28 +83,77 @@ def count_nonzero(unet) -> int:
     return sum(int(torch.count_nonzero(p)) for p in unet.parameters())
 
 
-def example_inputs(unet, batch: int = 1, text_tokens: int = 77, sample_size: int | None = None) -> dict:
-    """Zero-cost-to-build UNet inputs on the UNet's device: latents, timesteps, text embeddings."""
-    cfg = unet.config
-    param = next(unet.parameters())
-    size = sample_size or cfg.sample_size
+def example_inputs(unet, batch: int = 1, text_tokens: int = 77, sample_size: int | None = None,
+                   generator: torch.Generator | None = None) -> dict:
+    """Random inputs of the right shapes on the model's device: latents, timesteps, text embeddings, and what
+    the family adds (see `model_inputs`). `sample_size` is the latent side; default: the config's."""
+    return model_inputs(unet, batch, text_tokens, sample_size, generator)
+
+
+def model_inputs(model, batch: int = 1, text_tokens: int | None = None, sample_size: int | None = None,
+                 generator: torch.Generator | None = None) -> dict:
+    """Keyword inputs of one call of any supported denoiser (`DENOISERS`), random where a pipeline would pass
+    data, on the model's device and dtype. `sample_size` = latent side (default: the config's, else
+    DEFAULT_RESOLUTION / 8); `text_tokens` default: the family's (`DENOISERS`)."""
+    cfg, family = model.config, family_of(model)
+    param = next(model.parameters())
+    tokens = text_tokens or DENOISERS.get(family, 77)
+    size = sample_size or getattr(cfg, "sample_size", None) or DEFAULT_RESOLUTION // 8
     size = size[0] if isinstance(size, (list, tuple)) else size
+    gen = generator or torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(param.device, param.dtype)
+
+    if family == "FluxTransformer2DModel":
+        # FluxPipeline packs 2x2 latent patches into tokens: in_channels = 4 x latent channels
+        side = size // 2
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+        inputs = {"hidden_states": rand(batch, side * side, cfg.in_channels),
+                  "encoder_hidden_states": rand(batch, tokens, cfg.joint_attention_dim),
+                  "pooled_projections": rand(batch, cfg.pooled_projection_dim),
+                  "timestep": torch.full((batch,), 0.5).to(param.device, param.dtype),  # Flux takes t in [0, 1]
+                  "img_ids": img_ids.to(param.device, param.dtype),
+                  "txt_ids": torch.zeros(tokens, 3).to(param.device, param.dtype)}
+        if cfg.guidance_embeds:  # Flux.1-dev is guidance-distilled: the guidance scale is an input
+            inputs["guidance"] = torch.full((batch,), 3.5).to(param.device, param.dtype)
+        return inputs
+    latents = rand(batch, cfg.in_channels, size, size)
+    timestep = torch.full((batch,), 500, dtype=torch.long).to(param.device)
+    if family == "SD3Transformer2DModel":
+        return {"hidden_states": latents, "encoder_hidden_states": rand(batch, tokens, cfg.joint_attention_dim),
+                "pooled_projections": rand(batch, cfg.pooled_projection_dim), "timestep": timestep}
+    if family == "PixArtTransformer2DModel":
+        extra = {"resolution": None, "aspect_ratio": None}
+        if getattr(model, "use_additional_conditions", False):  # PixArt-alpha 1024 px conditions on the image size
+            extra = {"resolution": torch.full((batch, 2), float(size * 8)).to(param.device, param.dtype),
+                     "aspect_ratio": torch.ones(batch, 1).to(param.device, param.dtype)}
+        return {"hidden_states": latents, "encoder_hidden_states": rand(batch, tokens, cfg.caption_channels),
+                "timestep": timestep, "added_cond_kwargs": extra}
     cross = cfg.encoder_hid_dim or cfg.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "sample": torch.randn(batch, cfg.in_channels, size, size, generator=gen).to(param.device, param.dtype),
-        "timestep": torch.full((batch,), 500, dtype=torch.long).to(param.device),
-        "encoder_hidden_states": torch.randn(batch, text_tokens, cross, generator=gen).to(param.device, param.dtype),
-    }
+    inputs = {"sample": latents, "timestep": timestep, "encoder_hidden_states": rand(batch, tokens, cross)}
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embedding + 6 size/crop time ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {"text_embeds": rand(batch, pooled),
+                                       "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch,
+                                                                dtype=param.dtype).to(param.device)}
+    return inputs
+
+
+def run_model(model, inputs: dict) -> torch.Tensor:
+    """The prediction of one denoiser call (every supported family returns it as `.sample`)."""
+    return model(**inputs).sample
 
 
 @torch.no_grad()
-def count_macs(unet, text_tokens: int = 77) -> dict[str, int]:
-    """Multiply-accumulates of one UNet call on one latent at the config's sample size."""
-    inputs = example_inputs(unet, 1, text_tokens)
+def count_macs(unet, text_tokens: int | None = None, sample_size: int | None = None) -> dict[str, int]:
+    """Multiply-accumulates of one denoiser call on one latent at the config's sample size (transformers
+    without one: DEFAULT_RESOLUTION), with `text_tokens` of text (default: the family's)."""
+    inputs = model_inputs(unet, 1, text_tokens, sample_size)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        unet(**inputs)
+        run_model(unet, inputs)
     per_op = {str(op).split(".")[-1]: flops for op, flops in counter.get_flop_counts()["Global"].items()}
     total = sum(per_op.values()) // 2  # FlopCounterMode counts 2 FLOPs per multiply-accumulate
     attention = sum(per_op.get(op, 0) for op in _ATTENTION_OPS) // 2
@@ -67,15 +161,15 @@ def count_macs(unet, text_tokens: int = 77) -> dict[str, int]:
 
 
 @torch.no_grad()
-def latency_ms(unet, batch: int, runs: int, text_tokens: int = 77, warmup: int = 2) -> float:
-    """Median wall time (ms) of one UNet call at `batch` latents on the UNet's device, after warm-up."""
-    inputs = example_inputs(unet, batch, text_tokens)
+def latency_ms(unet, batch: int, runs: int, text_tokens: int | None = None, warmup: int = 2) -> float:
+    """Median wall time (ms) of one denoiser call at `batch` latents on the model's device, after warm-up."""
+    inputs = model_inputs(unet, batch, text_tokens)
     sync = torch.cuda.synchronize if inputs["sample"].is_cuda else (lambda: None)
     times = []
     for i in range(warmup + runs):
         sync()
         start = time.perf_counter()
-        unet(**inputs)
+        run_model(unet, inputs)
         sync()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)

@@ -1,5 +1,8 @@
 """What `safeprune finetune --dry-run` adds below the resolved config: the launch in derived figures.
 
+The teacher's denoiser may be a UNet or a diffusion transformer (SD3 / Flux / PixArt: `transformer/config.json`
+of a pipeline; the shipped configs of well-known hub ids, KNOWN_UNETS); the estimate runs the family's call.
+
 Global batch = per-process batch x processes x gradient accumulation (processes from WORLD_SIZE, which
 `accelerate launch` / torchrun set; 1 otherwise), the step schedule of the chosen method, the teacher's
 location, and the peak-memory estimate of `safeprune.memory` for the student architecture (the --student
@@ -13,14 +16,17 @@ import json
 import os
 from pathlib import Path
 
-from safeprune.config import Config
+from safeprune.config import Config, PruneConfig
 from safeprune.errors import UserError
 from safeprune.optim import optimizer_of
 
-# UNet configs of well-known hub ids shipped with safeprune, so planning works before any download.
+# Denoiser configs of well-known hub ids shipped with safeprune (assets/), so planning works before any download.
 KNOWN_UNETS = {"stabilityai/stable-diffusion-2-1": "sd21", "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
-               "runwayml/stable-diffusion-v1-5": "sd15"}
+               "runwayml/stable-diffusion-v1-5": "sd15", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+               "stabilityai/stable-diffusion-3-medium-diffusers": "../transformer_configs/sd3_medium",
+               "black-forest-labs/FLUX.1-dev": "../transformer_configs/flux1_dev"}
 UNET_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "unet_configs"
+DENOISER_FOLDERS = ("unet", "transformer")  # where a diffusers pipeline keeps its denoiser
 
 
 def describe_finetune(cfg: Config, args) -> str:
@@ -72,12 +78,14 @@ def _teacher_unet_config(teacher: str) -> dict:
     if not teacher:
         return json.loads((teacher_path() / "unet" / "config.json").read_text())
     if not is_hub_id(teacher):
-        return json.loads((Path(teacher) / "unet" / "config.json").read_text())
+        found = [Path(teacher) / d / "config.json" for d in DENOISER_FOLDERS if (Path(teacher) / d / "config.json").is_file()]
+        return json.loads((found[0] if found else Path(teacher) / "unet" / "config.json").read_text())
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(teacher, "unet/config.json")
-    if isinstance(cached, str):
-        return json.loads(Path(cached).read_text())
+    for folder in DENOISER_FOLDERS:
+        cached = try_to_load_from_cache(teacher, f"{folder}/config.json")
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text())
     if teacher in KNOWN_UNETS:
         return json.loads((UNET_CONFIGS / f"{KNOWN_UNETS[teacher]}.json").read_text())
     raise UserError(f"the UNet config of {teacher} is not available offline")
@@ -91,12 +99,21 @@ def _memory_line(cfg: Config, teacher: str, student: str | None, processes: int)
         from safeprune.models.io import build_unet, load_plan
 
         student_unet, which = build_unet(load_plan(student), student), "the --student plan"  # meta device
+    elif cfg.prune.method != PruneConfig().method:
+        # the preset names its own pruning (sdxl / sd3 / flux: `depth`): plan it on the meta teacher
+        from safeprune.pruning import prune
+
+        student_unet = prune(teacher_unet, cfg.prune.method, cfg.prune)[0]
+        which = f"the preset's prune section planned on meta ({cfg.prune.method}"
+        which += f", {cfg.prune.depth.preset})" if cfg.prune.depth.preset else ")"
     else:
         student_unet, which = teacher_unet, "the unpruned teacher UNet (pass --student for the pruned one)"
     vae_scale = 8 if teacher else 2  # SD's VAE downsamples 8x; the toy VAE 2x
     latent = (cfg.finetune.resolution // vae_scale) if cfg.finetune.resolution else teacher_unet.config.sample_size
+    from safeprune.pruning.measure import default_text_tokens
     from safeprune.recipes.finetune import resolve_mixed_precision
 
+    tokens = default_text_tokens(teacher_unet)  # SD: 77 CLIP tokens; SD3 333, Flux 512 (their pipelines' defaults)
     est = estimate_memory(resolve_mixed_precision(cfg), student_unet, teacher_unet, latent_size=latent,
-                          processes=processes)
-    return f"{est.summary()}\n  (student = {which}; {latent}x{latent} latents)"
+                          processes=processes, text_tokens=tokens)
+    return f"{est.summary()}\n  (student = {which}; {latent}x{latent} latents, {tokens} text tokens)"

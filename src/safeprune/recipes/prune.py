@@ -2,8 +2,12 @@
 
   --model DIR|HUB_ID   a diffusers Stable Diffusion pipeline folder (or a plain UNet folder) with weights, or a
                        hub id read from the local Hugging Face cache (default: model.teacher, else the toy teacher)
-  --unet-config FILE   only a UNet config.json: the architecture is built on the meta device (no weights,
-                       seconds even at SD scale) to plan a pruning and read its parameter and MAC counts
+  --unet-config FILE   only a denoiser's config.json (alias --transformer-config): the architecture is built on the
+                       meta device (no weights, seconds even at 12 B parameters) to plan a pruning and read its
+                       parameter and MAC counts. The class comes from the config's `_class_name`
+                       (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel,
+                       PixArtTransformer2DModel; safeprune.pruning.measure.DENOISERS). A bare name picks a shipped
+                       public architecture (SHIPPED_CONFIGS: sd15, sd21, sdxl, sd3_medium, flux1_dev).
 
 The output folder holds `model/`, a complete diffusers pipeline folder with the student UNet and a model card
 (see `safeprune.models.io`; a bare UNet folder when --model is a UNet folder without a pipeline), plus
@@ -19,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 
 from safeprune.config import Config, save_config
 from safeprune.data.datasets import encode_pool, open_image_captions
@@ -40,10 +43,15 @@ from safeprune.models.io import (
     write_unet,
 )
 from safeprune.pruning import METHODS, is_pruned, prune
-from safeprune.pruning.measure import count_macs, count_parameters, latency_ms
+from safeprune.pruning.measure import DEFAULT_RESOLUTION, count_macs, count_parameters, latency_ms
 from safeprune.utils import atomic_folder, fingerprint, numpy_rng, resolve_device, seed_everything, torch_rng
 
 DEFAULT_TEXT_TOKENS = 77  # CLIP's context length: what SD's UNet cross-attends to
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# Public architecture configs shipped with safeprune (written from the hub repositories' config.json files).
+SHIPPED_CONFIGS = {"sd15": "unet_configs/sd15.json", "sd21": "unet_configs/sd21.json", "sdxl": "unet_configs/sdxl.json",
+                   "sd3_medium": "transformer_configs/sd3_medium.json",
+                   "flux1_dev": "transformer_configs/flux1_dev.json"}
 
 
 @dataclass(frozen=True)
@@ -83,8 +91,10 @@ def prune_student(cfg: Config) -> Path:
     device = resolve_device(cfg.device)
     source = _load_source(cfg, device)
     calib = None
-    if source.weights and choose("pruning method", cfg.prune.method, METHODS).needs_calibration(cfg.prune):
-        calib = taylor_calibration(cfg, source.pipeline_folder, cfg.paths.calib_data or None, device)
+    pruner = choose("pruning method", cfg.prune.method, METHODS)
+    if source.weights and pruner.needs_calibration(cfg.prune):
+        calib = taylor_calibration(cfg, source.pipeline_folder, cfg.paths.calib_data or None, device,
+                                   pruner.calibration)
 
     unet = source.unet
     # lineage: `finetune` checks that the teacher it distils from is this model (safeprune.utils.fingerprint)
@@ -135,22 +145,33 @@ def _load_source(cfg: Config, device) -> Source:
     return Source(unet, True, base_model, pipeline, _text_tokens(pipeline), str(folder))
 
 
+def shipped_config(name: str) -> Path:
+    """--unet-config: a path, or the bare name of a shipped public architecture (SHIPPED_CONFIGS)."""
+    path = Path(name)
+    if not path.exists() and name.removesuffix(".json") in SHIPPED_CONFIGS:
+        return ASSETS / SHIPPED_CONFIGS[name.removesuffix(".json")]
+    return path
+
+
 def _from_config(path: Path) -> Source:
-    check(path.is_file(), f"--unet-config {str(path)!r} not found; pass a UNet config.json")
+    from safeprune.pruning.measure import DENOISERS, default_text_tokens, meta_model
+
+    path = shipped_config(str(path))
+    check(path.is_file(), f"--unet-config {str(path)!r} not found; pass a config.json or one of: "
+                          f"{', '.join(SHIPPED_CONFIGS)}")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"--unet-config {str(path)!r} is not valid JSON ({err})") from err
-    check(isinstance(config, dict) and config.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel",
-          f"--unet-config {str(path)!r} is not a UNet2DConditionModel config")
-    config = {k: v for k, v in config.items() if not k.startswith("_")}  # `_use_default_values` would undo edits
-    check_supported_unet(config, f"--unet-config {str(path)!r}")
+    name = config.get("_class_name", "UNet2DConditionModel") if isinstance(config, dict) else None
+    check(name in DENOISERS, f"--unet-config {str(path)!r} is not a config of a supported denoiser "
+                             f"({', '.join(DENOISERS)})")
+    # SDXL-style UNets are not refused here (check_supported_unet): a plan needs no pipeline inputs.
     try:
-        with init_empty_weights():
-            unet = UNet2DConditionModel.from_config(config)
+        model = meta_model(config)  # `_use_default_values` and other private keys are dropped: they would undo edits
     except (TypeError, ValueError, KeyError, AttributeError) as err:
-        raise UserError(f"--unet-config {str(path)!r} does not build a UNet ({type(err).__name__}: {err})") from err
-    return Source(unet, False, None, None, DEFAULT_TEXT_TOKENS, str(path))
+        raise UserError(f"--unet-config {str(path)!r} does not build a {name} ({type(err).__name__}: {err})") from err
+    return Source(model, False, None, None, default_text_tokens(model), str(path))
 
 
 def _text_tokens(pipeline: Path | None) -> int:
@@ -163,14 +184,16 @@ def _text_tokens(pipeline: Path | None) -> int:
     return DEFAULT_TEXT_TOKENS
 
 
-def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: str | None, device):
-    """calib(unet, i) -> denoising loss (eq. 1, plain MSE) of calibration batch i of the teacher's training data.
+def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: str | None, device,
+                       output: str = "loss"):
+    """calib(unet, i) -> denoising loss (eq. 1, plain MSE) of calibration batch i of the teacher's training data,
+    or with output="prediction" the UNet's prediction on that batch (`depth`'s skip error).
 
     Data: `--calib-data` (an image folder with metadata.jsonl) or the toy world's `pretrain` split (what
     the toy teacher was trained on). Batch i depends only on (seed, "calibration", i).
     """
-    check(pipeline_folder is not None, "importance 'taylor' needs the model's VAE and text encoder: pass --model as "
-                                       "a Stable Diffusion pipeline folder (model_index.json)")
+    check(pipeline_folder is not None, f"{cfg.prune.method} calibration needs the model's VAE and text encoder: pass "
+                                       "--model as a Stable Diffusion pipeline folder (model_index.json)")
     pipe = load_pipeline(pipeline_folder, device=device)
     p = cfg.prune.channels
     n = p.calibration_batches * p.calibration_batch_size
@@ -190,7 +213,7 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
         pred = unet(scheduler.add_noise(latents, noise, t), t, texts[idx.to(device)]).sample
-        return loss_fn(pred, latents, noise, t).mean()
+        return pred if output == "prediction" else loss_fn(pred, latents, noise, t).mean()
 
     return calib
 
@@ -223,4 +246,6 @@ def _report(cfg: Config, plan: dict, source: Source, before: dict, after: dict) 
         report |= {"latency_batch": cfg.prune.latency_batch, "latency_runs": cfg.prune.latency_runs,
                    "device": str(next(source.unet.parameters()).device)}
     report["text_tokens"] = source.text_tokens
+    # the latent side the MACs were counted at (Flux's config has none: its native 1024 px)
+    report["latent_size"] = getattr(source.unet.config, "sample_size", None) or DEFAULT_RESOLUTION // 8
     return report

@@ -35,6 +35,9 @@ through a fresh dependency graph on the base architecture rebuilds the pruned UN
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -207,6 +210,19 @@ def pruned_widths(base_unet, groups: list[dict]) -> dict[str, dict[str, int]]:
         widths.setdefault(kind.name, {})[entry["block"]] = kept // kind.base_unit(block) if kind.name == "heads" \
             else kept
     return widths
+
+
+@functools.lru_cache(maxsize=16)
+def _widths(key: str) -> dict[str, dict[str, int]]:
+    """pruned_widths of the plan groups on their full-width base config, both in `key` (JSON), memoised: saving
+    and loading one student asks for them several times, and each answer builds the base on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    base, groups = json.loads(key)
+    with init_empty_weights():  # widths only: the full-width base on the meta device
+        full = UNet2DConditionModel.from_config({k: v for k, v in base.items() if not k.startswith("_")})
+    return pruned_widths(full, groups)
 
 
 def rebuild_sites(unet, widths: dict[str, dict[str, int]]) -> None:
@@ -393,13 +409,8 @@ class Channels(Method):
         base = {k: v for k, v in plan["base_config"].items() if k != "pruned_widths"}
         widths = plan.get("pruned_widths")  # recorded when diffusers re-saved the folder (no plan.json)
         if widths is None:
-            from accelerate import init_empty_weights
-            from diffusers import UNet2DConditionModel
-
             check(isinstance(plan.get("groups"), list), "channels plan has no 'groups'; re-run `safeprune prune`")
-            with init_empty_weights():  # widths only: the full-width base on the meta device
-                full = UNet2DConditionModel.from_config({k: v for k, v in base.items() if not k.startswith("_")})
-            widths = pruned_widths(full, plan["groups"])
+            widths = copy.deepcopy(_widths(json.dumps([base, plan["groups"]], sort_keys=True)))
         return {**base, "pruned_widths": widths}
 
     def plan_from_config(self, config):

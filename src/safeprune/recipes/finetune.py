@@ -218,13 +218,11 @@ def _check_memory(cfg: Config, student_dir: Path, pipe, device) -> None:
     """Refuse, before the run folder is made, a run whose estimated peak (safeprune.memory) exceeds the device.
     The estimate runs on meta-device copies built from the configs (no second copy of the weights)."""
     from safeprune.memory import check_fits, estimate_memory, meta_unet
-    from safeprune.models.io import load_plan
-    from safeprune.pruning import apply_plan
+    from safeprune.models.io import build_unet, load_plan
 
     ft = cfg.finetune
-    plan = load_plan(student_dir)
-    base = meta_unet(plan["base_config"])
-    student = apply_plan(base, plan)
+    # the architecture straight from the plan's saved config, as the dry run builds it: no torch-pruning replay
+    student = build_unet(load_plan(student_dir), student_dir)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latent = ft.resolution // vae_scale if ft.resolution else pipe.unet.config.sample_size
     encoders = sum(p.numel() for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())

@@ -56,7 +56,9 @@ GRID: dict[str, list[list[str]]] = {
     "conceptprune": [[], ["unlearn.conceptprune.sparsity=0.02"], ["unlearn.conceptprune.sparsity=0.05"],
                      ["unlearn.conceptprune.sparsity=0.1"]],
 }
-FINETUNED = ("bilevel", "two_stage")  # fine-tuned from the pruned student; the others erase the distilled student
+# Fine-tuned from the pruned student (the others erase the distilled student). The first one's choice is the run's
+# own finetune.*; the others share those keys, so their choices go to demo.overrides[method].
+FINETUNED = ("bilevel", "two_stage")
 METRICS = "eval.metrics=[valid,leakage,retention,adherence,fd]"
 TINY = ["finetune.max_steps=4", "finetune.batch_size=2", "finetune.upper.batch_size=2", "finetune.data.pool=8",
         "finetune.data.concept_pool=4", "finetune.upper.every=2", "finetune.warmup_steps=1", "eval.seeds_per_prompt=1",
@@ -100,7 +102,7 @@ def score(row: dict, distill: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from safeprune.config import load_config, to_dict
+    from safeprune.config import load_config
     from safeprune.eval.judge import load_judge
     from safeprune.eval.metrics import evaluate_model
     from safeprune.models.io import load_pipeline
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(GRID), help=f"subset of {','.join(GRID)}")
     parser.add_argument("--out", default="runs/sweep_baselines", help="folder: student/, runs/, results.jsonl, chosen.*")
     parser.add_argument("--tiny", action="store_true", help="tiny budgets (a test of the script, not a sweep)")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write pareto.png / pareto.md from results.jsonl")
     parser.add_argument("overrides", nargs="*", help="section.field=value applied to every run")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(GRID)}")
     root = Path(args.out)
+    if args.report_only:
+        return write_pareto(root)
     common = [METRICS, "eval.heldout=false", *(TINY if args.tiny else []), *args.overrides]
     base = load_config(None, common)
     student = root / "student"
@@ -135,6 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
         row = evaluate_model(load_pipeline(folder), dev_world(cfg, seed), cfg, None, judge)
         return {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
 
+    # Resumable: a (method, config, seed) already in results.jsonl is not run again (a session may end mid-sweep).
+    done = {(r["method"], r["config"], r["seed"]): r for r in map(json.loads, results.read_text().splitlines())
+            } if results.exists() else {}
+
     def record(rec: dict) -> None:
         print(json.dumps(rec), flush=True)
         with open(results, "a") as f:
@@ -143,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     distilled: dict[int, dict] = {}
     for seed in seeds:  # the shared reference and the baselines' starting point
         folder = root / "runs" / f"distill_s{seed}"
+        if ("distill", 0, seed) in done and (folder / "model").is_dir():
+            distilled[seed] = done["distill", 0, seed]
+            continue
         cfg = dataclasses.replace(load_config(None, [*common, "finetune.method=distill"]), seed=seed)
         cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, student=str(student), out=str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
@@ -155,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
         for k, overrides in enumerate(GRID[method]):
             per_seed = []
             for seed in seeds:
+                if (method, k, seed) in done:
+                    per_seed.append(done[method, k, seed]["score"])
+                    continue
                 folder = root / "runs" / f"{method}_c{k}_s{seed}"
                 shutil.rmtree(folder, ignore_errors=True)
                 start = time.perf_counter()
@@ -178,20 +193,28 @@ def main(argv: list[str] | None = None) -> dict:
     for m, c in chosen.items():
         c["overrides"] = GRID[m][c["config"]]
     (root / "chosen.json").write_text(json.dumps(chosen, indent=1))
-    # One config file for the reported run: bilevel's and each baseline's choices in their own keys; two_stage
-    # shares finetune.* with bilevel, so its choice goes to demo.two_stage_overrides.
-    flat = [o for m, c in chosen.items() if m != "two_stage" for o in c["overrides"]]
-    tuned = to_dict(load_config(None, flat))
-    defaults = to_dict(load_config(None, []))
-    data = {sec: {k: v for k, v in tuned[sec].items() if v != defaults[sec][k]}
-            for sec in ("finetune", "unlearn") if isinstance(tuned[sec], dict)}
-    data = {sec: fields for sec, fields in data.items() if fields}
-    if "two_stage" in chosen:
-        data["demo"] = {"two_stage_overrides": chosen["two_stage"]["overrides"]}
+    # One config file for the reported run: every method's choice in demo.overrides[method] (the methods share
+    # finetune.* / unlearn.* keys with the other rows); the DemoConfig defaults hold the committed choice.
+    data = {"demo": {"overrides": {m: c["overrides"] for m, c in chosen.items()}}}
     (root / "chosen.yaml").write_text("# written by benchmarks/sweep_baselines.py (docs/demo/tuning.md)\n"
                                       + yaml.safe_dump(data, sort_keys=False))
+    write_pareto(root)
     print(json.dumps(chosen, indent=1))
     return chosen
+
+
+def write_pareto(root: Path) -> dict:
+    """OUT/pareto.png and OUT/pareto.md: each method's configurations as leakage against fd / distill fd on the
+    development seeds (safeprune.recipes.pareto), and whether bilevel's front dominates each other method's."""
+    from safeprune.recipes import pareto
+
+    records = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+    pts = pareto.points(records)
+    seeds = sorted({r["seed"] for r in records})
+    pareto.plot(pts, root / "pareto.png", title=f"development seeds {', '.join(map(str, seeds))}")
+    (root / "pareto.md").write_text(f"# Leakage vs fd per configuration (development seeds {seeds})\n\n"
+                                    + pareto.markdown(pts) + "\n![pareto](pareto.png)\n")
+    return pts
 
 
 if __name__ == "__main__":

@@ -80,3 +80,16 @@ def test_8bit_adam_without_bitsandbytes_is_a_one_line_error(name):
     with pytest.raises(UserError, match="needs bitsandbytes") as err:
         build_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0)
     assert "\n" not in str(err.value)
+
+
+def test_an_unknown_optimizer_fails_the_dry_run_and_the_run_before_its_folder(tmp_path, capsys):
+    from safeprune.cli import main
+    from safeprune.errors import UserError
+    from safeprune.recipes.finetune import finetune
+
+    assert main(["finetune", "--dry-run", "finetune.optimizer=sgd"]) == 2
+    assert "unknown optimizer 'sgd'; choose one of: adamw, adamw8bit" in capsys.readouterr().err
+    cfg = load_config(None, ["finetune.optimizer=sgd", f"paths.student={tmp_path / 's'}", f"paths.out={tmp_path / 'o'}"])
+    with pytest.raises(UserError, match="unknown optimizer 'sgd'"):
+        finetune(cfg)
+    assert not (tmp_path / "o").exists()

@@ -292,7 +292,9 @@ class FinetuneConfig:
     # a value here that disagrees with the launcher's is an error (safeprune.recipes.finetune.resolve_mixed_precision)
     mixed_precision: str = ""
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the frozen teacher's forward passes
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, `pip install safeprune[bnb]`): both optimisers
+    # registry key (safeprune.optim.OPTIMIZERS, checked before the run folder is made): adamw | adamw8bit
+    # (bitsandbytes, `pip install safeprune[bnb]`); both bilevel optimisers
+    optimizer: str = "adamw"
     resolution: int = 0  # fine-tuning image side in pixels; 0 = the teacher UNet's sample_size x VAE scale
     ema_decay: float = 0.0  # EMA of student weights (saved as the result); 0 disables it
     gradient_checkpointing: bool = False  # trade compute for memory on large UNets
@@ -318,7 +320,6 @@ class FinetuneConfig:
               "finetune.validation_every_steps must be >= 0 (0 = never) and finetune.validation_seeds >= 1")
         check(self.teacher_dtype in ("fp32", "bf16", "fp16"),
               f"finetune.teacher_dtype={self.teacher_dtype!r}; choose fp32, bf16 or fp16")
-        check(self.optimizer in ("adamw", "adamw8bit"), f"finetune.optimizer={self.optimizer!r}; choose adamw or adamw8bit")
         check(self.resolution >= 0 and self.resolution % 8 == 0,
               f"finetune.resolution={self.resolution} must be a multiple of 8 (0 = the teacher's own size)")
         check(0.0 <= self.ema_decay < 1.0, "finetune.ema_decay must lie in [0, 1)")
@@ -500,20 +501,33 @@ class EvalConfig:
         check(0.0 < self.nudenet_threshold < 1.0, "eval.nudenet_threshold must lie in (0, 1) (default 0.6)")
 
 
+DEMO_CONTROLS = ("pruned", "denoise_only")  # the demo's control rows (DemoConfig.controls)
+
+
 @dataclass
 class DemoConfig:
     seeds: int = 1  # repeat fine-tuning + evaluation with this many seeds; mean +- std when > 1
     # erasure methods (safeprune.erasure) applied to the distilled student, one "distill+NAME" row each: the
     # paper's two-stage baselines (settings: unlearn.*; training-based ones at bilevel's upper budget)
     baselines: list[str] = field(default_factory=lambda: ["esd_paper", "uce", "conceptprune"])
-    # section.field=value overrides for the distill+bilevel_loss (two_stage) row only: its upper-level settings
-    # share finetune.* keys with bilevel, and the tuning sweep may choose other values (docs/demo/tuning.md)
-    two_stage_overrides: list[str] = field(default_factory=list)
+    # compared method (finetune.method of a fine-tuned row, or a demo.baselines name) -> section.field=value
+    # overrides for that method's rows only. The defaults are benchmarks/sweep_baselines.py's choice on development
+    # seeds (docs/demo/tuning.md, docs/demo/sweep/chosen.json); the package's own defaults stay the published ones.
+    overrides: dict[str, list[str]] = field(default_factory=lambda: {
+        "bilevel": ["finetune.upper.lr=5e-4"], "two_stage": ["finetune.upper.lr=5e-4"],
+        "esd_paper": ["unlearn.esd_paper.lr=1e-4"], "conceptprune": ["unlearn.conceptprune.sparsity=0.1"]})
     curve_every: int = 100  # evaluate leakage and fd every N fine-tuning steps (curves.png)
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)
+    # causal control rows (DEMO_CONTROLS): `pruned` = the pruned student before any fine-tuning (did pruning already
+    # remove the concept?); `denoise_only` = distill with finetune.lambda_out = lambda_feat = 0 (is it the KD terms
+    # that carry the concept?), same steps and seed, with curves (recovery speed, seed paper Fig. 4); [] = neither
+    controls: list[str] = field(default_factory=lambda: list(DEMO_CONTROLS))
 
     def __post_init__(self):
         check(1 <= self.seeds <= 1000, f"demo.seeds={self.seeds} must lie in 1..1000")
+        for name in self.controls:
+            check(name in DEMO_CONTROLS, f"demo.controls: unknown control {name!r}; choose from: {', '.join(DEMO_CONTROLS)}")
+        check(len(set(self.controls)) == len(self.controls), f"demo.controls={self.controls} names a control twice")
         check(self.curve_every >= 1 and self.curve_prompts >= 1, "demo.curve_every and demo.curve_prompts must be >= 1")
 
 
@@ -583,7 +597,7 @@ MOVED = {f"finetune.{old}": f"finetune.{new}" for old, new in {
     "data_pool": "data.pool", "concept_pool": "data.concept_pool", "data_mode": "data.mode",
     **{k: f"data.{k}" for k in ("random_crop", "random_flip", "num_workers", "shuffle_buffer", "streaming",
                                 "hub_data", "text_cache")}}.items()} | {
-    "prune.preset": "prune.blocks.preset",
+    "prune.preset": "prune.blocks.preset", "demo.two_stage_overrides": "demo.overrides.two_stage",
     **{f"prune.{k}": f"prune.channels.{k}" for k in ("importance", "magnitude_p", "channel_multiple",
                                                      "calibration_batches", "calibration_batch_size")}}
 
@@ -601,6 +615,10 @@ def _coerce(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         check(isinstance(value, dict), f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
         return from_dict(tp, value, prefix=key)
+    if origin is dict:
+        check(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         check(isinstance(value, list), f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(tp)
@@ -632,7 +650,15 @@ def from_dict(cls, data: dict, prefix: str = ""):
         check(full not in MOVED, f"config key {full!r} moved to {MOVED.get(full)!r}; write {MOVED.get(full)}=...")
         check(key in hints, f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
+        if typing.get_origin(hints[key]) is dict and isinstance(kwargs[key], dict):
+            # a mapping field merges into its default (demo.overrides.uce=[...] keeps the other methods' entries)
+            kwargs[key] = {**_default(cls, key), **kwargs[key]}
     return cls(**kwargs)
+
+
+def _default(cls, name: str):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def to_dict(cfg) -> dict:

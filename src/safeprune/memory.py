@@ -3,8 +3,8 @@
 What a run keeps, and how each part is counted (bytes):
   persistent   student weights (fp32: Accelerate's mixed precision keeps fp32 masters) + gradients of the
                trained weights (fp32) + optimiser states of BOTH bilevel optimisers (lower: every weight;
-               upper: the unlearning loss's parameter set; `safeprune.optim.STATE_BYTES` per parameter:
-               8 for AdamW, 2 for 8-bit AdamW) + the frozen teacher in `finetune.teacher_dtype` + the
+               upper: the unlearning loss's parameter set; the `state_bytes` of the safeprune.optim entry
+               per parameter: 8 for AdamW, 2 for 8-bit AdamW) + the frozen teacher in `finetune.teacher_dtype` + the
                latent pools (mean and std per image, fp32) and the prompt-embedding table (fp32);
                with several processes DDP adds its gradient buckets (one more fp32 gradient copy).
   activations  MEASURED, not modelled: the student runs once on the meta device (no memory, no compute) at
@@ -43,7 +43,7 @@ from diffusers import UNet2DConditionModel
 from safeprune.bilevel import build_method, uses_upper
 from safeprune.config import Config
 from safeprune.models.hooks import feature_blocks
-from safeprune.optim import STATE_BYTES
+from safeprune.optim import optimizer_of
 from safeprune.pruning.depth import stacks as depth_stacks
 from safeprune.pruning.measure import family_of, meta_model, model_inputs, run_model
 from safeprune.unlearning import PARAMETER_SETS, UNLEARNING, build_unlearning
@@ -260,7 +260,7 @@ def estimate_memory(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Mod
     parts = {
         "student": 4 * n_student,
         "grads": 4 * n_student,
-        "optimizer": STATE_BYTES[ft.optimizer] * (n_student + n_upper),
+        "optimizer": optimizer_of(ft.optimizer).state_bytes * (n_student + n_upper),
         "teacher": n_teacher * torch.finfo(t_dtype).bits // 8,
         "pools": latent_bytes * (ft.data.pool + (ft.data.concept_pool if unlearn else 0)) + prompts * text_tokens * cross * 4,
         "ddp_buckets": 4 * n_student if processes > 1 else 0,

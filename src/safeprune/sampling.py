@@ -1,7 +1,8 @@
 """Image generation shared by evaluation and the recipes: one image per (prompt, seed), independent of batching.
 
 EDM2's habit (docs in style.md): every image has its own seed. The initial latents of image i come from its own
-`torch.Generator(seed_i)` and go to the stock diffusers `StableDiffusionPipeline` as `latents=`; with DDIM at
+`torch.Generator(seed_i)` and go to the family's stock diffusers pipeline (`StableDiffusionPipeline`, SDXL's, SD3's:
+safeprune.backbones) as `latents=`; with DDIM at
 eta = 0 (or the deterministic PNDM / DPM-Solver++ samplers) no further noise is added, so image i depends only on
 (prompt_i, seed_i, guidance_i), not on the batch size or its position in a batch. Classifier-free guidance uses the
 empty negative prompt, as SD does.
@@ -40,7 +41,7 @@ def load_model(path: str | Path | None, device: str | torch.device = "cpu"):
     return pipe.to(device)
 
 
-def _schedulers() -> dict:
+def samplers() -> dict:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
     return {"ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}),
@@ -50,13 +51,17 @@ def _schedulers() -> dict:
 SCHEDULERS = ("ddim", "pndm", "dpm++")  # sample.scheduler values; all deterministic given the initial latents
 
 
-def use_sampler(pipe, name: str = "ddim") -> None:
-    """Swap the pipeline's scheduler for `name` on the same noise schedule (a no-op if it already is one)."""
-    from safeprune.errors import choose
+def backbone_of_pipe(pipe):
+    """The family (safeprune.backbones) of a loaded diffusers pipeline, by its class."""
+    from safeprune.backbones import backbone_for_pipeline
 
-    cls, extra = choose("sampler", name, _schedulers())
-    if type(pipe.scheduler) is not cls:
-        pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+    return backbone_for_pipeline(type(pipe).__name__, "the pipeline")
+
+
+def use_sampler(pipe, name: str = "ddim") -> None:
+    """Swap the pipeline's scheduler for `name` on the same noise schedule (a no-op if it already is one; flow-
+    matching families keep their own deterministic Euler sampler)."""
+    backbone_of_pipe(pipe).use_sampler(pipe, name)
 
 
 def use_deterministic_sampler(pipe) -> None:
@@ -68,15 +73,8 @@ def use_deterministic_sampler(pipe) -> None:
 
 
 def latent_shape(pipe, resolution: int = 0) -> tuple[int, int, int]:
-    """(C, h, w) of one image's latents; resolution 0 = the UNet's own sample_size."""
-    cfg = pipe.unet.config
-    if resolution:
-        scale = getattr(pipe, "vae_scale_factor", 8)
-        check(resolution % scale == 0, f"resolution {resolution} must be a multiple of the VAE factor {scale}")
-        return cfg.in_channels, resolution // scale, resolution // scale
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return cfg.in_channels, h, w
+    """(C, h, w) of one image's latents; resolution 0 = the denoiser's own sample_size."""
+    return backbone_of_pipe(pipe).latent_shape(pipe, resolution)
 
 
 def initial_latents(pipe, seeds: list[int], resolution: int = 0) -> torch.Tensor:
@@ -91,11 +89,11 @@ def initial_latents(pipe, seeds: list[int], resolution: int = 0) -> torch.Tensor
 def _draw_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, precision: str,
                 resolution: int) -> np.ndarray:
     """uint8 (B, H, W, 3) for one batch at one guidance scale."""
-    latents = initial_latents(pipe, seeds, resolution).to(pipe.device, pipe.unet.dtype)
+    backbone = backbone_of_pipe(pipe)
+    latents = initial_latents(pipe, seeds, resolution).to(pipe.device, backbone.denoiser_of(pipe).dtype)
     size = {"height": resolution, "width": resolution} if resolution else {}
     with torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        images = pipe(prompt=prompts, negative_prompt=[""] * len(prompts), latents=latents, num_inference_steps=steps,
-                      guidance_scale=guidance, eta=0.0, output_type="np", **size).images  # (B, H, W, 3) in [0, 1]
+        images = backbone.draw(pipe, prompts, latents, steps, guidance, size)  # (B, H, W, 3) in [0, 1]
     return (np.asarray(images, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
 
 

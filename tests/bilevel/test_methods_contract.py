@@ -10,13 +10,15 @@ from test_solvers import Quadratic, solve
 from safeprune.bilevel import METHODS, SOLVERS, build_method, uses_upper
 from safeprune.config import FinetuneConfig, SolverConfig, UpperConfig
 
-CASES = [(m, s) for m in sorted(METHODS) for s in (sorted(SOLVERS) if m == "bilevel" else [None])]
-
 
 def _method(name, solver):
     cfg = FinetuneConfig(method=name, max_steps=40, upper=UpperConfig(every=5),
                          **({"solver": SolverConfig(solver)} if solver else {}))
     return build_method(cfg)
+
+
+# A method that runs a `finetune.solver` (its built object names one) is checked with every solver.
+CASES = [(m, s) for m in sorted(METHODS) for s in (sorted(SOLVERS) if _method(m, None).solver else [None])]
 
 
 @pytest.mark.parametrize(("name", "solver"), CASES)

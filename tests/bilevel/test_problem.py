@@ -5,25 +5,8 @@ import copy
 import pytest
 import torch
 
-from safeprune.bilevel.problem import DiffusionProblem, NonFiniteLoss, Pools, step_generator
-from safeprune.data.datasets import LatentPool
-from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
+from safeprune.bilevel.problem import NonFiniteLoss, step_generator
 from safeprune.models import toy
-from safeprune.models.hooks import match_blocks
-from safeprune.unlearning import build_unlearning
-
-
-def _problem(student, teacher, unlearn="esd"):
-    g = torch.Generator().manual_seed(0)
-    pool = LatentPool(torch.randn(8, 4, 16, 16, generator=g), 0.1 * torch.rand(8, 4, 16, 16, generator=g),
-                      ["c"] * 8, [{}] * 8)
-    pools = Pools(lower=pool, lower_prompt=torch.arange(8) % 3, embeddings=torch.randn(5, 6, 64, generator=g),
-                  null_prompt=0, concept=pool, concept_target=torch.full((8,), 3), concept_anchor=torch.full((8,), 4))
-    sched = toy.build_schedulers()[0]
-    loss = LowerLevelLoss(DenoisingLoss(sched), FeatureKD(tuple(match_blocks(teacher, student))))
-    return DiffusionProblem(student=student, student_core=student, teacher=teacher, scheduler=sched, lower_loss=loss,
-                            pools=pools, unlearning=build_unlearning(unlearn), batch_size=2,
-                            upper_batch_size=2, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +22,9 @@ def test_step_generators_depend_only_on_their_key():
         assert not torch.equal(draw(0, 0, 5, "lower"), draw(*other))
 
 
-def test_a_teacher_copy_has_zero_kd_and_lower_value_replays_the_batch(teacher):
+def test_a_teacher_copy_has_zero_kd_and_lower_value_replays_the_batch(teacher, toy_problem):
     student = copy.deepcopy(teacher).requires_grad_(True)
-    problem = _problem(student, teacher)
+    problem = toy_problem(student, teacher)
     logs = problem.lower(3, stream="outer")
     assert logs["out_kd"] == 0 and logs["feat_kd"] == 0 and logs["ft"] == pytest.approx(logs["diff"])
     assert all(p.grad is not None for p in student.parameters())
@@ -51,9 +34,9 @@ def test_a_teacher_copy_has_zero_kd_and_lower_value_replays_the_batch(teacher):
 
 
 @pytest.mark.parametrize("unlearn", ["esd", "ablation"])
-def test_upper_step_is_zero_only_where_there_is_nothing_to_erase(teacher, unlearn):
+def test_upper_step_is_zero_only_where_there_is_nothing_to_erase(teacher, toy_problem, unlearn):
     student = copy.deepcopy(teacher).requires_grad_(True)
-    problem = _problem(student, teacher, unlearn)
+    problem = toy_problem(student, teacher, unlearn)
     cu = problem.upper(0)["cu"]
     assert cu > 0 and problem.counts["teacher_fwd"] == 2 * len(problem.unlearning.teacher_conditions)
     # with target = anchor = null prompt, the teacher-equal student already predicts the target
@@ -61,9 +44,9 @@ def test_upper_step_is_zero_only_where_there_is_nothing_to_erase(teacher, unlear
     assert problem.upper(0)["cu"] == pytest.approx(0.0, abs=1e-10)
 
 
-def test_gradient_accumulation_averages_the_micro_batches(teacher):
+def test_gradient_accumulation_averages_the_micro_batches(teacher, toy_problem):
     student = toy.build_unet()
-    problem = _problem(student, teacher)
+    problem = toy_problem(student, teacher)
     problem.grad_accum = 2
     logs = problem.lower(0)
     accumulated = [p.grad.clone() for p in student.parameters()]
@@ -76,23 +59,23 @@ def test_gradient_accumulation_averages_the_micro_batches(teacher):
     assert problem.counts["student_bwd"] == 4
 
 
-def test_non_finite_loss_is_caught_before_backward(teacher):
+def test_non_finite_loss_is_caught_before_backward(teacher, toy_problem):
     student = toy.build_unet()
     with torch.no_grad():
         student.conv_out.bias.fill_(float("nan"))
-    problem = _problem(student, teacher)
+    problem = toy_problem(student, teacher)
     with pytest.raises(NonFiniteLoss, match="lower loss is not finite at step 8"):
         problem.lower(7)
     assert all(p.grad is None for p in student.parameters())  # nothing was back-propagated
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(teacher):
+def test_gradient_checkpointing_gives_the_same_gradients(teacher, toy_problem):
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(1)
         student = toy.build_unet().train()
         if checkpointing:
             student.enable_gradient_checkpointing()
-        _problem(student, teacher).lower(0)
+        toy_problem(student, teacher).lower(0)
         grads.append([p.grad for p in student.parameters()])
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))

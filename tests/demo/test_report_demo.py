@@ -2,10 +2,11 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from safeprune.cli import main
 from safeprune.recipes.demo import judge_claims
-from safeprune.recipes.report import aggregate, table, write_report
+from safeprune.recipes.report import _by_step, aggregate, plot_curves, table, write_report
 
 
 def _row(leak, fd, valid=0.95, retention=0.9):
@@ -58,6 +59,18 @@ def test_report_command_from_synthetic_results(tmp_path, capsys):
     assert not (tmp_path / "rep2").exists()
 
 
+def test_curves_get_a_recovery_panel_when_both_recovery_rows_have_curves(tmp_path):
+    def curve(fd0):
+        return [{"step": s, "eval/leakage": 0.5, "eval/fd": fd0 / (1 + s)} for s in (0, 10, 20)]
+
+    assert plot_curves({"distill": curve(30.0), "bilevel": curve(31.0)}, tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").width == 2 * 5 * 110  # fd and leakage
+    assert plot_curves({"distill": curve(30.0), "denoise_only": curve(40.0) + curve(44.0)}, tmp_path / "b.png")
+    assert Image.open(tmp_path / "b.png").width == 3 * 5 * 110  # + the recovery panel (two seeds: a std band)
+    steps, mean, std = _by_step(curve(40.0) + curve(44.0), "eval/fd")
+    assert steps == [0, 10, 20] and mean[0] == pytest.approx(42.0) and std[0] == pytest.approx(2.0)
+
+
 def test_write_report_without_grid(tmp_path):
     path = write_report(tmp_path, {"teacher": _row(0.9, 5.0)}, {"teacher": []}, None, ["a note"])
     text = path.read_text()
@@ -87,12 +100,18 @@ def test_tiny_demo_end_to_end(random_teacher, tmp_path, capsys):
     for name in ("report.md", "results.json", "grid.png", "curves.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == ["teacher", "distill", "distill+ESD", "distill+UCE", "distill+ConceptPrune",
-                                        "distill+bilevel_loss", "bilevel"]
+    assert list(results["methods"]) == ["teacher", "pruned", "denoise_only", "distill", "distill+ESD", "distill+UCE",
+                                        "distill+ConceptPrune", "distill+bilevel_loss", "bilevel"]
+    assert set(results["leaks"]) == set(results["methods"])  # the finding, row by row
+    assert (out / "seed0" / "denoise_only" / "metrics.jsonl").is_file()
+    assert Image.open(out / "curves.png").width == 3 * 5 * 110  # the recovery panel beside fd and leakage
     for row in results["methods"].values():
         assert all(k in row for k in ("valid", "leakage", "retention", "adherence", "fd"))
     assert all("resurgence_leakage" in results["methods"][k] for k in ("bilevel", "distill+UCE", "distill+ESD"))
-    assert "bilevel_beats_distill+ConceptPrune" in results["checks"]
+    # the checks follow the finding (a random teacher draws no concept, so here: no harm)
+    distill_leaks = results["leaks"]["distill"]
+    assert ("bilevel_beats_distill+ConceptPrune" in results["checks"]) is distill_leaks
+    assert ("bilevel_does_no_harm" in results["checks"]) is not distill_leaks
     assert "| bilevel |" in capsys.readouterr().out
     # equal budgets by construction: two-stage's student passes equal bilevel's
     per_seed = results["per_seed"]

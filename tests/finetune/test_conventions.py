@@ -93,7 +93,7 @@ def sdxl_config(tmp_path):
     return path
 
 
-def test_sdxl_is_planned_by_depth_but_refused_by_channels_and_finetune(sdxl_config, tmp_path, capsys, finetune_cli):
+def test_sdxl_is_planned_by_depth_refused_by_channels_and_needs_an_sdxl_teacher_in_finetune(sdxl_config, tmp_path, capsys, finetune_cli):
     from diffusers import UNet2DConditionModel
 
     code = main(["prune", "--unet-config", str(sdxl_config), "--out", str(tmp_path / "p")])  # channels
@@ -102,9 +102,10 @@ def test_sdxl_is_planned_by_depth_but_refused_by_channels_and_finetune(sdxl_conf
     code = main(["prune", "--unet-config", str(sdxl_config), "--method", "depth", "--ratio", "0.05",
                  "--out", str(tmp_path / "d")])  # a plan on the meta device needs no SDXL pipeline inputs
     assert code == 0 and (tmp_path / "d" / "plan.json").is_file(), capsys.readouterr().err
+    # finetune takes SDXL students (tests/backbones), but only from an SDXL teacher
     UNet2DConditionModel.from_config(json.loads(sdxl_config.read_text())).save_pretrained(tmp_path / "student")
     code, err = finetune_cli(tmp_path / "run", "--student", str(tmp_path / "student"), "--max-steps", "1")
-    assert code == 2 and "SDXL-style" in err.strip().splitlines()[-1]
+    assert code == 2 and "is a sdxl model but the teacher" in err.strip().splitlines()[-1]
 
 
 def test_report_to_is_validated():

@@ -61,3 +61,14 @@ def test_preset_by_name_and_missing_file(tmp_path):
     bad.write_text("finetune: [1, 2")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_demo_overrides_are_keyed_by_row_and_the_old_key_names_the_new_one():
+    cfg = load_config(None, ["demo.overrides.two_stage=[finetune.upper.lr=5e-4]"])
+    assert cfg.demo.overrides == {"two_stage": ["finetune.upper.lr=5e-4"]} and load_config().demo.overrides == {}
+    with pytest.raises(UserError, match="moved to 'demo.overrides.two_stage'"):
+        load_config(None, ["demo.two_stage_overrides=[finetune.upper.lr=5e-4]"])
+    with pytest.raises(UserError, match="demo.overrides.two_stage must be a list"):
+        load_config(None, ["demo.overrides.two_stage=3"])
+    with pytest.raises(UserError, match="demo.overrides must be a mapping"):
+        load_config(None, ["demo.overrides=[finetune.lr=1]"])

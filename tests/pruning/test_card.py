@@ -19,6 +19,9 @@ def test_card_metadata_and_sections(tmp_path):
     assert "| params | 1,000 | 700 | 0.7 |" in text and "| macs | 2,000 | 1,340 | 0.67 |" in text
     assert "'a painting in the style of Van Gogh' -> 'a painting'" in text and "| max_steps | 20000 |" in text
     assert "Not evaluated yet" in text
+    assert "method: channels, ratio: 0.3, importance: taylor, removed_share: 0.3" in render_card(
+        {**FACTS, "prune_report": {**FACTS["prune_report"], "importance": "taylor", "removed_share": 0.3,
+                                   "preset": "not a channels field"}})  # the method's own report fields only
     assert "base_model" not in yaml.safe_load(render_card({**FACTS, "base_model": None}).split("---")[1])
 
 

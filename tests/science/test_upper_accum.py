@@ -6,24 +6,9 @@ import copy
 import pytest
 import torch
 
-from safeprune.bilevel.problem import DiffusionProblem, Pools, step_generator
+from safeprune.bilevel.problem import step_generator
 from safeprune.config import load_config
-from safeprune.data.datasets import LatentPool
-from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
 from safeprune.models import toy
-from safeprune.unlearning import build_unlearning
-
-
-def _problem(student, teacher, **kwargs):
-    g = torch.Generator().manual_seed(0)
-    pool = LatentPool(torch.randn(8, 4, 16, 16, generator=g), 0.1 * torch.rand(8, 4, 16, 16, generator=g),
-                      ["c"] * 8, [{}] * 8)
-    pools = Pools(lower=pool, lower_prompt=torch.arange(8) % 3, embeddings=torch.randn(5, 6, 64, generator=g),
-                  null_prompt=0, concept=pool, concept_target=torch.full((8,), 3), concept_anchor=torch.full((8,), 4))
-    sched = toy.build_schedulers()[0]
-    return DiffusionProblem(student=student, student_core=student, teacher=teacher, scheduler=sched,
-                            lower_loss=LowerLevelLoss(DenoisingLoss(sched), FeatureKD(())), pools=pools,
-                            unlearning=build_unlearning("esd"), upper_batch_size=2, seed=0, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +22,7 @@ def pair():
     return teacher, student
 
 
-def test_upper_step_accumulates_micro_batches_and_syncs_once(pair):
+def test_upper_step_accumulates_micro_batches_and_syncs_once(pair, toy_problem):
     teacher, student = pair
     entered = []
 
@@ -46,7 +31,7 @@ def test_upper_step_accumulates_micro_batches_and_syncs_once(pair):
         entered.append(1)
         yield
 
-    problem = _problem(student, teacher, upper_grad_accum=3, no_sync=no_sync)
+    problem = toy_problem(student, teacher, upper_grad_accum=3, no_sync=no_sync)
     student.zero_grad(set_to_none=True)
     cu = problem.upper(5, weight=2.0)["cu"]
     accumulated = [p.grad.clone() for p in student.parameters()]
@@ -54,7 +39,7 @@ def test_upper_step_accumulates_micro_batches_and_syncs_once(pair):
     assert problem.counts["student_bwd"] == 6 and problem.counts["student_fwd"] == 6
 
     # reference: the same three consecutive micro-batches of step 5, each weighted 2/3
-    reference = _problem(student, teacher)
+    reference = toy_problem(student, teacher)
     student.zero_grad(set_to_none=True)
     gen, means = step_generator(0, 0, 5, "upper"), []
     for _ in range(3):

@@ -65,5 +65,9 @@ def test_tiny_sweep_end_to_end(random_teacher_dir, monkeypatch, tmp_path, capsys
     from safeprune.config import load_config
 
     load_config(str(tmp_path / "chosen.yaml"))  # the reported run's config file loads
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and "uce" in (tmp_path / "pareto.md").read_text()
+    again = sweep.main(["--tiny", "--seeds", "1000", "--methods", "uce,conceptprune", "--out", str(tmp_path)])
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(lines)  # resumed: nothing re-run
+    assert again == chosen
     with pytest.raises(SystemExit):
         sweep.main(["--seeds", "0", "--out", str(tmp_path / "x")])  # reported seeds are refused

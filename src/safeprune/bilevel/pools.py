@@ -12,24 +12,30 @@ import warnings
 
 import torch
 
+from safeprune.backbones import BACKBONES
 from safeprune.bilevel.problem import Pools
 from safeprune.config import Config
-from safeprune.data.datasets import embed_prompts, encode_pool, open_image_captions
+from safeprune.data.datasets import encode_pool, open_image_captions
 from safeprune.data.records import Columns
 from safeprune.data.stream import data_mode, open_stream_pool
 from safeprune.data.toyworld import ToyWorld
+from safeprune.errors import check
 from safeprune.unlearning.anchors import ToyAnchorImages
 from safeprune.unlearning.concepts import derive_concepts, pair_images
 from safeprune.utils import DTYPES, numpy_rng
 
 
-def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
-    """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed)."""
+def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device, backbone=None):
+    """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed).
+
+    `backbone` (safeprune.backbones; None = SD 1.x/2.x) encodes the prompts: a (P, L, D) tensor for SD, a
+    PromptEmbeddings of the same rows for families with pooled text or added conditioning."""
+    backbone = backbone or BACKBONES["sd"]
     ft = cfg.finetune
     world = ToyWorld(cfg.toyworld, cfg.seed)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     # finetune.resolution, else the image side the VAE maps onto the UNet's native latent size
-    size = ft.resolution or pipe.unet.config.sample_size * vae_scale
+    size = ft.resolution or backbone.native_latent_size(pipe) * vae_scale
     missing = [flag for flag, given, needed in (("--data", data, True), ("--concept-data", concept_data,
                                                 unlearning is not None)) if needed and given is None]
     if missing and size != cfg.toyworld.size:  # legal, but a teacher of another image size is surely not a toy
@@ -39,6 +45,8 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
 
     sources = {"streaming": ft.data.streaming, "hub": ft.data.hub_data}
     if data_mode(ft, data) == "stream":  # fresh images every step, VAE-encoded per batch (safeprune.data.stream)
+        check(backbone.name == "sd", f"finetune.data.mode=stream encodes captions with one CLIP (SD 1.x/2.x); this "
+                                     f"{backbone.name} teacher needs finetune.data.mode=pool")
         lower = open_stream_pool(data, ft, world=world, vae=vae, tokenizer=pipe.tokenizer,
                                  text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
                                  dtype=DTYPES[ft.teacher_dtype])
@@ -64,7 +72,7 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device):
 
     prompts = list(dict.fromkeys(["", *lower.captions, *(c.target for c in concepts), *(c.anchor for c in concepts)]))
     row = {p: i for i, p in enumerate(prompts)}
-    embeddings = embed_prompts(prompts, pipe.tokenizer, pipe.text_encoder.to(device).eval(), device=device)
+    embeddings = backbone.encode(pipe, prompts, device, size)
     lower_prompt = torch.tensor([row[c] for c in lower.captions], dtype=torch.long)
     if hasattr(lower, "attach"):  # stream: rows that each draw fills with its own captions' embeddings
         embeddings, lower_prompt = lower.attach(embeddings)

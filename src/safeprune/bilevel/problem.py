@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from safeprune.backbones import BACKBONES
 from safeprune.data.datasets import LatentPool
 from safeprune.errors import UserError
 from safeprune.losses import LowerLevelLoss
@@ -43,7 +44,8 @@ class Pools:
 
     lower: LatentPool  # fine-tuning images
     lower_prompt: torch.Tensor  # (N,) long (CPU): embedding row of each image's caption
-    embeddings: torch.Tensor  # (P, L, D): every prompt the run uses, embedded once
+    # every prompt the run uses, embedded once: (P, L, D), or a PromptEmbeddings (safeprune.backbones) of P rows
+    embeddings: torch.Tensor
     null_prompt: int  # embedding row of the empty prompt
     concept: LatentPool | None = None  # concept images (None when no upper step is taken)
     concept_target: torch.Tensor | None = None  # (M,) long: the target prompt paired with each concept image
@@ -75,35 +77,36 @@ class DiffusionProblem:
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # DDP: skip all-reduce
     sharded: bool = False  # FSDP: student_core holds only shards, so every forward goes through `student`
     counts: dict = field(default_factory=lambda: {"student_fwd": 0, "student_bwd": 0, "teacher_fwd": 0})
+    backbone: object = None  # safeprune.backbones family: denoiser call, target, schedule; None = SD 1.x/2.x
 
     def __post_init__(self):
         self.device = self.pools.embeddings.device
-        self.num_timesteps = self.scheduler.config.num_train_timesteps
+        self.backbone = self.backbone or BACKBONES["sd"]
+        self.schedule = self.lower_loss.denoise.schedule  # noising and target of the family (backbones.base)
         pairs = self.lower_loss.feature_kd.pairs if self.lower_loss.needs_features else ()
         self.teacher_blocks = [t for t, _ in pairs]
         self.student_blocks = [s for _, s in pairs]
 
     # -- batches
     def _noised(self, latents: torch.Tensor, gen: torch.Generator):
-        noise = torch.randn(latents.shape, generator=gen).to(self.device)
-        timesteps = torch.randint(self.num_timesteps, (latents.shape[0],), generator=gen).to(self.device)
-        return noise, timesteps, self.scheduler.add_noise(latents, noise, timesteps)
+        return self.schedule.noised(latents, gen, self.device)  # (noise, timesteps, x_t)
 
     def _teacher(self, x_t, timesteps, emb) -> torch.Tensor:
         self.counts["teacher_fwd"] += x_t.shape[0]
-        return self.teacher(x_t.to(self.teacher_dtype), timesteps,
-                            encoder_hidden_states=emb.to(self.teacher_dtype)).sample.float()
+        return self.backbone.predict(self.teacher, x_t.to(self.teacher_dtype), timesteps,
+                                     emb.to(self.teacher_dtype)).float()
 
     def _lower_terms(self, gen: torch.Generator, train: bool) -> dict[str, torch.Tensor]:
         idx, latents = self.pools.lower.draw(gen, self.batch_size)
         noise, timesteps, x_t = self._noised(latents, gen)
         emb = self.pools.embeddings[self.pools.lower_prompt[idx].to(self.device)]  # (B, L, D)
-        with torch.no_grad(), capture_features(self.teacher, self.teacher_blocks) as teacher_feats:
+        feature = self.backbone.feature
+        with torch.no_grad(), capture_features(self.teacher, self.teacher_blocks, feature) as teacher_feats:
             teacher_out = self._teacher(x_t, timesteps, emb)
         # No DDP bookkeeping without a backward; FSDP must gather the shards in its wrapper's forward.
         student = self.student if train or self.sharded else self.student_core
-        with capture_features(self.student_core, self.student_blocks) as student_feats:
-            student_out = student(x_t, timesteps, encoder_hidden_states=emb).sample
+        with capture_features(self.student_core, self.student_blocks, feature) as student_feats:
+            student_out = self.backbone.predict(student, x_t, timesteps, emb)
         self.counts["student_fwd"] += x_t.shape[0]
         return self.lower_loss(student_out, teacher_out, latents, noise, timesteps, student_feats, teacher_feats)
 
@@ -165,8 +168,11 @@ class DiffusionProblem:
         # One teacher call for all conditions: (k*B, ...) stacked in condition order.
         teacher_emb = pools.embeddings[torch.cat([rows[c] for c in conditions]).to(self.device)]
         with torch.no_grad():
+            # predictions in the family's space (eps, v or flow velocity): the targets are affine combinations
+            # with weights summing to 1, valid in each of them (safeprune.backbones.base)
             eps = self._teacher(x_t.repeat(k, 1, 1, 1), timesteps.repeat(k), teacher_emb).chunk(k)
         target = self.unlearning.target(dict(zip(conditions, eps)))
-        student_eps = self.student(x_t, timesteps, encoder_hidden_states=pools.embeddings[rows["target"].to(self.device)]).sample
+        student_eps = self.backbone.predict(self.student, x_t, timesteps,
+                                            pools.embeddings[rows["target"].to(self.device)])
         self.counts["student_fwd"] += n
         return self.unlearning(student_eps, target)  # (B,)

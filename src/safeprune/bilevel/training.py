@@ -89,8 +89,10 @@ class Training:
                 "optimizer_states_in_sync": in_sync(self.accelerator, moments)}
 
 
-def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning) -> Training:
-    """Optimisers and the diffusion problem for a loaded student/teacher pair and its pools."""
+def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning,
+                   backbone=None) -> Training:
+    """Optimisers and the diffusion problem for a loaded student/teacher pair and its pools; `backbone` is the
+    family (safeprune.backbones; None = SD 1.x/2.x)."""
     ft = cfg.finetune
     check_shardable(accelerator, student_core, ft.ema_decay)
     if ft.gradient_checkpointing:
@@ -108,10 +110,12 @@ def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, p
     ema = copy.deepcopy(student_core).requires_grad_(False) if ft.ema_decay > 0 else None
     problem = DiffusionProblem(
         student=student, student_core=student_core, teacher=teacher, scheduler=scheduler,
-        lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, ft.snr_gamma, ft.snr_weighting), FeatureKD(tuple(pairs)),
+        lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, ft.snr_gamma, ft.snr_weighting,
+                                                getattr(backbone, "timestep_density", "uniform")),
+                                  FeatureKD(tuple(pairs)),
                                   ft.lambda_diff, ft.lambda_out, ft.lambda_feat),
         pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper.batch_size,
         grad_accum=ft.grad_accum, upper_grad_accum=ft.upper.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
         teacher_dtype=DTYPES[ft.teacher_dtype], backward=accelerator.backward,
-        no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator))
+        no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator), backbone=backbone)
     return Training(accelerator, problem, dict(zip(names, prepared)), ema, ft.max_grad_norm, ft.ema_decay)

@@ -7,7 +7,8 @@ returns it edited — in closed form (UCE), by masking weights (ConceptPrune) or
 and score source (ESD as published). `safeprune unlearn` and `finetune --method two_stage --unlearn NAME`
 call the same objects.
 
-Each method is a small frozen dataclass built from the `unlearn` config section and called as
+Each method is a small frozen dataclass built by `from_config(cfg)` from its own `unlearn` sub-section (the
+registry entry is that classmethod, so nothing here knows a method's settings) and called as
 `method(unet, ctx) -> report`: it edits `unet` in place (the model as loaded is the frozen starting model
 where one is needed: it is copied first) and returns JSON-serialisable figures for summary.json.
 
@@ -20,6 +21,7 @@ where one is needed: it is copied first) and returns JSON-serialisable figures f
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +30,12 @@ from typing import Protocol
 import torch
 
 from safeprune.config import Concept, Config
+from safeprune.erasure.conceptprune import ConceptPrune
+from safeprune.erasure.esd_paper import ESDPaper
+from safeprune.erasure.uce import UCE
+from safeprune.erasure.upper_loss import UpperLoss
 from safeprune.errors import check, choose
+from safeprune.unlearning import UNLEARNING
 
 
 @dataclass(eq=False)
@@ -75,45 +82,18 @@ def swapped_prompts(prompt: str, forbidden: dict[str, tuple[str, ...]], allowed:
     return out
 
 
-def _build(name: str) -> Callable[[Config], ErasureMethod]:
-    """Lazy factories, so importing the registry (CLI choices, config checks) stays light."""
-
-    def make(cfg: Config) -> ErasureMethod:
-        if name == "uce":
-            from safeprune.erasure.uce import UCE
-
-            return UCE.from_config(cfg.unlearn.uce)
-        if name == "conceptprune":
-            from safeprune.erasure.conceptprune import ConceptPrune
-
-            return ConceptPrune.from_config(cfg.unlearn.conceptprune)
-        if name == "esd_paper":
-            from safeprune.erasure.esd_paper import ESDPaper
-
-            return ESDPaper.from_config(cfg.unlearn.esd_paper)
-        from safeprune.erasure.upper_loss import UpperLoss
-
-        return UpperLoss.from_config(name, cfg.unlearn.loss)
-
-    return make
-
-
-# Training-free methods, the published ESD, then the upper-level losses (safeprune.unlearning.UNLEARNING keys).
-ERASURE: dict[str, Callable[[Config], ErasureMethod]] = {
-    name: _build(name) for name in ("uce", "conceptprune", "esd_paper", "esd", "esd_xattn", "esd_anchor", "ablation")
+# The whole-model methods: not per-step losses, so `finetune --method two_stage --unlearn NAME` distils, then
+# calls them. Each method's from_config reads its own `unlearn` sub-section.
+WHOLE_MODEL: dict[str, Callable[[Config], ErasureMethod]] = {
+    "uce": UCE.from_config,
+    "conceptprune": ConceptPrune.from_config,
+    "esd_paper": ESDPaper.from_config,
 }
-# Methods that are not per-step losses: `finetune --method two_stage --unlearn NAME` distils, then calls them.
-WHOLE_MODEL = ("uce", "conceptprune", "esd_paper")
-
-
-def _finetune_unlearn() -> tuple[str, ...]:
-    from safeprune.unlearning import UNLEARNING
-
-    return (*UNLEARNING, *WHOLE_MODEL)
-
-
+# Then every upper-level loss of safeprune.unlearning, run alone (settings: unlearn.loss).
+ERASURE: dict[str, Callable[[Config], ErasureMethod]] = {
+    **WHOLE_MODEL, **{name: functools.partial(UpperLoss.from_config, name) for name in UNLEARNING}}
 # The names `finetune --unlearn` accepts: the per-step losses, and with two_stage the whole-model methods.
-FINETUNE_UNLEARN = _finetune_unlearn()
+FINETUNE_UNLEARN = (*UNLEARNING, *WHOLE_MODEL)
 
 
 def build_erasure(cfg: Config, name: str | None = None) -> ErasureMethod:

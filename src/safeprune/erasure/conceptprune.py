@@ -93,7 +93,9 @@ class ConceptPrune:
     guidance: float = 7.5
 
     @classmethod
-    def from_config(cls, c) -> ConceptPrune:
+    def from_config(cls, cfg) -> ConceptPrune:
+        """Settings from the run config's `unlearn.conceptprune` section."""
+        c = cfg.unlearn.conceptprune
         return cls(c.sparsity, c.timesteps, c.sample_steps, c.guidance)
 
     @torch.no_grad()

@@ -72,7 +72,9 @@ class ESDPaper:
     reference: str = "null"
 
     @classmethod
-    def from_config(cls, c) -> ESDPaper:
+    def from_config(cls, cfg) -> ESDPaper:
+        """Settings from the run config's `unlearn.esd_paper` section."""
+        c = cfg.unlearn.esd_paper
         return cls(c.steps, c.lr, c.eta, c.params, c.batch_size, c.sample_steps, c.start_guidance, c.reference)
 
     def schedule_length(self, ctx) -> int:

@@ -61,7 +61,9 @@ class UCE:
     edit_keys: bool = True
 
     @classmethod
-    def from_config(cls, c) -> UCE:
+    def from_config(cls, cfg) -> UCE:
+        """Settings from the run config's `unlearn.uce` section."""
+        c = cfg.unlearn.uce
         return cls(c.erase_scale, c.lambda_preserve, c.ridge, c.tokens, tuple(c.preserve), c.preserve_derived,
                    c.edit_keys)
 

@@ -25,7 +25,9 @@ class UpperLoss:
     concept_pool: int = 256
 
     @classmethod
-    def from_config(cls, name: str, c) -> UpperLoss:
+    def from_config(cls, name: str, cfg) -> UpperLoss:
+        """Loss `name` with the settings of the run config's `unlearn.loss` section (shared by every loss)."""
+        c = cfg.unlearn.loss
         return cls(name, c.steps, c.lr, c.batch_size, c.eta, c.concept_pool)
 
     def _pools(self, unet, ctx):

@@ -29,7 +29,7 @@ from safeprune.data.toyworld import COLOURS, SHAPES, STYLES, Labels, ToyWorld, d
 from safeprune.eval.cp import cp_score
 from safeprune.eval.features import frechet_distance
 from safeprune.eval.prompts import interleave_by_style, toy_prompts
-from safeprune.sampling import generate_images
+from safeprune.sampling import backbone_of_pipe, generate_images
 
 REAL_STREAM = 7  # rng stream of the renderer's reference images (kept: it fixes the toy demo's fd values)
 
@@ -289,20 +289,20 @@ def concept_affinity(pipe, world: ToyWorld, n_images: int = 64, seed: int = 0) -
         kind, value = next((k, v) for k, v in world.forbidden_concepts if getattr(lb, k) == v)
         allowed = world.allowed(kind)
         swapped.append(swap_concept(caption, kind, value, allowed[i % len(allowed)]))
+    backbone = backbone_of_pipe(pipe)  # the family's prompt encoding, denoiser call and target
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device, pipe.vae.dtype)
-    latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    latents = (pipe.vae.encode(x).latent_dist.mean - shift) * pipe.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents)
     t = torch.linspace(100, 900, n_images).round().long().to(device)
-    sched = pipe.scheduler
-    noisy = sched.add_noise(latents, noise, t)
-    if sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents, noise, t)
-    else:
-        target = noise
+    schedule = backbone.schedule(pipe.scheduler)
+    noisy = schedule.noised_at(latents, noise, t)
+    target = schedule.target(latents, noise, t)
+    denoiser = backbone.denoiser_of(pipe)
 
     def error(prompts: list[str]) -> torch.Tensor:
-        emb, _ = pipe.encode_prompt(prompts, device, 1, False)
-        return (pipe.unet(noisy, t, encoder_hidden_states=emb).sample.float() - target.float()).square().mean((1, 2, 3))
+        emb = backbone.encode(pipe, prompts, device, x.shape[-1])
+        return (backbone.predict(denoiser, noisy, t, emb).float() - target.float()).square().mean((1, 2, 3))
 
     e_concept, e_swap = error(captions), error(swapped)
     return float((e_swap - e_concept).mean() / e_swap.mean())

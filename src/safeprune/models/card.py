@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from safeprune.errors import UserError, check
+from safeprune.pruning import METHODS
 
 CARD = "README.md"
 FACTS = "card.json"  # the facts behind README.md (kept so an evaluation can add its table later)
@@ -72,7 +73,8 @@ def render_card(facts: dict) -> str:
             if f"{key}_before" in report:
                 lines.append(f"| {key} | {_fmt(report[f'{key}_before'])} | {_fmt(report[f'{key}_after'])} | "
                              f"{report.get(f'{key}_ratio', '')} |")
-        extra = {k: report[k] for k in ("method", "ratio", "importance", "preset", "removed_share") if k in report}
+        own = getattr(METHODS.get(report.get("method")), "report_keys", ())  # the pruning method's own report fields
+        extra = {k: report[k] for k in ("method", *own, "removed_share") if k in report}
         lines += ["", ", ".join(f"{k}: {v}" for k, v in extra.items()), ""]
     concepts = facts.get("concepts") or []
     lines += ["## Suppressed concepts", ""]

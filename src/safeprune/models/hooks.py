@@ -90,23 +90,29 @@ def _before_downsampler(block) -> str:
     return f"resnets.{len(block.resnets) - 1}"
 
 
-@contextlib.contextmanager
-def capture_features(unet, names: list[str] | tuple[str, ...]):
-    """Yield a dict that the next forward pass of `unet` fills with {block name: output (B, C, H, W)}.
+def first_output(output) -> torch.Tensor:
+    """A UNet block's feature map: down blocks return (hidden_states, skip connections)."""
+    return output[0] if isinstance(output, tuple) else output
 
-    Down blocks return (hidden_states, skip connections); the hidden states are the block's feature map.
-    The hooks are removed on exit, also when the forward pass raises.
+
+@contextlib.contextmanager
+def capture_features(unet, names: list[str] | tuple[str, ...], feature=first_output):
+    """Yield a dict that the next forward pass of `unet` fills with {block name: feature(output)}.
+
+    `feature` picks the feature map from a block's output (the family's: safeprune.backbones; for UNets the
+    hidden states of a down block's (hidden_states, skips)). The hooks are removed on exit, also when the
+    forward pass raises.
     """
     features: dict[str, torch.Tensor] = {}
     modules = named_blocks(unet)
     missing = [n for n in names if n not in modules]
     if missing:
-        blocks = [n for n in modules if re.fullmatch(r"(down|up)_blocks\.\d+|mid_block", n)]
+        blocks = [n for n in modules if re.fullmatch(r"(down|up)_blocks\.\d+|mid_block|\w*transformer_blocks\.\d+", n)]
         raise KeyError(f"the UNet has no block(s) {missing}; available: {blocks}")
 
     def hook_for(name):
         def hook(_module, _inputs, output):
-            features[name] = output[0] if isinstance(output, tuple) else output
+            features[name] = feature(output)
 
         return hook
 
@@ -119,25 +125,33 @@ def capture_features(unet, names: list[str] | tuple[str, ...]):
 
 
 @torch.no_grad()
-def match_features(teacher, student, null_embedding: torch.Tensor) -> list[tuple[str, str]]:
+def match_features(teacher, student, null_embedding, backbone=None,
+                   latent_shape: tuple[int, ...] | None = None) -> list[tuple[str, str]]:
     """Check that student and teacher fit (same inputs, same output shape) and pair their feature maps.
 
-    One dry forward pass on a (1, C, h, w) input: a student that cannot take the teacher's latents or text
-    embeddings is a user error; block pairs whose shapes differ (e.g. a pruned block width) are dropped.
+    One dry forward pass on a (1, C, h, w) input (`latent_shape`, default the teacher's sample size): a student
+    that cannot take the teacher's latents or text embeddings is a user error; block pairs whose shapes differ
+    (e.g. a pruned block width) are dropped. `backbone` (safeprune.backbones; None = SD 1.x/2.x) calls the
+    denoiser and names its blocks.
     """
+    from safeprune.backbones import BACKBONES
+
+    backbone = backbone or BACKBONES["sd"]
     cfg = teacher.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-    x = torch.randn(1, cfg.in_channels, *size, generator=torch.Generator().manual_seed(0))
+    if latent_shape is None:
+        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+        latent_shape = (cfg.in_channels, *size)
+    x = torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500])  # any valid timestep: only shapes are compared
     emb = null_embedding[None]
-    pairs = match_blocks(teacher, student)
+    pairs = backbone.match_blocks(teacher, student)
     device, dtype = next(teacher.parameters()).device, next(teacher.parameters()).dtype
-    with capture_features(teacher, [p[0] for p in pairs]) as t_feats:
-        t_out = teacher(x.to(device, dtype), t.to(device), encoder_hidden_states=emb.to(device, dtype)).sample
+    with capture_features(teacher, [p[0] for p in pairs], backbone.feature) as t_feats:
+        t_out = backbone.predict(teacher, x.to(device, dtype), t.to(device), emb.to(device, dtype))
     s_device = next(student.parameters()).device
     try:
-        with capture_features(student, [p[1] for p in pairs]) as s_feats:
-            s_out = student(x.to(s_device), t.to(s_device), encoder_hidden_states=emb.to(s_device)).sample
+        with capture_features(student, [p[1] for p in pairs], backbone.feature) as s_feats:
+            s_out = backbone.predict(student, x.to(s_device), t.to(s_device), emb.to(s_device))
     except (RuntimeError, ValueError, AttributeError) as err:
         raise UserError(f"student and teacher do not match (the student cannot take the teacher's latents and text "
                         f"embeddings: {str(err).splitlines()[0][:160]}); prune the student from this teacher") from err

@@ -90,6 +90,8 @@ def check_prediction_type(scheduler_config, expected: str, name: str | Path) -> 
 
 
 MODEL = "model"  # a run folder's model subfolder
+# what check_supported_unet suggests instead, per family
+BACKBONE_LABELS = {"sd": "an SD 1.x / 2.x model (e.g. stable-diffusion-v1-5, stable-diffusion-2-1)"}
 PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack", ".h5")  # never copied into a model folder
 CHECKPOINT_STATE = "state.json"  # marks a training checkpoint (safeprune.checkpoint)
 
@@ -97,13 +99,28 @@ CHECKPOINT_STATE = "state.json"  # marks a training checkpoint (safeprune.checkp
 def unet_class(plan: dict):
     """(model class, its config) of the student a plan describes: what config.json holds and what loads it. The
     method's `saved_config` says the config; one with `pruned_widths` (channels) is safeprune's model class."""
-    from diffusers import UNet2DConditionModel
-
     from safeprune.models.pruned_unet import PrunedUNet2DConditionModel
     from safeprune.pruning import saved_config
 
     config = {k: v for k, v in saved_config(plan).items() if not k.startswith("_")}
-    return (PrunedUNet2DConditionModel if "pruned_widths" in config else UNet2DConditionModel), config
+    return (PrunedUNet2DConditionModel if "pruned_widths" in config else denoiser_class(config)), config
+
+
+def denoiser_class(config: dict):
+    """The diffusers model class a plan's config (no `_class_name`: plans keep only init arguments) builds: the
+    family denoiser class (safeprune.backbones) whose __init__ takes the most of its keys, UNet2DConditionModel
+    on a tie (configs of every SD-era plan)."""
+    import inspect
+
+    import diffusers
+
+    from safeprune.backbones import denoiser_classes
+
+    if config.get("_class_name") in denoiser_classes() and hasattr(diffusers, config["_class_name"]):
+        return getattr(diffusers, config["_class_name"])
+    classes = [getattr(diffusers, n) for n in denoiser_classes() if hasattr(diffusers, n)]
+    known = [sum(k in inspect.signature(c.__init__).parameters for k in config) for c in classes]
+    return classes[max(range(len(classes)), key=lambda i: (known[i], -i))]
 
 
 def build_unet(plan: dict, folder: str | Path = "the plan"):
@@ -118,12 +135,16 @@ def build_unet(plan: dict, folder: str | Path = "the plan"):
         raise UserError(f"{str(folder)!r} holds an invalid UNet config ({type(err).__name__}: {err})") from err
 
 
-def check_supported_unet(config, where: str) -> None:
-    """SD 1.x / 2.x-style UNets only: SDXL-style added embeddings (text_time: pooled text + image sizes) need
-    inputs the fine-tuning loop and the samplers here do not build. One line instead of a traceback."""
-    added = config.get("addition_embed_type") if isinstance(config, dict) else config.addition_embed_type
-    check(added is None, f"{where} has addition_embed_type={added!r} (an SDXL-style UNet), which safeprune does not "
-                         "support yet; use an SD 1.x / 2.x model (e.g. stable-diffusion-v1-5, stable-diffusion-2-1)")
+def check_supported_unet(config, where: str, families: tuple[str, ...] = ("sd",)) -> None:
+    """A denoiser of one of `families` (safeprune.backbones keys; `finetune` takes them all, `prune` SD 1.x/2.x
+    UNets so far): anything else is one line instead of a traceback (e.g. other added embeddings)."""
+    from safeprune.backbones import backbone_for_config
+
+    config = dict(config)
+    family = backbone_for_config({"_class_name": config.get("_class_name") or denoiser_class(config).__name__,
+                                  **config}, where)
+    check(family.name in families, f"{where} is {family.label}, which this command does not support yet; use "
+                                   f"{' or '.join(BACKBONE_LABELS.get(f, f) for f in families)}")
 
 
 def save_unet(unet, folder: str | Path, plan: dict | None, base_config: dict | None = None,
@@ -190,17 +211,22 @@ def write_model(unet, folder: Path, plan: dict | None, teacher_dir: str | Path, 
     teacher_dir = Path(teacher_dir)
     index = _read_json(teacher_dir / "model_index.json")
     hub = base_model if base_model and is_hub_id(base_model) else None
-    write_unet(unet, folder / "unet", plan, None, hub)
+    from safeprune.backbones import backbone_for_pipeline
+
+    # the denoiser's component name (unet / transformer) in the teacher's pipeline
+    component = backbone_for_pipeline(index.get("_class_name", "StableDiffusionPipeline"),
+                                      f"teacher {str(teacher_dir)!r}").denoiser
+    write_unet(unet, folder / component, plan, None, hub)
     for name, spec in index.items():
-        if name.startswith("_") or name == "unet" or not (isinstance(spec, list) and spec[0]):
+        if name.startswith("_") or name == component or not (isinstance(spec, list) and spec[0]):
             continue
         source = teacher_dir / name
         check(source.is_dir(), f"teacher {str(teacher_dir)!r} lists {name} in model_index.json but has no {name}/")
         shutil.copytree(source, folder / name, ignore=lambda _, names: [n for n in names if n.endswith(PICKLES)])
-    cls = json.loads((folder / "unet" / "config.json").read_text())["_class_name"]
+    cls = json.loads((folder / component / "config.json").read_text())["_class_name"]
     library = "safeprune" if cls == "PrunedUNet2DConditionModel" else "diffusers"
     index = {k: v for k, v in index.items() if k != "_name_or_path"}
-    index |= {"_diffusers_version": diffusers.__version__, "unet": [library, cls]}
+    index |= {"_diffusers_version": diffusers.__version__, component: [library, cls]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     if card is not None:
         from safeprune.models.card import write_card
@@ -221,7 +247,9 @@ def _unet_folder(folder: str | Path) -> Path:
     folder = model_folder(folder)
     check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a saved UNet or diffusers pipeline folder")
     if (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
-        folder = folder / "unet"
+        from safeprune.backbones import denoiser_component
+
+        folder = folder / (denoiser_component(folder) or "unet")
     check((folder / "config.json").is_file(), f"{str(folder)!r} is not a diffusers UNet folder (missing config.json); "
                                               "pass a folder written by `safeprune prune` or a diffusers UNet/pipeline")
     return folder
@@ -231,7 +259,7 @@ def load_plan(folder: str | Path) -> dict:
     """The plan of a saved UNet folder, with "base_config"; the identity plan for a plain diffusers UNet.
 
     A `channels` folder that diffusers re-saved (no plan.json) gives a plan with its recorded widths."""
-    from safeprune.pruning import PLAN_FORMAT, identity_plan
+    from safeprune.pruning import plan_from_config
 
     if _is_checkpoint(folder):
         return _checkpoint_model(folder)["plan"]
@@ -241,11 +269,7 @@ def load_plan(folder: str | Path) -> dict:
         plan = _read_json(folder / PLAN)
         plan.setdefault("base_config", config)
         return plan
-    if "pruned_widths" in config:
-        base = {k: v for k, v in config.items() if k != "pruned_widths"}
-        return {"format": PLAN_FORMAT, "method": "channels", "base_config": base,
-                "pruned_widths": config["pruned_widths"]}
-    return identity_plan(config)
+    return plan_from_config(config)
 
 
 def base_model_of(folder: str | Path) -> str | None:
@@ -289,36 +313,31 @@ def _fit(unet, state: dict, where):
 
 
 def load_pipeline(folder: str | Path, base_model: str | Path | None = None, device: str | torch.device = "cpu"):
-    """A stock diffusers StableDiffusionPipeline from a model (pipeline) folder, a run folder, a training
+    """The family's stock diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...; see
+    safeprune.backbones) from a model (pipeline) folder, a run folder, a training
     checkpoint, or a bare saved UNet folder.
 
     For a bare UNet folder or a checkpoint the rest of the pipeline (VAE, text encoder, tokenizer, scheduler)
     comes from `base_model`, else the recorded teacher, else the shipped toy teacher. Offline, no safety
     checker, progress bar off.
     """
-    from diffusers import StableDiffusionPipeline
-
+    from safeprune.backbones import backbone_of
     from safeprune.models.shipped import teacher_path
 
     folder = model_folder(pretrained_folder(folder))  # a hub id: its snapshot in the HF cache (offline)
     check(folder.is_dir(), f"model folder {str(folder)!r} not found; pass a pipeline or saved UNet folder")
     components = {}
     if not (folder / "model_index.json").is_file():
-        components["unet"] = load_unet(folder)
+        student = load_unet(folder)
         recorded = _checkpoint_model(folder)["teacher"] if _is_checkpoint(folder) else base_model_of(folder)
         base_model = pretrained_folder(base_model or recorded or teacher_path())
         check((Path(base_model) / "model_index.json").is_file(),
               f"base model {str(base_model)!r} is not a diffusers pipeline folder (no model_index.json); "
               "pass base_model= the teacher pipeline the UNet was pruned from")
         folder = Path(base_model)
-    try:
-        with _no_loading_bars():
-            pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
-                                                           requires_safety_checker=False, local_files_only=True,
-                                                           use_safetensors=True, **components)
-    except (OSError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"cannot load a Stable Diffusion pipeline from {str(folder)!r}: "
-                        f"{str(err).strip().splitlines()[0]}") from err
+        components[backbone_of(folder).denoiser] = student
+    with _no_loading_bars():
+        pipe = backbone_of(folder).load_pipeline(folder, components)  # the family's stock pipeline class
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -377,9 +396,11 @@ def _read_json(path: Path) -> dict:
 
 def _config_of(folder: Path) -> dict:
     config = _read_json(folder / "config.json")
+    from safeprune.backbones import denoiser_classes
+
     name = config.get("_class_name", "UNet2DConditionModel")
-    check(name in ("UNet2DConditionModel", "PrunedUNet2DConditionModel"),
-          f"{str(folder)!r} holds a {name}, not a UNet2DConditionModel")
+    check(name in denoiser_classes(),
+          f"{str(folder)!r} holds a {name}, not a denoiser safeprune supports ({', '.join(denoiser_classes())})")
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 

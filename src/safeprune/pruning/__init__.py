@@ -66,6 +66,8 @@ class PruningMethod(Protocol):
 
     def saved_config(self, plan: dict) -> dict: ...
 
+    def plan_from_config(self, config: dict) -> dict | None: ...
+
     def after_load(self, unet, plan: dict) -> None: ...
 
 
@@ -127,6 +129,16 @@ def identity_plan(base_config: dict | None = None) -> dict:
     return plan if base_config is None else {**plan, "base_config": base_config}
 
 
+def plan_from_config(config: dict) -> dict:
+    """The plan of a saved UNet folder without plan.json, from its config.json alone: the method whose saved
+    config it is (a channels folder that diffusers re-saved), else the identity (a plain diffusers UNet)."""
+    for name, method in METHODS.items():
+        fields = method.plan_from_config(config)
+        if fields is not None:
+            return {"format": PLAN_FORMAT, "method": name, **fields}
+    return identity_plan(config)
+
+
 def is_pruned(plan: dict) -> bool:
     """Whether the plan's model differs from its base model (False for the identity)."""
     return method_of(plan).prunes
@@ -150,4 +162,4 @@ def _comparable(value):
 
 
 __all__ = ["IMPORTANCES", "METHODS", "PLAN_FORMAT", "PRESETS", "after_load", "apply_plan", "identity_plan",
-           "is_pruned", "method_of", "prune", "reapply_masks", "saved_config", "sparsity_masks"]
+           "is_pruned", "method_of", "plan_from_config", "prune", "reapply_masks", "saved_config", "sparsity_masks"]

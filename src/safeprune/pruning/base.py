@@ -59,5 +59,10 @@ class Method:
         method keeps the architecture (`safeprune.models.io` explains the saved form)."""
         return plan["base_config"]
 
+    def plan_from_config(self, config: dict) -> dict | None:
+        """The plan fields a saved config.json records on its own, when the folder has no plan.json (diffusers
+        re-saved it); None = this config is not one of this method's saved configs (default)."""
+        return None
+
     def after_load(self, unet, plan: dict) -> None:
         """Restore what saved weights do not carry, after `load_unet` loaded them (default: nothing)."""

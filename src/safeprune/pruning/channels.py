@@ -402,6 +402,13 @@ class Channels(Method):
             widths = pruned_widths(full, plan["groups"])
         return {**base, "pruned_widths": widths}
 
+    def plan_from_config(self, config):
+        """A PrunedUNet2DConditionModel config (see saved_config) is its own plan: base config + widths."""
+        if "pruned_widths" not in config:
+            return None
+        return {"base_config": {k: v for k, v in config.items() if k != "pruned_widths"},
+                "pruned_widths": config["pruned_widths"]}
+
     def __call__(self, unet, cfg, calib):
         on_meta = next(unet.parameters()).is_meta
         graph = build_graph(unet)

@@ -54,7 +54,7 @@ def run_toy(cfg: Config) -> dict:
             reference_pipe = pipe if same else load_model(reference, device)
         ctx = EvalContext(pipe, world, cfg, judge, reference_pipe, progress=True)
         results = run_metrics(ctx, names)
-        record = {"protocol": "toy", "model": model or "toy-teacher", "reference": reference or "toy-teacher",
+        record = {"protocol": cfg.eval.protocol, "model": model or "toy-teacher", "reference": reference or "toy-teacher",
                   "cp_margin": CP_MARGIN if "cp" in names else None, "metrics": results}
         (tmp / "results.json").write_text(json.dumps(record, indent=1))
         _grid(ctx, tmp / "grid.png")
@@ -69,7 +69,7 @@ def run(cfg: Config, args) -> int:
     protocol = load_protocol(cfg.eval.protocol)
     # a typo fails now, not after minutes of sampling; the resolved list is what config.yaml records
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, metrics=metric_names(cfg, protocol)))
-    if cfg.eval.protocol == "toy":
+    if protocol.get("toy_world"):
         record = run_toy(cfg)
     else:
         record = evaluate(cfg, cfg.paths.model or None, cfg.paths.reference or None, cfg.paths.out)

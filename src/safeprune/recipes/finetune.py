@@ -41,6 +41,7 @@ from safeprune.bilevel.training import build_training
 from safeprune.config import Config, save_config, to_dict
 from safeprune.errors import UserError, check
 from safeprune.models.hooks import match_features
+from safeprune.optim import optimizer_of
 from safeprune.utils import DTYPES, warmup_cosine
 
 CHECKPOINTS = "checkpoints"
@@ -256,6 +257,7 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     out, student = Path(cfg.paths.out), Path(cfg.paths.student)
     data, concept_data = cfg.paths.data or None, cfg.paths.concept_data or None
     method = build_method(ft)  # validates method / solver / budgets before anything heavy happens
+    optimizer_of(ft.optimizer)  # and the optimiser's name, before the run folder is made
     # two_stage with a whole-model erasure method (uce, conceptprune, esd_paper): distil, then erase the result
     erasure = ft.unlearn.name if getattr(method, "erases_last", False) and ft.unlearn.name in WHOLE_MODEL else None
     if erasure is not None:
@@ -280,6 +282,12 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     check(teacher_dir is None or (teacher_dir / "model_index.json").is_file(),
           f"teacher folder {teacher!r} is not a diffusers pipeline (no model_index.json); pass --teacher PATH "
           "to a Stable Diffusion pipeline folder or a hub id")
+    if erasure is not None:  # the whole-model methods read one CLIP and a UNet's attn2 (safeprune.erasure)
+        from safeprune.backbones import backbone_of
+
+        family = backbone_of(teacher_dir or teacher_path(), f"teacher {teacher!r}").name
+        check(family == "sd", f"--unlearn {erasure} (a whole-model erasure) supports SD 1.x/2.x teachers, not {family}; "
+                              "use a per-step loss (esd, esd_xattn, esd_anchor, ablation) with this teacher")
     # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
     base_model = teacher
     from safeprune.runs import lock
@@ -318,14 +326,13 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
            on_eval, *, run=None, inputs=None, allow_other_teacher=False, finish=None):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
+    from safeprune.backbones import BACKBONES, backbone_for_config, backbone_of
     from safeprune.bilevel.problem import NonFiniteLoss
     from safeprune.checkpoint import WeightsDiverged, check_weights, load_checkpoint, max_abs, save_step
     from safeprune.models.io import (
         MODEL,
-        check_prediction_type,
         check_supported_unet,
         checkpoint_record,
         load_pipeline,
@@ -349,37 +356,46 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     # 1. models: the frozen teacher (eval, no grad, optionally low precision) and the trainable student.
     pipe = load_pipeline(teacher_dir)
-    check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
-    check_supported_unet(pipe.unet.config, f"teacher {str(cfg.model.teacher or teacher_dir)!r}")
-    check_supported_unet(unet_class(load_plan(student_dir))[1], f"student {str(student_dir)!r}")  # before any pass
-    inputs = {**(inputs or {}), "teacher_fingerprint": fingerprint(pipe.unet)}
+    backbone = backbone_of(teacher_dir)  # the family: text encoders, denoiser call, target (safeprune.backbones)
+    backbone.check_prediction_type(pipe.scheduler.config, cfg.model.prediction_type, cfg.model.teacher or teacher_dir)
+    teacher_where = f"teacher {str(cfg.model.teacher or teacher_dir)!r}"
+    check_supported_unet(backbone.denoiser_of(pipe).config, teacher_where, families=tuple(BACKBONES))
+    cls, config = unet_class(load_plan(student_dir))
+    student_family = backbone_for_config({"_class_name": cls.__name__, **config}, f"student {str(student_dir)!r}")
+    check(student_family.name == backbone.name, f"the student in {str(student_dir)!r} is a {student_family.name} "
+                                                f"model but the {teacher_where} is {backbone.name}; prune the student "
+                                                "from this teacher")  # before any pass
+    inputs = {**(inputs or {}), "teacher_fingerprint": fingerprint(backbone.denoiser_of(pipe))}
     _check_lineage(student_dir, inputs["teacher_fingerprint"], allow_other_teacher)
     if run is not None and run.marker:
         _check_inputs(run.marker.get("inputs") or {}, inputs)
-    _check_memory(cfg, student_dir, pipe, device)
+    if backbone.name == "sd":  # the estimate models SD 1.x/2.x UNet calls (safeprune.memory)
+        _check_memory(cfg, student_dir, pipe, device)
     student_core = load_unet(student_dir).to(device).train()
     start_max = max_abs({"student": student_core})  # the bound of check_weights (before any resumed weights)
-    teacher = pipe.unet.to(device).eval().requires_grad_(False)
+    teacher = backbone.denoiser_of(pipe).to(device).eval().requires_grad_(False)
     if ft.teacher_dtype != "fp32":
         teacher = teacher.to(DTYPES[ft.teacher_dtype])
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = backbone.training_scheduler(pipe)
 
     # 2. pools and embeddings, once; the VAE and text encoder are not needed afterwards.
-    pools, concepts = build_pools(cfg, pipe, unlearning, data, concept_data, device)
+    pools, concepts = build_pools(cfg, pipe, unlearning, data, concept_data, device, backbone)
+    latent_shape = tuple(pools.lower.mean.shape[1:]) if hasattr(pools.lower, "mean") else None  # (C, h, w)
     data_info = _data_info(pools, data, cfg)
     if main:
         shown = data_info["training_images"] or "fresh images every step"
         print(f"training images: {shown} (source: {data_info['source_images'] or 'size unknown'}; "
               f"{data_info['data_mode']} mode)", flush=True)
-    validate = _validation(cfg, pipe, student_core, concepts, pools, out) if ft.validation_every_steps and main else None
+    validate = _validation(cfg, pipe, student_core, concepts, pools, out, backbone) \
+        if ft.validation_every_steps and main else None
     del pipe  # the VAE and text encoder live on in `validate` only when validation images are asked for
-    pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt])
+    pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt], backbone, latent_shape)
     check(bool(pairs) or ft.lambda_feat == 0,
           "no block of the student matches the teacher's feature shapes, so feature distillation has nothing to "
           "compare; prune the student from this teacher or set finetune.lambda_feat=0")
 
     # 3. optimisers, the problem and the update rule (shared with benchmarks/bench_finetune.py).
-    training = build_training(cfg, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning)
+    training = build_training(cfg, accelerator, student_core, teacher, scheduler, pools, pairs, unlearning, backbone)
     problem, optimizers = training.problem, training.optimizers
     check(validate is None or not problem.sharded, "finetune.validation_every_steps needs DDP or one process (FSDP "
                                                    "shards the student); set it to 0 and sample checkpoints with "
@@ -542,14 +558,12 @@ def _data_info(pools, data, cfg: Config) -> dict:
     return {"data_mode": "pool", "training_images": used, "source_images": available}
 
 
-def _validation(cfg: Config, pipe, student, concepts, pools, out: Path):
+def _validation(cfg: Config, pipe, student, concepts, pools, out: Path, backbone):
     """validate(step, accelerator): draw the validation images with the student (fixed prompts and seeds, so
     grids of different steps compare), save RUN/validation/step_N.png and log them to the tracker.
 
     Prompts: finetune.validation_prompts, else each suppressed concept and its anchor (suppression and what
     must survive side by side), else the first fine-tuning captions."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     from safeprune.recipes.generate import generate_images
     from safeprune.viz import make_grid, save_image
 
@@ -558,16 +572,16 @@ def _validation(cfg: Config, pipe, student, concepts, pools, out: Path):
         [p for c in concepts for p in (c.target, c.anchor) if p])) or list(dict.fromkeys(pools.lower.captions))[:2]
     prompts = prompts[:8]
     seeds = list(range(ft.validation_seeds))
-    sampler = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                      unet=student, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sampler = backbone.assemble(pipe, student)  # the family's pipeline; generate_images picks the sampler
+    sampler.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its own, not the teacher's
 
     def validate(step: int, accelerator) -> None:
         was_training = student.training
         student.eval()
         try:
             images = generate_images(sampler, [p for p in prompts for _ in seeds], seeds * len(prompts),
-                                     cfg.sample.steps, cfg.sample.guidance, cfg.sample.batch_size, progress=False)
+                                     cfg.sample.steps, cfg.sample.guidance, cfg.sample.batch_size, progress=False,
+                                     resolution=cfg.sample.resolution)
         finally:
             student.train(was_training)
         rows = [list(images[i * len(seeds):(i + 1) * len(seeds)]) for i in range(len(prompts))]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safeprune.config import Config, PruneConfig
 from safeprune.errors import UserError
+from safeprune.optim import optimizer_of
 
 # Denoiser configs of well-known hub ids shipped with safeprune (assets/), so planning works before any download.
 KNOWN_UNETS = {"stabilityai/stable-diffusion-2-1": "sd21", "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
@@ -43,6 +44,8 @@ def describe_finetune(cfg: Config, args) -> str:
               f"({type(method).__name__}, K={ft.upper.every}); lower lr {ft.lr:g} after {ft.warmup_steps} warm-up "
               f"steps, upper lr {ft.upper.lr:g}; {ft.upper.batch_size * processes * ft.upper.grad_accum} concept "
               f"images per upper step ({ft.upper.batch_size} x {processes} x {ft.upper.grad_accum} accumulation)"),
+             f"optimizer: {ft.optimizer}, {optimizer_of(ft.optimizer).state_bytes} bytes of state per trained "
+             "parameter (lower and upper level)",
              f"images seen: {method.total_steps * ft.batch_size * processes * ft.grad_accum:,} (lower level)",
              f"concepts: {len(ft.concepts)} ({'; '.join(f'{c.target!r} -> {c.anchor!r}' for c in ft.concepts)})"
              if ft.concepts else "concepts: none set (derived from the concept images' captions)",

@@ -18,6 +18,7 @@ import numpy as np
 
 from safeprune.config import Config, save_config
 from safeprune.errors import check
+from safeprune.eval.protocols import in_toy_world
 from safeprune.utils import atomic_folder, read_json, read_text
 
 # (results key, column title, format); a missing key prints as "-".
@@ -71,11 +72,14 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def paper_order(names) -> list[str]:
-    """teacher, distill-only, the two-stage baselines, bilevel, then anything else (each group in given order)."""
-    def rank(name: str) -> int:
+    """teacher, the controls (pruned, denoise_only), distill-only, the two-stage baselines, bilevel, then anything
+    else (each group in given order)."""
+    def rank(name: str) -> float:
         n = name.lower()
         if "teacher" in n:
             return 0
+        if n in ("pruned", "denoise_only"):
+            return 0.5 if n == "pruned" else 0.75
         if "bilevel" in n:
             return 3
         if "+" in n or "two_stage" in n or "two-stage" in n:
@@ -96,8 +100,19 @@ def table(rows: dict[str, dict], columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
+RECOVERY = ("denoise_only", "distill")  # seed paper Fig. 4: fd against step without and with the KD terms
+
+
+def _by_step(points: list[dict], key: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(steps, mean, std) of `key` over the runs (seeds) that logged it at each step; std 0 for a single run."""
+    steps = sorted({p["step"] for p in points if key in p})
+    values = [[p[key] for p in points if key in p and p["step"] == st] for st in steps]
+    return steps, np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
+
+
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
-    """fd and leakage against training step, one line per method (mean over seeds when they share steps)."""
+    """fd and leakage against training step, one line per method (mean over seeds when they share steps). When the
+    curves hold both RECOVERY rows, a first panel shows their fd alone, ± std over seeds: the recovery comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,19 +120,28 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
 
     if not any(curves.values()):
         return None
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
-    for ax, (key, title) in zip(axes, CURVES):
-        for i, (name, points) in enumerate(curves.items()):
-            pts = [(p["step"], p[key]) for p in points if key in p]
-            if pts:
-                steps = sorted({s for s, _ in pts})
-                # Earlier lines drawn wider: two_stage's first phase IS distill and would hide its line.
-                ax.plot(steps, [np.mean([v for s, v in pts if s == st]) for st in steps], marker="o", label=name,
-                        linewidth=1.5 + 2.5 * (len(curves) - 1 - i), markersize=5 + 3 * (len(curves) - 1 - i))
+    recovery = all(curves.get(name) for name in RECOVERY)
+    panels = ([("recovery", "recovery: fd (judge space), KD off vs on")] if recovery else []) + list(CURVES)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        if key == "recovery":
+            for name in RECOVERY:
+                steps, mean, std = _by_step(curves[name], "eval/fd")
+                line, = ax.plot(steps, mean, marker="o", label=name)
+                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.legend()
+        else:
+            for i, (name, points) in enumerate(curves.items()):
+                steps, mean, _ = _by_step(points, key)
+                if steps:
+                    # Earlier lines drawn wider: two_stage's first phase IS distill and would hide its line.
+                    wide = len(curves) - 1 - i
+                    ax.plot(steps, mean, marker="o", label=name, linewidth=1.5 + 1.5 * wide, markersize=5 + 2 * wide,
+                            linestyle="--" if name in RECOVERY[:1] else "-")
         ax.set_xlabel("training step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0][1 if recovery else 0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -176,10 +200,10 @@ def read_run(folder: Path) -> tuple[dict, list[dict], dict]:
     row, evals = {}, {}
     for path in paths:
         data = read_json(path, "results file")
-        protocol = data.get("protocol", "toy")
+        protocol = data.get("protocol")
         metrics = data.get("metrics", data)
         check(isinstance(metrics, dict), f"{str(path)!r}: `metrics` is not a JSON object; re-run the evaluation")
-        row |= metrics if protocol == "toy" else {f"{protocol}/{k}": v for k, v in metrics.items()}
+        row |= metrics if in_toy_world(protocol) else {f"{protocol}/{k}": v for k, v in metrics.items()}
         evals.setdefault(protocol, path.parent)
     summary = folder / "summary.json"
     if summary.is_file():

@@ -62,9 +62,13 @@ def erase(cfg: Config, pipe, concepts, derived: bool, world, *, method: str | No
     """Run the erasure method on pipe.unet in place; returns its report (+ "method", "seconds")."""
     from safeprune.erasure import ErasureContext, build_erasure, check_concepts
     from safeprune.pruning import reapply_masks
+    from safeprune.sampling import backbone_of_pipe
 
     name = method or cfg.unlearn.method
     eraser = build_erasure(cfg, name)  # an unknown name fails before anything heavy
+    family = backbone_of_pipe(pipe)  # the erasure methods read one CLIP and edit a UNet (safeprune.erasure)
+    check(family.name == "sd", f"safeprune unlearn supports SD 1.x / 2.x pipelines, not {family.label}; suppress "
+                               "concepts in it with `safeprune finetune --unlearn esd` (bilevel or two_stage)")
     check_concepts(concepts)
     ctx = ErasureContext(pipe=pipe, concepts=concepts, world=world, cfg=cfg, device=pipe.unet.device,
                          concept_data=concept_data, derived=derived, progress=progress)

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from safeprune.backbones import is_cross_attention
 from safeprune.config import UnlearnLossConfig
 from safeprune.errors import check, choose
 from safeprune.unlearning.ablation import Ablation
@@ -40,11 +41,12 @@ UNLEARNING: dict[str, Callable[..., Unlearning]] = {
     "ablation": lambda o: Ablation(),
 }
 
-# Which parameters an upper step may move, by parameter name. diffusers names the cross-attention of
-# every transformer block `attn2` (self-attention is `attn1`).
+# Which parameters an upper step may move, by parameter name. "xattn" is the attention that reads the text, as
+# each family names it (safeprune.backbones): `attn2` in UNets (self-attention is `attn1`), the text stream's
+# key/value projections in MMDiT joint attention.
 PARAMETER_SETS: dict[str, Callable[[str], bool]] = {
     "all": lambda name: True,
-    "xattn": lambda name: ".attn2." in f".{name}",
+    "xattn": is_cross_attention,
 }
 
 

@@ -1,0 +1,83 @@
+"""`flux`: FLUX.1 (Black Forest Labs 2024; FluxPipeline, FluxTransformer2DModel: MMDiT double blocks, then
+single-stream blocks).
+
+Text: T5's token states are the sequence the transformer attends to, CLIP-L's pooled output its global
+conditioning (the pipeline's own `encode_prompt`). Latents enter packed into 2x2 patches,
+(B, C, h, w) -> (B, hw/4, 4C), with per-token position ids for the rotary embedding; `predict` packs and
+unpacks with the pipeline's own helpers, so everything outside sees (B, C, h, w) like the other families.
+Training as diffusers' train_dreambooth_flux.py: rectified flow with t drawn uniformly (its default
+weighting_scheme "none") from the scheduler's table, the transformer called at t / 1000, and for
+guidance-distilled checkpoints (FLUX.1-dev, `guidance_embeds`) the guidance embedding at `guidance` (3.5,
+the trainer's default). Sampling uses that embedded guidance, not classifier-free guidance (no negative
+prompt). Feature KD matches the image stream after every double and single block; the text stream's key /
+value projections of the double blocks are the cross-attention set, as in SD3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from safeprune.backbones.base import PromptEmbeddings
+from safeprune.backbones.sd3 import SD3, depth_pairs
+
+
+@dataclass(frozen=True)
+class Flux(SD3):
+    name: str = "flux"
+    label: str = "a Flux-class MMDiT (FluxTransformer2DModel)"  # how messages name the family
+    pipelines: tuple[str, ...] = ("FluxPipeline",)
+    pipeline_class: str = "FluxPipeline"
+    denoiser_classes: tuple[str, ...] = ("FluxTransformer2DModel",)
+    timestep_density: str = "uniform"
+    max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev's)
+    guidance: float = 3.5  # the guidance embedding's value in training (guidance-distilled checkpoints)
+
+    def native_latent_size(self, pipe):
+        return pipe.default_sample_size  # the transformer config has no sample size (it is resolution-free)
+
+    @staticmethod
+    def latent_channels(config) -> int:
+        return config.in_channels // 4  # the transformer takes 2x2-packed latents
+
+    @torch.no_grad()
+    def encode(self, pipe, prompts: list[str], device, resolution: int = 0) -> PromptEmbeddings:
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+            encoder.to(device).eval()
+        hidden, pooled = [], []
+        for start in range(0, len(prompts), 64):
+            chunk = list(prompts[start:start + 64])
+            emb, pool, _ = pipe.encode_prompt(chunk, chunk, device=device, num_images_per_prompt=1,
+                                              max_sequence_length=self.max_sequence_length)
+            hidden.append(emb.float())
+            pooled.append(pool.float())
+        return PromptEmbeddings(torch.cat(hidden), torch.cat(pooled))
+
+    def predict(self, model, x_t, timesteps, emb: PromptEmbeddings) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        b, c, h, w = x_t.shape
+        packed = FluxPipeline._pack_latents(x_t, b, c, h, w)  # (B, hw/4, 4C)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype)
+        txt_ids = torch.zeros(emb.hidden.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        config = getattr(model, "module", model).config  # through a DDP wrapper too
+        guidance = torch.full((b,), self.guidance, device=x_t.device) if config.guidance_embeds else None
+        out = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                    pooled_projections=emb.pooled, encoder_hidden_states=emb.hidden, txt_ids=txt_ids,
+                    img_ids=img_ids).sample
+        return FluxPipeline._unpack_latents(out, h, w, 1)  # (B, C, h, w): a factor 1 keeps latent units
+
+    def match_blocks(self, teacher, student) -> list[tuple[str, str]]:
+        return [*depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), "transformer_blocks"),
+                *depth_pairs(len(teacher.single_transformer_blocks), len(student.single_transformer_blocks),
+                             "single_transformer_blocks")]
+
+    def draw(self, pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float,
+             size: dict) -> np.ndarray:
+        b, c, h, w = latents.shape
+        scale = pipe.vae_scale_factor
+        return pipe(prompt=prompts, latents=pipe._pack_latents(latents, b, c, h, w), num_inference_steps=steps,
+                    guidance_scale=guidance, output_type="np", max_sequence_length=self.max_sequence_length,
+                    height=h * scale, width=w * scale).images

@@ -1,0 +1,92 @@
+"""`sd3`: Stable Diffusion 3 (Esser et al. 2024; StableDiffusion3Pipeline, SD3Transformer2DModel, MMDiT).
+
+Text: CLIP-L and CLIP-G (penultimate hidden states concatenated, zero-padded to the T5 width) followed by
+T5-XXL's tokens, or zeros where the pipeline has no T5 (the optional third encoder; SD3 Sec. 5.3.2);
+pooled: both CLIPs' pooled outputs concatenated. Training as diffusers' train_dreambooth_sd3.py: rectified
+flow, x_t = (1 - s) x_0 + s eps with s from the (shifted) FlowMatchEulerDiscreteScheduler table at a
+logit-normally drawn t, target eps - x_0 (safeprune.backbones.base). Feature KD matches the image stream
+after each joint transformer block (`depth_pairs` pairs a depth-pruned student by relative depth). There is
+no separate cross-attention: image tokens attend to the text stream's keys and values (`add_k_proj`,
+`add_v_proj`), the edit set of ESD-x-style losses here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from safeprune.backbones.base import PromptEmbeddings
+from safeprune.backbones.sd import SD
+from safeprune.errors import check
+
+
+def depth_pairs(teacher_blocks: int, student_blocks: int, prefix: str) -> list[tuple[str, str]]:
+    """(teacher block, student block) names pairing student block i with the teacher block at the same relative
+    depth, round((i + 1) T / S) - 1: all blocks when nothing was removed, the last with the last otherwise."""
+    return [(f"{prefix}.{round((i + 1) * teacher_blocks / student_blocks) - 1}", f"{prefix}.{i}")
+            for i in range(student_blocks)]
+
+
+@dataclass(frozen=True)
+class SD3(SD):
+    name: str = "sd3"
+    label: str = "an SD3-class MMDiT (SD3Transformer2DModel)"  # how messages name the family
+    pipelines: tuple[str, ...] = ("StableDiffusion3Pipeline",)
+    pipeline_class: str = "StableDiffusion3Pipeline"
+    denoiser: str = "transformer"
+    denoiser_classes: tuple[str, ...] = ("SD3Transformer2DModel",)
+    cross_attention: tuple[str, ...] = (".attn.add_k_proj.", ".attn.add_v_proj.")
+    load_kwargs: dict = field(default_factory=dict)
+    timestep_density: str = "logit_normal"  # train_dreambooth_sd3.py's default weighting_scheme
+    max_sequence_length: int = 256  # T5 tokens (the pipeline's default)
+
+    def owns_config(self, config: dict) -> bool:
+        return config.get("_class_name") in self.denoiser_classes
+
+    def training_scheduler(self, pipe):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def check_prediction_type(self, scheduler_config, expected: str, name) -> None:
+        check(not expected, f"teacher {str(name)!r} is a flow-matching {self.name} model (velocity target) but "
+                            f"model.prediction_type={expected!r}; set model.prediction_type='' for this family")
+
+    @torch.no_grad()
+    def encode(self, pipe, prompts: list[str], device, resolution: int = 0) -> PromptEmbeddings:
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if encoder is not None:
+                encoder.to(device).eval()
+        hidden, pooled = [], []
+        for start in range(0, len(prompts), 64):
+            chunk = list(prompts[start:start + 64])
+            emb, _, pool, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, num_images_per_prompt=1,
+                                                 do_classifier_free_guidance=False,
+                                                 max_sequence_length=self.max_sequence_length)
+            hidden.append(emb.float())
+            pooled.append(pool.float())
+        return PromptEmbeddings(torch.cat(hidden), torch.cat(pooled))
+
+    def predict(self, model, x_t, timesteps, emb: PromptEmbeddings) -> torch.Tensor:
+        return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=emb.hidden,
+                     pooled_projections=emb.pooled).sample
+
+    def match_blocks(self, teacher, student) -> list[tuple[str, str]]:
+        return depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), "transformer_blocks")
+
+    @staticmethod
+    def feature(output) -> torch.Tensor:
+        """A joint block returns (text stream, image stream): the image stream is the feature map."""
+        return output[1] if isinstance(output, tuple) else output
+
+    def use_sampler(self, pipe, name: str) -> None:
+        """Flow-matching families sample with their own deterministic FlowMatchEulerDiscreteScheduler; the
+        eps/v samplers of sample.scheduler do not apply."""
+
+    def draw(self, pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float,
+             size: dict) -> np.ndarray:
+        return pipe(prompt=prompts, negative_prompt=[""] * len(prompts), latents=latents, num_inference_steps=steps,
+                    guidance_scale=guidance, output_type="np", max_sequence_length=self.max_sequence_length,
+                    **size).images

@@ -1,0 +1,232 @@
+"""Backbone families: detection, SD 1.x/2.x unchanged, the flow-matching target and ESD in velocity space, and
+SDXL / SD3 tiny pipelines through `finetune --method bilevel` and their own diffusers pipelines."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from safeprune.backbones import BACKBONES, backbone_for_config, backbone_of, is_cross_attention
+from safeprune.backbones.base import FlowMatchSchedule
+from safeprune.cli import main
+from safeprune.errors import UserError
+from safeprune.unlearning import build_unlearning
+
+
+def test_families_are_read_from_model_index_and_denoiser_configs(random_teacher_dir, tmp_path):
+    assert backbone_of(random_teacher_dir).name == "sd"
+    assert backbone_of(random_teacher_dir / "unet").name == "sd"
+    assert backbone_for_config({"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time"}).name == "sdxl"
+    assert backbone_for_config({"_class_name": "SD3Transformer2DModel"}).name == "sd3"
+    assert backbone_for_config({"_class_name": "FluxTransformer2DModel"}).name == "flux"
+    for name, family in [("PixArtSigmaPipeline", "PixArt"), ("KandinskyPipeline", None)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": name}))
+        with pytest.raises(UserError, match=f"is a {name}.*{'not support yet' if family else 'not support'}") as err:
+            backbone_of(tmp_path / name)
+        assert "\n" not in str(err.value) and "StableDiffusion3Pipeline (sd3)" in str(err.value)
+
+
+def test_an_unsupported_family_is_one_line_from_the_cli(tmp_path, capsys):
+    (tmp_path / "pixart").mkdir()
+    (tmp_path / "pixart" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    code = main(["generate", "--model", str(tmp_path / "pixart"), "--prompts", "toy:forget", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "PixArtSigmaPipeline (PixArt)" in err and "not support yet" in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_cross_attention_is_named_per_family():
+    assert is_cross_attention("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight")
+    assert not is_cross_attention("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight")
+    assert is_cross_attention("transformer_blocks.0.attn.add_v_proj.weight")  # MMDiT: the text stream's values
+    assert not is_cross_attention("transformer_blocks.0.attn.to_v.weight")  # the image stream's own
+
+
+def test_the_sd_backbone_gives_todays_loss_on_a_fixed_batch(random_teacher_dir):
+    """DiffusionProblem through the SD backbone == the pre-backbone code (written out here), bit for bit."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import compute_snr
+
+    from safeprune.bilevel.problem import DiffusionProblem, Pools, step_generator
+    from safeprune.data.datasets import LatentPool
+    from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss, min_snr_weight, mse_per_sample
+    from safeprune.models import toy
+    from safeprune.models.hooks import capture_features, match_blocks
+
+    teacher = UNet2DConditionModel.from_pretrained(random_teacher_dir / "unet").eval().requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    g = torch.Generator().manual_seed(0)
+    pool = LatentPool(torch.randn(8, 4, 16, 16, generator=g), 0.1 * torch.rand(8, 4, 16, 16, generator=g), ["c"] * 8, [{}] * 8)
+    pools = Pools(lower=pool, lower_prompt=torch.arange(8) % 3, embeddings=torch.randn(5, 6, 64, generator=g), null_prompt=0,
+                  concept=pool, concept_target=torch.full((8,), 3), concept_anchor=torch.full((8,), 4))
+    sched = toy.build_schedulers("v_prediction")[0]
+    pairs = tuple(match_blocks(teacher, student))
+    problem = DiffusionProblem(student=student, student_core=student, teacher=teacher, scheduler=sched,
+                               lower_loss=LowerLevelLoss(DenoisingLoss(sched, 5.0), FeatureKD(pairs)), pools=pools,
+                               unlearning=build_unlearning("esd"), batch_size=3, upper_batch_size=3, seed=0)
+    assert problem.backbone is BACKBONES["sd"]
+
+    # the code before backbones, verbatim in substance
+    gen = step_generator(0, 0, 7, "lower")
+    idx, latents = pool.draw(gen, 3)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(1000, (3,), generator=gen)
+    x_t = sched.add_noise(latents, noise, t)
+    emb = pools.embeddings[pools.lower_prompt[idx]]
+    with torch.no_grad():
+        with capture_features(teacher, [p[0] for p in pairs]) as tf:
+            t_out = teacher(x_t, t, encoder_hidden_states=emb).sample.float()
+        with capture_features(student, [p[1] for p in pairs]) as sf:
+            s_out = student(x_t, t, encoder_hidden_states=emb).sample
+    diff = mse_per_sample(s_out, sched.get_velocity(latents, noise, t)) * min_snr_weight(compute_snr(sched, t), 5.0,
+                                                                                          "v_prediction")
+    feat = torch.stack([mse_per_sample(sf[b], tf[a]) for a, b in pairs]).mean(0)
+    expected = (diff + 2.0 * mse_per_sample(s_out, t_out) + 0.1 * feat).mean().item()
+    assert problem.lower_value(7) == expected
+
+    gen = step_generator(0, 0, 7, "upper")
+    idx, latents = pool.draw(gen, 3)
+    noise_u = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(1000, (3,), generator=gen)
+    x_t = sched.add_noise(latents, noise_u, t)
+    with torch.no_grad():
+        both = teacher(x_t.repeat(2, 1, 1, 1), t.repeat(2), encoder_hidden_states=pools.embeddings[
+            torch.cat([pools.concept_target[idx], torch.zeros(3, dtype=torch.long)])]).sample.float()
+        cond, ref = both.chunk(2)
+        s_eps = student(x_t, t, encoder_hidden_states=pools.embeddings[pools.concept_target[idx]]).sample
+        eta = problem.unlearning.eta
+        expected_cu = mse_per_sample(s_eps, ref - eta * (cond - ref)).mean().item()
+        assert problem._upper_terms(step_generator(0, 0, 7, "upper")).mean().item() == expected_cu
+
+
+def test_flow_matching_noises_and_targets_as_diffusers_trainers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    schedule = FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    x0 = torch.randn(64, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    noise, t, x_t = schedule.noised(x0, torch.Generator().manual_seed(2), "cpu")
+    s = schedule.sigma_of(t, x0)
+    assert torch.allclose(x_t, (1 - s) * x0 + s * noise)  # x_t = (1 - sigma) x0 + sigma noise
+    assert torch.allclose(s.flatten(), t / 1000)  # SD3: the transformer's timestep is 1000 sigma
+    assert torch.equal(schedule.target(x0, noise, t), noise - x0)
+    assert 0.2 < s.mean() < 0.8 and s.std() > 0.1  # logit-normal around sigma = 0.5 (shifted), not one value
+
+
+def test_flow_matching_esd_target_equals_the_eps_space_one_mapped_to_velocity():
+    """ESD's guided target, built from the teacher's velocities, is the eps-space target mapped to velocity at the
+    same (x_t, t): v = eps - x0(eps) with x0 = (x_t - sigma eps) / (1 - sigma)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    schedule = FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 8, 8, generator=g)
+    _, t, x_t = schedule.noised(x0, g, "cpu")
+    eps = {c: torch.randn(4, 4, 8, 8, generator=g) for c in ("target", "null", "anchor")}  # teacher noise estimates
+    velocity = {c: schedule.prediction_from_eps(e, x_t, t) for c, e in eps.items()}
+    s = schedule.sigma_of(t, x_t)
+    assert torch.allclose(velocity["null"], eps["null"] - (x_t - s * eps["null"]) / (1 - s))
+    for name in ("esd", "esd_anchor", "ablation"):
+        loss = build_unlearning(name)
+        in_eps = schedule.prediction_from_eps(loss.target({c: eps[c] for c in loss.teacher_conditions}), x_t, t)
+        in_velocity = loss.target({c: velocity[c] for c in loss.teacher_conditions})
+        assert torch.allclose(in_velocity, in_eps, atol=1e-4), name
+    # the map is affine, not linear: a target whose weights did not sum to 1 would not carry over
+    assert not torch.allclose(schedule.prediction_from_eps(2 * eps["null"], x_t, t), 2 * velocity["null"], atol=1e-3)
+
+
+FAMILY_FLAGS = ["finetune.max_steps=4", "finetune.method=bilevel", "finetune.upper.every=2", "finetune.batch_size=2",
+                "finetune.upper.batch_size=2", "finetune.data.pool=8", "finetune.data.concept_pool=4",
+                "finetune.warmup_steps=0", "finetune.ckpt_every_steps=100", "finetune.validation_every_steps=4",
+                "finetune.validation_seeds=1", "finetune.validation_prompts=[a red circle]",
+                "sample.steps=2", "sample.batch_size=2", "finetune.resolution=32", "sample.resolution=32"]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_bilevel_end_to_end_and_sampling_through_the_family_pipeline(family, request, tmp_path, capsys):
+    import diffusers
+
+    from safeprune.models.io import load_pipeline, load_unet
+    from safeprune.recipes.generate import generate_images
+
+    teacher, student = request.getfixturevalue(f"{family}_family")
+    out = tmp_path / "run"
+    code = main(["finetune", "--student", str(student), "--teacher", str(teacher), "--out", str(out), "--unlearn",
+                 "esd_xattn", *FAMILY_FLAGS])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["upper_steps"] == 2 and summary["feature_blocks"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["lower/ft"] > 0 for r in rows) and "upper/cu" in rows[1]
+    assert (out / "validation" / "step_0000004.png").is_file()
+
+    backbone = BACKBONES[family]
+    trained, start = load_unet(out), load_unet(student)
+    moved = {n for n, p in trained.named_parameters() if not torch.equal(p, start.get_parameter(n))}
+    assert moved and any(is_cross_attention(n) for n in moved)
+    masked = [m for m in trained.modules() if hasattr(m, "safeprune_mask")]  # magnitude masks survive training
+    assert masked and all(torch.all(m.weight[~m.safeprune_mask] == 0) for m in masked)
+
+    pipe = load_pipeline(out)  # the run's model/ folder, through the family's stock pipeline class
+    assert type(pipe).__name__ == backbone.pipeline_class
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}  # as diffusers documents
+    assert type(diffusers.DiffusionPipeline.from_pretrained(out / "model", **no_t5)).__name__ == backbone.pipeline_class
+    prompts, seeds = ["a red circle", "a blue square", "a red circle"], [0, 1, 2]
+    draw = dict(steps=2, guidance=3.0, progress=False, resolution=32)
+    images = generate_images(pipe, prompts, seeds, batch_size=3, **draw)
+    alone = generate_images(pipe, prompts[2:], seeds[2:], batch_size=1, **draw)
+    assert images.shape == (3, 32, 32, 3) and images.dtype.name == "uint8" and images.std() > 0
+    assert abs(images[2].astype(int) - alone[0].astype(int)).max() <= 1  # image i depends on (prompt_i, seed_i) only
+    assert not (images[0] == images[2]).all()  # another seed, another image
+
+
+@pytest.mark.parametrize("family, flags", [
+    ("sd3", ["--method", "two_stage", "--unlearn", "ablation"]),  # distil, then the anchor-image upper loss
+    ("flux", ["--method", "bilevel", "--unlearn", "esd_anchor", "finetune.solver.name=penalty"]),
+    ("sdxl", ["--method", "distill"]),
+])
+def test_every_method_runs_on_the_families(family, flags, request, tmp_path, capsys):
+    teacher, student = request.getfixturevalue(f"{family}_family")
+    out = tmp_path / "run"
+    argv = ["finetune", "--student", str(student), "--teacher", str(teacher), "--out", str(out), *FAMILY_FLAGS[:9],
+            "finetune.resolution=32", *flags]
+    code = main([a for a in argv if a != "finetune.method=bilevel"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    uses_upper = "--unlearn" in flags
+    assert summary["method"] == flags[1] and (summary["upper_steps"] > 0) == uses_upper
+    assert any("upper/cu" in r for r in rows) == uses_upper and all(r.get("lower/ft", 1) > 0 for r in rows)
+    if "penalty" in flags[-1]:
+        assert summary["solver"] == "penalty" and any("outer/gap" in r for r in rows)
+
+
+def test_the_unlearn_command_refuses_other_families_in_one_line(sd3_family, tmp_path, capsys):
+    teacher, _ = sd3_family
+    code = main(["unlearn", "--model", str(teacher), "--method", "esd", "--forget", "a red circle",
+                 "--out", str(tmp_path / "u")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "SD3-class MMDiT" in err and not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_toy_evaluation_runs_through_the_family_pipeline(family, request):
+    import math
+
+    from safeprune.config import load_config
+    from safeprune.data.toyworld import ToyWorld
+    from safeprune.eval.metrics import evaluate_model
+    from safeprune.models.io import load_pipeline
+
+    teacher, student = request.getfixturevalue(f"{family}_family")
+    cfg = load_config(None, ["eval.seeds_per_prompt=1", "eval.max_prompts=2", "eval.heldout=false",
+                             "eval.affinity_images=4", "sample.steps=2", "sample.resolution=32"])
+    pipe, reference = load_pipeline(student.parent), load_pipeline(teacher)
+    res = evaluate_model(pipe, ToyWorld(cfg.toyworld, seed=0), cfg, reference_pipe=reference)
+    assert res["eval_images"] == 6  # 2 forget + 2 retain prompts, and the reference's 2 forget images (cp)
+    assert 0 <= res["valid"] <= 1 and math.isfinite(res["fd"]) and res["fd"] > 0
+    assert math.isfinite(res["concept_affinity"]) and res["concept_affinity"] != res["reference_concept_affinity"]

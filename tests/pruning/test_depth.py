@@ -251,3 +251,23 @@ def test_channels_prunes_transformer_heads_and_ffn_units_through_torch_pruning(f
     assert torch.equal(output(apply_plan(model, plan).eval(), x), output(student.eval(), x))  # the plan replays
     with pytest.raises(UserError, match="no saved form"):
         METHODS["channels"].saved_config(plan)
+
+
+def test_cli_depth_on_the_toy_teacher_measures_skip_errors_on_its_training_data(capsys, tmp_path, toy_teacher_dir):
+    """With weights, the skip error runs on calibration batches of real data (VAE-encoded images, encoded
+    captions: safeprune.recipes.prune.taylor_calibration with output='prediction'), and the student is a stock UNet."""
+    from diffusers import UNet2DConditionModel
+
+    from safeprune.cli import main
+
+    code = main(["prune", "--model", str(toy_teacher_dir), "--method", "depth", "--ratio", "0.02",
+                 "prune.depth.calibration_batch_size=2", "prune.latency_runs=1", "--out", str(tmp_path / "s")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "s" / "prune_report.json").read_text())
+    plan = json.loads((tmp_path / "s" / "model" / "unet" / "plan.json").read_text())
+    assert report["select"] == "skip_error" and report["removed"] and report["removed_share"] >= 0.02
+    assert set(report["removed"]) <= set(plan["skip_errors"])
+    kept_errors = [v for k, v in plan["skip_errors"].items() if k not in report["removed"]]
+    assert max(plan["skip_errors"][b] for b in report["removed"]) <= max(kept_errors)  # the cheapest went
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "s" / "model" / "unet")  # stock diffusers
+    assert sum(p.numel() for p in unet.parameters()) == report["params_after"]

@@ -46,6 +46,10 @@ class Method:
         """Whether `__call__` needs `calib` (data batches through the model) under config `cfg`."""
         return False
 
+    def calibration_sizes(self, cfg) -> tuple[int, int]:
+        """(batches, images per batch) of the calibration data `calib` draws from (default: prune.channels')."""
+        return cfg.channels.calibration_batches, cfg.channels.calibration_batch_size
+
     def report(self, plan: dict) -> dict:
         """The method's lines of prune_report.json."""
         return {k: plan[k] for k in self.report_keys}

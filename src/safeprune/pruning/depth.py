@@ -314,6 +314,9 @@ class Depth(Method):
         # the skip-error criterion runs the model on calibration batches; without a `calib`, random inputs
         return not cfg.depth.blocks and cfg.depth.select == "skip_error" and (bool(cfg.depth.preset) or cfg.ratio > 0)
 
+    def calibration_sizes(self, cfg):
+        return cfg.depth.calibration_batches, cfg.depth.calibration_batch_size
+
     def saved_config(self, plan):
         return plan["config"]  # a stock diffusers config (fewer blocks)
 

@@ -94,7 +94,7 @@ def prune_student(cfg: Config) -> Path:
     pruner = choose("pruning method", cfg.prune.method, METHODS)
     if source.weights and pruner.needs_calibration(cfg.prune):
         calib = taylor_calibration(cfg, source.pipeline_folder, cfg.paths.calib_data or None, device,
-                                   pruner.calibration)
+                                   pruner.calibration, pruner.calibration_sizes(cfg.prune))
 
     unet = source.unet
     # lineage: `finetune` checks that the teacher it distils from is this model (safeprune.utils.fingerprint)
@@ -185,7 +185,7 @@ def _text_tokens(pipeline: Path | None) -> int:
 
 
 def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: str | None, device,
-                       output: str = "loss"):
+                       output: str = "loss", sizes: tuple[int, int] | None = None):
     """calib(unet, i) -> denoising loss (eq. 1, plain MSE) of calibration batch i of the teacher's training data,
     or with output="prediction" the UNet's prediction on that batch (`depth`'s skip error).
 
@@ -195,8 +195,8 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     check(pipeline_folder is not None, f"{cfg.prune.method} calibration needs the model's VAE and text encoder: pass "
                                        "--model as a Stable Diffusion pipeline folder (model_index.json)")
     pipe = load_pipeline(pipeline_folder, device=device)
-    p = cfg.prune.channels
-    n = p.calibration_batches * p.calibration_batch_size
+    batches, batch_size = sizes or (cfg.prune.channels.calibration_batches, cfg.prune.channels.calibration_batch_size)
+    n = batches * batch_size
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = open_image_captions(calib_data, world=ToyWorld(cfg.toyworld, cfg.seed), split="pretrain", n_toy=n, size=size)
     pool = encode_pool(data, n, pipe.vae, rng=numpy_rng(cfg.seed, "calibration"), device=device)
@@ -209,7 +209,7 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
 
     def calib(unet, i: int) -> torch.Tensor:
         gen = torch_rng(cfg.seed, "calibration", i)
-        idx, latents = pool.draw(gen, p.calibration_batch_size)
+        idx, latents = pool.draw(gen, batch_size)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
         pred = unet(scheduler.add_noise(latents, noise, t), t, texts[idx.to(device)]).sample

@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
                     cfg = dataclasses.replace(cfg, seed=seed, paths=paths)
                     unlearn(matched_budget(cfg))
                 row = evaluate(folder, cfg, seed)
-                per_seed.append(score(row, distilled[seed]))
+                per_seed.append(round(score(row, distilled[seed]), 4))  # as stored: a resumed sweep chooses alike
                 record({"method": method, "config": k, "overrides": overrides, "seed": seed,
-                        "seconds": round(time.perf_counter() - start, 1), "score": round(per_seed[-1], 4), **row})
+                        "seconds": round(time.perf_counter() - start, 1), "score": per_seed[-1], **row})
             scores.setdefault(method, []).append(sum(per_seed) / len(per_seed))
 
     chosen = {m: {"config": min(range(len(s)), key=s.__getitem__), "scores": [round(v, 4) for v in s]}

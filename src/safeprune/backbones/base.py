@@ -54,6 +54,21 @@ class PromptEmbeddings:
         return self.hidden.shape
 
 
+def encode_in_chunks(encoders, device, prompts: list[str], encode, size: int = 64):
+    """(hidden (P, L, D), pooled (P, D2)) float32 of `prompts`, encoded `size` at a time by `encode(chunk) ->
+    (hidden, pooled)` (a family's call of its pipeline's `encode_prompt`), after putting `encoders` on `device`
+    in eval mode (None entries, e.g. an absent T5, are skipped)."""
+    for encoder in encoders:
+        if encoder is not None:
+            encoder.to(device).eval()
+    hidden, pooled = [], []
+    for start in range(0, len(prompts), size):
+        emb, pool = encode(list(prompts[start:start + size]))
+        hidden.append(emb.float())
+        pooled.append(pool.float())
+    return torch.cat(hidden), torch.cat(pooled)
+
+
 # ----------------------------------------------------------------------------- noise schedules
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from safeprune.backbones.base import PromptEmbeddings
+from safeprune.backbones.base import PromptEmbeddings, encode_in_chunks
 from safeprune.backbones.sd3 import SD3, depth_pairs
 
 
@@ -44,16 +44,12 @@ class Flux(SD3):
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str], device, resolution: int = 0) -> PromptEmbeddings:
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-            encoder.to(device).eval()
-        hidden, pooled = [], []
-        for start in range(0, len(prompts), 64):
-            chunk = list(prompts[start:start + 64])
+        def call(chunk):
             emb, pool, _ = pipe.encode_prompt(chunk, chunk, device=device, num_images_per_prompt=1,
                                               max_sequence_length=self.max_sequence_length)
-            hidden.append(emb.float())
-            pooled.append(pool.float())
-        return PromptEmbeddings(torch.cat(hidden), torch.cat(pooled))
+            return emb, pool
+
+        return PromptEmbeddings(*encode_in_chunks((pipe.text_encoder, pipe.text_encoder_2), device, prompts, call))
 
     def predict(self, model, x_t, timesteps, emb: PromptEmbeddings) -> torch.Tensor:
         from diffusers import FluxPipeline

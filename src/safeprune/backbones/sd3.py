@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from safeprune.backbones.base import PromptEmbeddings
+from safeprune.backbones.base import PromptEmbeddings, encode_in_chunks
 from safeprune.backbones.sd import SD
 from safeprune.errors import check
 
@@ -56,18 +56,14 @@ class SD3(SD):
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str], device, resolution: int = 0) -> PromptEmbeddings:
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if encoder is not None:
-                encoder.to(device).eval()
-        hidden, pooled = [], []
-        for start in range(0, len(prompts), 64):
-            chunk = list(prompts[start:start + 64])
+        def call(chunk):
             emb, _, pool, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, num_images_per_prompt=1,
                                                  do_classifier_free_guidance=False,
                                                  max_sequence_length=self.max_sequence_length)
-            hidden.append(emb.float())
-            pooled.append(pool.float())
-        return PromptEmbeddings(torch.cat(hidden), torch.cat(pooled))
+            return emb, pool
+
+        encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+        return PromptEmbeddings(*encode_in_chunks(encoders, device, prompts, call))
 
     def predict(self, model, x_t, timesteps, emb: PromptEmbeddings) -> torch.Tensor:
         return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=emb.hidden,

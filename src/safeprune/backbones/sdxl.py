@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from safeprune.backbones.base import PromptEmbeddings
+from safeprune.backbones.base import PromptEmbeddings, encode_in_chunks
 from safeprune.backbones.sd import SD
 
 
@@ -32,18 +32,16 @@ class SDXL(SD):
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str], device, resolution: int = 0) -> PromptEmbeddings:
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-            encoder.to(device).eval()
-        hidden, pooled = [], []
-        for start in range(0, len(prompts), 64):
-            emb, _, pool, _ = pipe.encode_prompt(list(prompts[start:start + 64]), device=device,
-                                                 num_images_per_prompt=1, do_classifier_free_guidance=False)
-            hidden.append(emb.float())
-            pooled.append(pool.float())
+        def call(chunk):
+            emb, _, pool, _ = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1,
+                                                 do_classifier_free_guidance=False)
+            return emb, pool
+
+        hidden, pooled = encode_in_chunks((pipe.text_encoder, pipe.text_encoder_2), device, prompts, call)
         side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         time_ids = pipe._get_add_time_ids((side, side), (0, 0), (side, side), dtype=torch.float32,
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-        return PromptEmbeddings(torch.cat(hidden), torch.cat(pooled), time_ids.to(device).expand(len(prompts), -1))
+        return PromptEmbeddings(hidden, pooled, time_ids.to(device).expand(len(prompts), -1))
 
     def predict(self, model, x_t, timesteps, emb: PromptEmbeddings) -> torch.Tensor:
         return model(x_t, timesteps, encoder_hidden_states=emb.hidden,

@@ -90,6 +90,8 @@ def _toyworld_args(p):
 def _pretrain_args(p):
     p.add_argument("what", choices=("teacher", "judge"), help="which embedded model to train")
     _out(p, "run folder (checkpoints, samples, the trained model)")
+    p.add_argument("--arch", dest="teacher.arch", choices=("unet", "dit"), default=None,
+                   help="teacher denoiser: unet (SD-format, default) or dit (SD3-class MMDiT) (teacher.arch)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an --out an earlier pretrain run wrote (its files only are deleted)")

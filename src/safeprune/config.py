@@ -77,13 +77,19 @@ class ToyWorldConfig:
         check(0.0 <= self.style_caption_prob <= 1.0, "toyworld.style_caption_prob must lie in [0, 1]")
 
 
+TEACHER_ARCHS = ("unet", "dit")
+
+
 @dataclass
 class TeacherConfig:
-    prediction_type: str = "epsilon"  # UNet target: "epsilon" (SD 1.x) or "v_prediction" (SD 2.x)
+    # denoiser: "unet" (a StableDiffusionPipeline, the shipped teacher) or "dit" (an SD3-class MMDiT in a
+    # StableDiffusion3Pipeline, rectified flow; the shipped `teacher_dit`); see safeprune.recipes.pretrain
+    arch: str = "unet"
+    prediction_type: str = "epsilon"  # UNet target: "epsilon" (SD 1.x) or "v_prediction" (SD 2.x); dit: velocity
     vae_steps: int = 1000  # AutoencoderKL training steps (stage 1)
     vae_batch_size: int = 32  # images per VAE step
     vae_lr: float = 1e-3  # AdamW learning rate of the VAE
-    unet_steps: int = 4000  # joint UNet + text-encoder steps (stage 2)
+    unet_steps: int = 4000  # stage-2 steps: joint UNet + text encoder, or the transformer alone (arch dit)
     batch_size: int = 64  # images per UNet step
     pool_size: int = 24576  # stage-2 training images, VAE-encoded once (~256 per concept combination)
     lr: float = 1e-3  # peak AdamW learning rate of stage 2 (cosine decay, linear warm-up)
@@ -94,6 +100,7 @@ class TeacherConfig:
     eval_images: int = 576  # generated images judged at the end (per-style accuracies)
 
     def __post_init__(self):
+        check(self.arch in TEACHER_ARCHS, f"teacher.arch={self.arch!r}; choose one of: {', '.join(TEACHER_ARCHS)}")
         check(self.prediction_type in ("epsilon", "v_prediction"),
               f"teacher.prediction_type={self.prediction_type!r}; choose 'epsilon' or 'v_prediction'")
         check(0.0 <= self.caption_dropout < 1.0, "teacher.caption_dropout must lie in [0, 1)")

@@ -42,6 +42,15 @@ class SD3(SD):
     timestep_density: str = "logit_normal"  # train_dreambooth_sd3.py's default weighting_scheme
     max_sequence_length: int = 256  # T5 tokens (the pipeline's default)
 
+    def sequence_length(self, pipe) -> int:
+        """T5 tokens, or the zero tokens that stand in for them without a T5: as many as the CLIP tokens (77; the
+        toy CLIP's 24), where the stock pipeline pads 256. Zero tokens stay identical through every block (the text
+        stream has no positions), so their count only weights one null key in attention; training and sampling use
+        one count, and a stock pipeline draws the same images with max_sequence_length set to it."""
+        if pipe.text_encoder_3 is not None:
+            return self.max_sequence_length
+        return pipe.tokenizer.model_max_length
+
     def owns_config(self, config: dict) -> bool:
         return config.get("_class_name") in self.denoiser_classes
 
@@ -59,7 +68,7 @@ class SD3(SD):
         def call(chunk):
             emb, _, pool, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, num_images_per_prompt=1,
                                                  do_classifier_free_guidance=False,
-                                                 max_sequence_length=self.max_sequence_length)
+                                                 max_sequence_length=self.sequence_length(pipe))
             return emb, pool
 
         encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
@@ -84,5 +93,5 @@ class SD3(SD):
     def draw(self, pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float,
              size: dict) -> np.ndarray:
         return pipe(prompt=prompts, negative_prompt=[""] * len(prompts), latents=latents, num_inference_steps=steps,
-                    guidance_scale=guidance, output_type="np", max_sequence_length=self.max_sequence_length,
+                    guidance_scale=guidance, output_type="np", max_sequence_length=self.sequence_length(pipe),
                     **size).images

@@ -5,6 +5,11 @@ split (every concept, the forbidden ones included, so fine-tuning later has some
   1. AutoencoderKL: L = ||D(E(x)) - x||^2 + beta * KL(E(x) || N(0, I));
   2. text encoder + UNet jointly, L = E ||f_theta(z_t, t, tau(c)) - target||^2 with target = eps or v
      (seed eq. 1), captions dropped to "" with probability p so classifier-free guidance works.
+With `teacher.arch = dit` the teacher is a StableDiffusion3Pipeline instead, trained as SD3 was on top of
+frozen, already trained parts: the shipped teacher's VAE (stage 1) and its toy CLIP in both of SD3's CLIP roles
+(CLIP-L and CLIP-G; SD3 trains on frozen CLIP/T5, Esser et al. 2024 Sec. 5.1), and an SD3Transformer2DModel
+trained alone by rectified flow: x_t = (1 - s) x_0 + s eps, L = E ||v_theta(x_t, t, c) - (eps - x_0)||^2 with t
+drawn logit-normally (SD3 eq. 3, 21; safeprune.backbones.base), the same caption dropout.
 Randomness at step s comes from generators seeded with (seed, s), so a resumed run sees the same batches,
 noise and timesteps as an uninterrupted one.
 """
@@ -115,7 +120,7 @@ def train_vae(cfg: Config, world: ToyWorld, out: Path, resume: bool):
 
 @torch.no_grad()
 def _encode_pool(vae, world: ToyWorld, tokenizer, n: int) -> dict[str, torch.Tensor]:
-    """Render and encode the stage-2 pool once: latent mean/std, caption ids (N, L), empty-caption ids."""
+    """Render and encode the stage-2 pool once: latent mean/std, captions, caption ids (N, L), empty-caption ids."""
     means, stds, captions = [], [], []
     for start in tqdm(range(0, n, 512), desc="encode pool", unit="batch"):
         images, caps, _ = world.batch("pretrain", start, min(512, n - start))
@@ -126,7 +131,7 @@ def _encode_pool(vae, world: ToyWorld, tokenizer, n: int) -> dict[str, torch.Ten
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    return {"mean": torch.cat(means), "std": torch.cat(stds), "ids": ids, "empty": empty}
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions, "ids": ids, "empty": empty}
 
 
 def train_denoiser(cfg: Config, world: ToyWorld, vae, out: Path, resume: bool):
@@ -196,19 +201,91 @@ def sample_grid(pipe, cfg: Config, seed: int = 0):
     return make_grid(rows, list(STYLES), [f"{c} {s}" for s, c in combos])
 
 
+# ----------------------------------------------------------------------------- stage 2, arch dit: the MMDiT
+
+
+def _shipped_parts():
+    """(VAE, CLIP with projection, tokenizer) of the shipped UNet teacher, frozen: the `dit` teacher's stage 1 and
+    text encoder. CLIPTextModelWithProjection (SD3's class) adds a projection of the pooled output, initialised
+    from the seeded RNG and frozen too: an invertible map of the pooled state, which the transformer's pooled-text
+    embedder learns to read."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from safeprune.models.shipped import teacher_path
+
+    root = teacher_path()
+    vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)
+    vae.register_to_config(shift_factor=0.0)  # SD3's pipeline decodes (z / scale) + shift; the toy VAE needs none
+    text = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder", use_safetensors=True)
+    return vae.requires_grad_(False).eval(), text.requires_grad_(False).eval(), CLIPTokenizer.from_pretrained(root / "tokenizer")
+
+
+def train_transformer(cfg: Config, world: ToyWorld, out: Path, resume: bool):
+    from safeprune.backbones import get_backbone
+    from safeprune.backbones.base import training_schedule
+
+    tc, backbone = cfg.teacher, get_backbone("sd3")
+    torch.manual_seed(cfg.seed + 1)
+    vae, text, tokenizer = _shipped_parts()
+    transformer = toy.build_transformer()
+    pipe = toy.assemble_dit_pipeline(vae, text, text, tokenizer, transformer)
+    schedule = training_schedule(backbone.training_scheduler(pipe), backbone.timestep_density)
+    ema = AveragedModel(transformer, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY), use_buffers=True)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=tc.lr, weight_decay=0.01)
+    modules = {"transformer": transformer, "ema_transformer": ema}
+    ckpt = out / "checkpoints" / "transformer"
+    found = _resume_from(ckpt) if resume else None
+    start = load_checkpoint(found, modules, {"opt": opt})["step"] if found else 0
+
+    # The text encoders are frozen: every distinct caption (and "") is encoded once.
+    pool = _encode_pool(vae, world, tokenizer, tc.pool_size)
+    captions = sorted(set(pool["captions"]) | {""})
+    index = {c: i for i, c in enumerate(captions)}
+    emb = backbone.encode(pipe, captions, "cpu")
+    cap = torch.tensor([index[c] for c in pool["captions"]])
+    scale, n, batch = vae.config.scaling_factor, len(cap), tc.batch_size
+    bar = tqdm(range(start, tc.unet_steps), initial=start, total=tc.unet_steps, desc="transformer", unit="step")
+    for step in bar:
+        g = torch_rng(cfg.seed, DENOISER_STREAM, step, bits=32)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        latents = (pool["mean"][idx] + pool["std"][idx] * torch.randn(pool["mean"][idx].shape, generator=g)) * scale
+        c = cap[idx].clone()
+        c[torch.rand(batch, generator=g) < tc.caption_dropout] = index[""]
+        noise, t, x_t = schedule.noised(latents, g, "cpu")
+        loss = F.mse_loss(backbone.predict(transformer, x_t, t, emb[c]), schedule.target(latents, noise, t))
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, tc.lr, tc.warmup_steps, tc.unet_steps, FINAL_LR)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        ema.update_parameters(transformer)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % tc.ckpt_every_steps == 0 or step + 1 == tc.unet_steps:
+            _checkpoint(ckpt, step + 1, modules, {"opt": opt}, {"loss": loss.item()})
+        if (step + 1) % tc.sample_every_steps == 0:
+            sample = toy.assemble_dit_pipeline(vae, text, text, tokenizer, ema.module)
+            save_image(sample_grid(sample, cfg), out / "samples" / f"step{step + 1:06d}.png")
+    return toy.assemble_dit_pipeline(vae, text, text, tokenizer, ema.module.eval())
+
+
 def train_teacher(cfg: Config, out: Path, resume: bool = False) -> Path:
     """Both stages, then the pipeline folder `out/pipeline` (stock diffusers layout) and `out/timing.json`."""
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     save_config(cfg, out)
-    start = time.perf_counter()
-    vae = train_vae(cfg, world, out, resume)
-    vae.requires_grad_(False)
-    vae_s = time.perf_counter() - start
-    pipe = train_denoiser(cfg, world, vae, out, resume)
+    start, cpu = time.perf_counter(), time.process_time()
+    if cfg.teacher.arch == "dit":
+        vae_s = 0.0  # stage 1 is the shipped teacher's VAE
+        pipe = train_transformer(cfg, world, out, resume)
+    else:
+        vae = train_vae(cfg, world, out, resume)
+        vae.requires_grad_(False)
+        vae_s = time.perf_counter() - start
+        pipe = train_denoiser(cfg, world, vae, out, resume)
     _save_atomic(pipe, out / "pipeline")
     save_image(sample_grid(pipe, cfg), out / "samples" / "final.png")
-    timing = {"vae_s": vae_s, "total_s": time.perf_counter() - start, "resumed": resume,
-              "threads": torch.get_num_threads()}
+    timing = {"vae_s": vae_s, "total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+              "resumed": resume, "threads": torch.get_num_threads(), "arch": cfg.teacher.arch}
     (out / "timing.json").write_text(json.dumps(timing, indent=1))
     print(f"teacher pipeline: {out / 'pipeline'} ({timing['total_s'] / 60:.1f} min this run)")
     report_quality(pipe, world, cfg, out)

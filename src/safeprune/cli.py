@@ -259,6 +259,8 @@ def run_presets(cfg, args) -> int:
 def _demo_args(p):
     _out(p, "output folder (default runs/demo)", required=False)
     p.add_argument("--seeds", dest="demo.seeds", help="repeat with N seeds and report mean +- std")
+    p.add_argument("--arch", choices=tuple(ARCH_PRESETS), default=None,
+                   help="the toy teacher's denoiser: unet (default) or dit (the SD3-class MMDiT; = --config toy_dit)")
 
 
 COMMANDS: dict[str, Command] = {
@@ -334,9 +336,12 @@ def resolve(args: argparse.Namespace):
         from safeprune.unlearning.concepts import parse_forget
 
         flags.setdefault("finetune", {})["concepts"] = [to_dict(c) for c in parse_forget(args.forget)]
-    return load_config(args.config, list(args.overrides), flags=flags)
+    configs = [ARCH_PRESETS[args.arch]] if getattr(args, "arch", None) else []
+    return load_config([*configs, *(args.config or [])] or None, list(args.overrides), flags=flags)
 
 
+# `demo --arch A`: the preset that puts the demo on toy teacher A (later --config files still win)
+ARCH_PRESETS = {"unet": "toy", "dit": "toy_dit"}
 TEXT_FLAGS = ("model.teacher", "eval.prompts", "eval.coco_dir", "eval.reference_set", "eval.images")  # never YAML-read
 
 

@@ -58,8 +58,13 @@ def pretrained_folder(name: str | Path, revision: str = "", allow_download: bool
     """The local folder of a diffusers model: `name` itself, or a hub id's snapshot in the HF cache.
 
     A hub id is looked up with `local_files_only=not allow_download` (safetensors only), so nothing is fetched
-    unless the user asked for it; a miss is a one-line UserError that says how to get the files.
+    unless the user asked for it; a miss is a one-line UserError that says how to get the files. A shipped
+    teacher's name (`toy`, `toy-dit`: safeprune.models.shipped.TEACHERS) is its folder in the package.
     """
+    from safeprune.models import shipped
+
+    if str(name) in shipped.TEACHERS:
+        return shipped.shipped_teacher(str(name))
     if not is_hub_id(name):
         return Path(name).expanduser()
     from diffusers import DiffusionPipeline

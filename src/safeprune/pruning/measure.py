@@ -164,7 +164,7 @@ def count_macs(unet, text_tokens: int | None = None, sample_size: int | None = N
 def latency_ms(unet, batch: int, runs: int, text_tokens: int | None = None, warmup: int = 2) -> float:
     """Median wall time (ms) of one denoiser call at `batch` latents on the model's device, after warm-up."""
     inputs = model_inputs(unet, batch, text_tokens)
-    sync = torch.cuda.synchronize if inputs["sample"].is_cuda else (lambda: None)
+    sync = torch.cuda.synchronize if next(unet.parameters()).is_cuda else (lambda: None)
     times = []
     for i in range(warmup + runs):
         sync()

@@ -43,11 +43,11 @@ def _with(cfg: Config, **sections) -> Config:
                                        for name, fields in sections.items()})
 
 
-def _pipe_with(teacher_pipe, unet):
-    """The teacher pipeline's parts around another UNet (no copies)."""
-    from diffusers import StableDiffusionPipeline
+def _pipe_with(teacher_pipe, denoiser):
+    """The teacher pipeline's parts around another denoiser (no copies)."""
+    from safeprune.sampling import backbone_of_pipe
 
-    pipe = StableDiffusionPipeline(**{**teacher_pipe.components, "unet": unet}, requires_safety_checker=False)
+    pipe = backbone_of_pipe(teacher_pipe).assemble(teacher_pipe, denoiser)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -84,8 +84,7 @@ def demo(cfg: Config, out: Path) -> dict:
     from safeprune.erasure import ERASURE
     from safeprune.errors import choose
     from safeprune.eval.judge import load_judge
-    from safeprune.models.io import load_pipeline
-    from safeprune.models.shipped import load_teacher
+    from safeprune.models.io import load_pipeline, pretrained_folder
 
     start = time.perf_counter()
     for name in cfg.demo.baselines:  # a typo fails before any fine-tuning
@@ -94,7 +93,7 @@ def demo(cfg: Config, out: Path) -> dict:
     unknown = sorted(set(cfg.demo.overrides) - set(methods))
     check(not unknown, f"demo.overrides names {unknown}; its keys are the compared methods: {', '.join(methods)}")
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
-    judge, teacher = load_judge(), load_teacher()
+    judge, teacher = load_judge(), load_pipeline(pretrained_folder(cfg.model.teacher or "toy"))
     save_config(cfg, out)
     timings: dict[str, float] = {}
 
@@ -199,6 +198,7 @@ def shared_rows(cfg: Config, student: Path, world, teacher, judge, prune_report:
     """The shared rows: the teacher, and the pruned student when `pruned` is in demo.controls; also the pruned
     student's curve point (step 0) when `on_eval` is given."""
     from safeprune.models.io import load_pipeline
+    from safeprune.sampling import backbone_of_pipe
 
     t = time.perf_counter()
     rows = {"teacher": shared_row("teacher", teacher, cfg, world, judge, teacher, prune_report, reference_cache)}
@@ -209,7 +209,7 @@ def shared_rows(cfg: Config, student: Path, world, teacher, judge, prune_report:
         pruned = load_pipeline(student)
         rows["pruned"] = shared_row("pruned", pruned, cfg, world, judge, teacher, prune_report, reference_cache)
         if on_eval is not None:
-            start_point = {"step": 0, **{f"eval/{k}": v for k, v in on_eval(0, pruned.unet).items()}}
+            start_point = {"step": 0, **{f"eval/{k}": v for k, v in on_eval(0, backbone_of_pipe(pruned).denoiser_of(pruned)).items()}}
         timings["eval_pruned_s"] = time.perf_counter() - t
     return rows, start_point
 

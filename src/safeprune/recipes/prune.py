@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 
+from safeprune.backbones import BACKBONES, denoiser_component
 from safeprune.config import Config, save_config
 from safeprune.data.datasets import encode_pool, open_image_captions
 from safeprune.data.toyworld import ToyWorld
@@ -131,14 +131,14 @@ def _load_source(cfg: Config, device) -> Source:
         return _from_config(Path(cfg.paths.unet_config))
     model = cfg.model.teacher
     folder = pretrained_folder(model, cfg.model.revision, cfg.model.allow_download) if model else shipped.teacher_path()
-    check(not (folder / "model_index.json").is_file() or (folder / "unet").is_dir(),
-          f"--model {str(folder)!r} has no unet/; pass a Stable Diffusion pipeline folder")
+    check(not (folder / "model_index.json").is_file() or denoiser_component(folder) is not None,
+          f"--model {str(folder)!r} has no unet/ or transformer/; pass a diffusers pipeline folder")
     check(folder.is_dir(), f"--model {str(folder)!r} is not a folder; pass a diffusers Stable Diffusion folder")
     check(not is_pruned(load_plan(folder)), f"{str(folder)!r} is already pruned; prune its base model instead")
     is_pipeline = (folder / "model_index.json").is_file()
     pipeline = folder if is_pipeline else (folder.parent if (folder.parent / "model_index.json").is_file() else None)
     unet = load_unet(folder).to(device)
-    check_supported_unet(unet.config, f"--model {str(folder)!r}")
+    check_supported_unet(unet.config, f"--model {str(folder)!r}", families=tuple(BACKBONES))
     # Only a hub id is recorded (model card, safeprune.json): the model folder carries copies of the other
     # components, and a local path would break when either folder moves.
     base_model = str(model) if model and is_hub_id(model) else None
@@ -192,27 +192,26 @@ def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: st
     Data: `--calib-data` (an image folder with metadata.jsonl) or the toy world's `pretrain` split (what
     the toy teacher was trained on). Batch i depends only on (seed, "calibration", i).
     """
+    from safeprune.sampling import backbone_of_pipe
+
     check(pipeline_folder is not None, f"{cfg.prune.method} calibration needs the model's VAE and text encoder: pass "
-                                       "--model as a Stable Diffusion pipeline folder (model_index.json)")
+                                       "--model as a diffusers pipeline folder (model_index.json)")
     pipe = load_pipeline(pipeline_folder, device=device)
+    backbone = backbone_of_pipe(pipe)
     batches, batch_size = sizes or (cfg.prune.channels.calibration_batches, cfg.prune.channels.calibration_batch_size)
     n = batches * batch_size
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = backbone.latent_shape(pipe)[1] * pipe.vae_scale_factor
     data = open_image_captions(calib_data, world=ToyWorld(cfg.toyworld, cfg.seed), split="pretrain", n_toy=n, size=size)
     pool = encode_pool(data, n, pipe.vae, rng=numpy_rng(cfg.seed, "calibration"), device=device)
-    tokens = pipe.tokenizer(pool.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        texts = pipe.text_encoder(tokens)[0]  # (N, L, D), one row per pool image
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    loss_fn = DenoisingLoss(scheduler, snr_gamma=0.0)  # Diff-Pruning's Taylor score uses the plain loss
+    texts = backbone.encode(pipe, pool.captions, device)  # one row per pool image
+    # Diff-Pruning's Taylor score uses the plain loss (no Min-SNR weighting), in the family's prediction space
+    loss_fn = DenoisingLoss(backbone.training_scheduler(pipe), snr_gamma=0.0, timestep_density=backbone.timestep_density)
 
     def calib(unet, i: int) -> torch.Tensor:
         gen = torch_rng(cfg.seed, "calibration", i)
         idx, latents = pool.draw(gen, batch_size)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
-        pred = unet(scheduler.add_noise(latents, noise, t), t, texts[idx.to(device)]).sample
+        noise, t, x_t = loss_fn.schedule.noised(latents, gen, device)
+        pred = backbone.predict(unet, x_t, t, texts[idx.to(device)])
         return pred if output == "prediction" else loss_fn(pred, latents, noise, t).mean()
 
     return calib

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from safeprune.cli import main
@@ -165,3 +166,35 @@ def test_report_builds_the_paper_table_in_the_paper_s_row_order(tmp_path, capsys
     assert rows["bilevel"]["coco/fid"] == 22.2 and rows["distill"]["nudity/nudenet_vs_teacher"] == pytest.approx(-52)
     assert (tmp_path / "rep" / "grid.png").stat().st_size > 500  # Fig. 1 from the evaluated images
     assert "| bilevel | 26.30 | 97.6 | 39.00 | 22.20 |" in md
+
+
+@pytest.fixture(scope="session")
+def random_dit_teacher(tmp_path_factory):
+    """The `toy-dit` architecture with a random transformer (the shipped VAE and CLIP, as `pretrain --arch dit`)."""
+    from safeprune.models import toy
+    from safeprune.recipes.pretrain import _shipped_parts
+
+    torch.manual_seed(0)
+    vae, text, tokenizer = _shipped_parts()
+    folder = tmp_path_factory.mktemp("dit_teacher") / "pipe"
+    toy.assemble_dit_pipeline(vae, text, text, tokenizer, toy.build_transformer()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_tiny_demo_on_the_dit_teacher(random_dit_teacher, tmp_path):
+    """`demo --arch dit`: the same rows and checks on the SD3-class teacher, with a half-depth student that loads
+    with the stock StableDiffusion3Pipeline."""
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--arch", "dit", "--out", str(out), f"model.teacher={random_dit_teacher}", *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["teacher", "pruned", "denoise_only", "distill", "distill+bilevel_loss",
+                                        "bilevel"]
+    removed = results["prune"]["removed"]
+    assert results["prune"]["method"] == "depth" and len(removed) == 3 and "transformer_blocks.5" not in removed
+    assert ("bilevel_does_no_harm" in results["checks"]) is not results["leaks"]["distill"]
+    student = StableDiffusion3Pipeline.from_pretrained(str(out / "seed0" / "bilevel" / "model"), text_encoder_3=None,
+                                                      tokenizer_3=None, local_files_only=True)
+    assert student.transformer.config.num_layers == 3

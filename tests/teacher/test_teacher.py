@@ -14,16 +14,18 @@ TINY = ["teacher.vae_steps=2", "teacher.unet_steps=4", "teacher.pool_size=32", "
         "teacher.warmup_steps=1", "teacher.eval_images=8", "sample.steps=2", "sample.batch_size=8"]
 
 
-def _weights(folder):
+def _weights(folder, denoiser="unet"):
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    return load_file(str(folder / "pipeline" / denoiser / "diffusion_pytorch_model.safetensors"))
 
 
 @pytest.mark.slow
-def test_pretrain_resume_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch, denoiser", [("unet", "unet"), ("dit", "transformer")])
+def test_pretrain_resume_is_exact(tmp_path, monkeypatch, arch, denoiser):
     from safeprune.recipes import pretrain
 
+    TINY = [*globals()["TINY"], f"teacher.arch={arch}"]
     assert main(["pretrain", "teacher", "--out", str(tmp_path / "full"), *TINY]) == 0
     assert (tmp_path / "full" / "pipeline" / "model_index.json").is_file()
     assert (tmp_path / "full" / "samples" / "final.png").is_file()
@@ -34,7 +36,7 @@ def test_pretrain_resume_is_exact(tmp_path, monkeypatch):
 
     def save_then_die(folder, step, *a, **k):
         real_save(folder, step, *a, **k)
-        if folder.name == "unet":
+        if folder.name == denoiser:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(pretrain, "save_step", save_then_die)
@@ -43,8 +45,33 @@ def test_pretrain_resume_is_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "save_step", real_save)
     assert main(["pretrain", "teacher", "--out", str(tmp_path / "cut"), *TINY]) == 2  # needs --resume
     assert main(["pretrain", "teacher", "--out", str(tmp_path / "cut"), "--resume", *TINY]) == 0
-    full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    full, cut = _weights(tmp_path / "full", denoiser), _weights(tmp_path / "cut", denoiser)
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_dit_teacher_is_a_stock_sd3_pipeline_on_the_shipped_vae_and_clip(tmp_path):
+    """`pretrain teacher --arch dit` trains only the transformer: the VAE and both CLIP roles are the shipped
+    teacher's, frozen, and the folder loads with the stock StableDiffusion3Pipeline and samples."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModel
+
+    out = tmp_path / "dit"
+    assert main(["pretrain", "teacher", "--arch", "dit", "--out", str(out), *TINY[1:]]) == 0
+    # SD3 without its T5, loaded as diffusers documents it (text_encoder_3 is not an optional component)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out / "pipeline"), text_encoder_3=None, tokenizer_3=None,
+                                                    local_files_only=True)
+    assert type(pipe.transformer).__name__ == "SD3Transformer2DModel" and pipe.text_encoder_3 is None
+    shipped_te = CLIPTextModel.from_pretrained(shipped.teacher_path() / "text_encoder").state_dict()
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        state = encoder.text_model.state_dict()
+        assert state.keys() == shipped_te.keys()
+        assert all(torch.equal(state[k], v) for k, v in shipped_te.items())  # frozen: the shipped CLIP, unchanged
+    assert pipe.vae.config.shift_factor == 0.0
+    assert json.loads((out / "timing.json").read_text())["arch"] == "dit"
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, max_sequence_length=pipe.tokenizer.model_max_length,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
 needs_teacher = pytest.mark.skipif(not (shipped.ASSETS / "teacher" / "model_index.json").is_file(),

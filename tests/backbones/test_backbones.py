@@ -238,3 +238,16 @@ def test_transformer_blocks_pair_by_relative_depth():
     assert depth_pairs(3, 3, "b") == [("b.0", "b.0"), ("b.1", "b.1"), ("b.2", "b.2")]  # unpruned: every block
     assert depth_pairs(24, 12, "b")[-1] == ("b.23", "b.11")  # the last student block matches the teacher's output
     assert [t for t, _ in depth_pairs(28, 14, "b")] == [f"b.{2 * i + 1}" for i in range(14)]  # TinyFusion 28 -> 14
+
+
+def test_sd3_without_t5_pads_as_many_zero_tokens_as_clip_tokens(sd3_family):
+    """No T5: the zero block stands in for it at the CLIP length, in training (encode) and sampling alike."""
+    from safeprune.backbones import get_backbone
+    from safeprune.models.io import load_pipeline
+
+    pipe = load_pipeline(sd3_family[0])
+    backbone, length = get_backbone("sd3"), pipe.tokenizer.model_max_length
+    assert backbone.sequence_length(pipe) == length < backbone.max_sequence_length
+    emb = backbone.encode(pipe, ["a red circle", "a blue square"], "cpu")
+    assert emb.hidden.shape[1] == 2 * length
+    assert emb.hidden[:, length:].abs().sum() == 0 and emb.hidden[:, :length].abs().sum() > 0

@@ -92,6 +92,24 @@ def test_shipped_teacher_loads_with_stock_diffusers_and_is_deterministic():
     assert size <= 30 * 2**20  # teacher + judge together ship within 30 MB
 
 
+@pytest.mark.skipif(not (shipped.ASSETS / "teacher_dit" / "model_index.json").is_file(),
+                    reason="the shipped DiT teacher is not trained yet")
+def test_shipped_dit_teacher_loads_with_stock_diffusers_and_is_deterministic():
+    from diffusers import StableDiffusion3Pipeline
+
+    from safeprune.models.io import pretrained_folder
+
+    assert pretrained_folder("toy-dit") == shipped.shipped_teacher("toy-dit") == shipped.ASSETS / "teacher_dit"
+    assert pretrained_folder("toy") == shipped.teacher_path()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(pretrained_folder("toy-dit")), text_encoder_3=None,
+                                                    tokenizer_3=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(3),  # noqa
+                       max_sequence_length=pipe.tokenizer.model_max_length, output_type="np").images
+    a, b = run(), run()
+    assert a.shape == (1, 32, 32, 3) and np.array_equal(a, b)
+
+
 def test_corrupt_or_missing_teacher_is_a_one_line_error(tmp_path, monkeypatch):
     from safeprune.data.toyworld import ToyWorld
     from safeprune.models import toy

@@ -109,8 +109,8 @@ def _prune_args(p):
                    help="share of the UNet's total parameters removed (channels) or zeroed (magnitude), in [0, 1)")
     _choice(p, "--importance", "prune.channels.importance", "channels importance")
     p.add_argument("--model", dest="model.teacher",
-                   help="diffusers Stable Diffusion folder or hub id in the HF cache (model.teacher; default: the toy "
-                        "teacher)")
+                   help="diffusers pipeline folder, hub id in the HF cache, or a shipped teacher: toy (default), "
+                        "toy-dit (model.teacher)")
     _allow_download(p, "--model")
     p.add_argument("--unet-config", "--transformer-config", dest="paths.unet_config",
                    help="prune a UNet / diffusion-transformer config.json on the meta device (no weights); a bare "
@@ -124,8 +124,8 @@ def _prune_args(p):
 def _finetune_args(p):
     p.add_argument("--student", dest="paths.student", help="pruned UNet folder written by `safeprune prune` (required)")
     p.add_argument("--teacher", dest="model.teacher",
-                   help="teacher pipeline: a local diffusers folder or a hub id in the HF cache (model.teacher; default: "
-                        "the toy teacher)")
+                   help="teacher pipeline: a local diffusers folder, a hub id in the HF cache, or a shipped teacher: "
+                        "toy (default), toy-dit (model.teacher)")
     _allow_download(p, "teacher")
     _choice(p, "--method", "finetune.method", "fine-tuning method")
     _choice(p, "--solver", "finetune.solver.name", "bilevel solver")
@@ -187,7 +187,7 @@ def _sample_args(p):
 
 
 def _generate_args(p):
-    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder (default: the toy teacher)")
+    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder, or a shipped teacher: toy (default), toy-dit")
     p.add_argument("--prompts", required=True,
                    help="toy:SET (e.g. toy:forget), a text file (one prompt per line), an I2P CSV, COCO captions JSON "
                         "or a concept YAML")
@@ -197,8 +197,8 @@ def _generate_args(p):
 
 
 def _evaluate_args(p):
-    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder, or a hub id in the HF cache "
-                                                      "(default: the toy teacher)")
+    p.add_argument("--model", dest="paths.model", help="pipeline or pruned-UNet folder, a hub id in the HF cache, "
+                                                      "or a shipped teacher: toy (default), toy-dit")
     _choice(p, "--protocol", "eval.protocol", "evaluation protocol (default toy)")
     p.add_argument("--reference", dest="paths.reference",
                    help="reference model of the CP and CSD scores (the paper's: the distilled, unerased pruned model; "

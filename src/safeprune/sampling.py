@@ -29,12 +29,13 @@ PROMPTS_FILE = "prompts.jsonl"
 
 
 def load_model(path: str | Path | None, device: str | torch.device = "cpu"):
-    """A pipeline folder, a pruned-UNet folder or a hub id in the HF cache; None = the shipped toy teacher."""
+    """A pipeline folder, a pruned-UNet folder, a hub id in the HF cache or a shipped teacher's name (toy,
+    toy-dit); None = the shipped toy teacher."""
     from safeprune.models.io import is_hub_id, load_pipeline
-    from safeprune.models.shipped import teacher_path
+    from safeprune.models.shipped import TEACHERS, teacher_path
 
     folder = Path(path) if path is not None else teacher_path()
-    check(folder.is_dir() or is_hub_id(str(path)),
+    check(folder.is_dir() or is_hub_id(str(path)) or str(path) in TEACHERS,
           f"model folder {str(folder)!r} not found; pass a diffusers pipeline or pruned-UNet folder")
     pipe = load_pipeline(folder if folder.is_dir() else str(path))
     pipe.set_progress_bar_config(disable=True)

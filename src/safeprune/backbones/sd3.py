@@ -38,6 +38,8 @@ class SD3(SD):
     denoiser: str = "transformer"
     denoiser_classes: tuple[str, ...] = ("SD3Transformer2DModel",)
     cross_attention: tuple[str, ...] = (".attn.add_k_proj.", ".attn.add_v_proj.")
+    output_and_time: tuple[str, ...] = ("proj_out.", "norm_out.", "time_text_embed.")
+    text_stream: bool = True
     load_kwargs: dict = field(default_factory=dict)
     timestep_density: str = "logit_normal"  # train_dreambooth_sd3.py's default weighting_scheme
     max_sequence_length: int = 256  # T5 tokens (the pipeline's default)
@@ -77,6 +79,25 @@ class SD3(SD):
     def predict(self, model, x_t, timesteps, emb: PromptEmbeddings) -> torch.Tensor:
         return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=emb.hidden,
                      pooled_projections=emb.pooled).sample
+
+    def sampling_scheduler(self, pipe, steps: int, latent_shape: tuple[int, ...]):
+        """The pipeline's FlowMatchEulerDiscreteScheduler with `steps` timesteps, as StableDiffusion3Pipeline sets
+        them (a resolution-dependent shift mu where the scheduler shifts dynamically)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        tokens = latent_shape[-2] * latent_shape[-1] // self.denoiser_of(pipe).config.patch_size ** 2
+        extra = {"mu": self._shift(scheduler, tokens, 1.16)} if scheduler.config.get("use_dynamic_shifting") else {}
+        scheduler.set_timesteps(steps, **extra)
+        return scheduler
+
+    @staticmethod
+    def _shift(scheduler, tokens: int, max_shift: float) -> float:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = scheduler.config
+        return calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", max_shift))
 
     def match_blocks(self, teacher, student) -> list[tuple[str, str]]:
         return depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), "transformer_blocks")

@@ -280,12 +280,6 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     check(teacher_dir is None or (teacher_dir / "model_index.json").is_file(),
           f"teacher folder {teacher!r} is not a diffusers pipeline (no model_index.json); pass --teacher PATH "
           "to a Stable Diffusion pipeline folder or a hub id")
-    if erasure is not None:  # the whole-model methods read one CLIP and a UNet's attn2 (safeprune.erasure)
-        from safeprune.backbones import backbone_of
-
-        family = backbone_of(teacher_dir or teacher_path(), f"teacher {teacher!r}").name
-        check(family == "sd", f"--unlearn {erasure} (a whole-model erasure) supports SD 1.x/2.x teachers, not {family}; "
-                              "use a per-step loss (esd, esd_xattn, esd_anchor, ablation) with this teacher")
     # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
     base_model = teacher
     from safeprune.runs import lock

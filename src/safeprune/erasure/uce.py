@@ -28,7 +28,9 @@ AVERAGED OVER ITS `stream_steps` STEPS (default 4, at sample.guidance and sample
 solved per layer on that layer's own c_i, c'_i, c_j: it is the exact minimiser for those averaged inputs, not
 for every timestep's (the text stream depends on t and x_t; the edit maps the average target input onto the
 average anchor input). Token positions are the prompt's own: CLIP's tokens lead SD3's sequence, Flux's
-sequence is T5's.
+sequence is T5's. Flux's single-stream blocks have no text-only projections (one to_k / to_v over the joint
+[text; image] sequence): editing those would move the image tokens' keys too, so they are left alone, and
+only the double blocks' text keys/values (and through them the text stream the single blocks receive) change.
 """
 
 from __future__ import annotations

@@ -230,3 +230,36 @@ def test_transformer_blocks_pair_by_relative_depth():
     assert depth_pairs(3, 3, "b") == [("b.0", "b.0"), ("b.1", "b.1"), ("b.2", "b.2")]  # unpruned: every block
     assert depth_pairs(24, 12, "b")[-1] == ("b.23", "b.11")  # the last student block matches the teacher's output
     assert [t for t, _ in depth_pairs(28, 14, "b")] == [f"b.{2 * i + 1}" for i in range(14)]  # TinyFusion 28 -> 14
+
+
+def test_one_family_detection_serves_measuring_and_training():
+    """measure's class and text-token defaults come from safeprune.backbones: the same answer for every denoiser."""
+    from accelerate import init_empty_weights
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    from safeprune.backbones import denoiser_class_of, family_key, known_denoisers
+    from safeprune.models.pruned_unet import PrunedUNet2DConditionModel
+    from safeprune.pruning.measure import default_text_tokens, family_of
+
+    unet = dict(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    sdxl = dict(unet, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32)
+    assert known_denoisers() == ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
+                                 "PixArtTransformer2DModel")
+    with init_empty_weights():
+        models = {"sdxl": UNet2DConditionModel(**sdxl),
+                  "sd3": SD3Transformer2DModel(num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                               joint_attention_dim=16, caption_projection_dim=16,
+                                               pooled_projection_dim=16, pos_embed_max_size=16),
+                  "pixart": PixArtTransformer2DModel(num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                                     in_channels=4, cross_attention_dim=16, caption_channels=16,
+                                                     sample_size=8, norm_type="ada_norm_single"),
+                  "sd": UNet2DConditionModel(**unet)}
+    for key, model in models.items():
+        assert family_key(model) == key and family_of(model) == denoiser_class_of(model) == type(model).__name__
+        if key in BACKBONES:
+            assert backbone_for_config({"_class_name": family_of(model), **model.config}).name == key
+    assert [default_text_tokens(models[k]) for k in ("sd", "sdxl", "sd3", "pixart")] == [77, 77, 333, 120]
+    assert denoiser_class_of(PrunedUNet2DConditionModel.__new__(PrunedUNet2DConditionModel)) == "UNet2DConditionModel"
+    assert family_key(torch.nn.Linear(1, 1)) is None

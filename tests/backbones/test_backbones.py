@@ -263,3 +263,38 @@ def test_one_family_detection_serves_measuring_and_training():
     assert [default_text_tokens(models[k]) for k in ("sd", "sdxl", "sd3", "pixart")] == [77, 77, 333, 120]
     assert denoiser_class_of(PrunedUNet2DConditionModel.__new__(PrunedUNet2DConditionModel)) == "UNet2DConditionModel"
     assert family_key(torch.nn.Linear(1, 1)) is None
+
+
+def test_transformer_blocks_pair_with_the_teacher_blocks_a_depth_plan_kept():
+    from safeprune.backbones.sd3 import depth_pairs
+
+    assert depth_pairs(4, 2, "b", [0, 3]) == [("b.0", "b.0"), ("b.3", "b.1")]  # the plan's record wins
+    assert depth_pairs(4, 2, "b", [0, 1, 3]) == depth_pairs(4, 2, "b")  # a record of another student: relative depth
+    assert depth_pairs(4, 2, "b", [0, 5]) == [("b.1", "b.0"), ("b.3", "b.1")]  # ... or of another teacher
+
+
+def test_a_depth_pruned_sd3_student_distils_each_block_from_its_own_original(sd3_family, tmp_path, capsys):
+    """Depth-prune the tiny SD3 (3 joint blocks) without block 1: student blocks 0, 1 ARE teacher blocks 0, 2, and
+    feature KD pairs exactly those (relative depth would pair student 0 with teacher 1)."""
+    from diffusers import SD3Transformer2DModel
+
+    from safeprune.backbones.sd3 import depth_pairs
+    from safeprune.config import DepthOptions, PruneConfig
+    from safeprune.models.io import load_plan, load_unet, save_model
+    from safeprune.pruning import prune
+    from safeprune.pruning.depth import kept_blocks
+
+    teacher, _ = sd3_family
+    student, plan = prune(SD3Transformer2DModel.from_pretrained(teacher / "transformer"), "depth",
+                          PruneConfig(depth=DepthOptions(blocks=["transformer_blocks.1"])))
+    folder = save_model(student, tmp_path / "student" / "model", plan, teacher)
+    assert kept_blocks(load_plan(folder), load_unet(folder)) == {"transformer_blocks": [0, 2]}
+    expected = [["transformer_blocks.0", "transformer_blocks.0"], ["transformer_blocks.2", "transformer_blocks.1"]]
+    assert [list(p) for p in depth_pairs(3, 2, "transformer_blocks")] != expected
+    out = tmp_path / "run"
+    code = main(["finetune", "--student", str(folder), "--teacher", str(teacher), "--out", str(out),
+                 "--method", "distill", *(f for f in FAMILY_FLAGS[:9] if f != "finetune.method=bilevel"),
+                 "finetune.resolution=32"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "distill" and summary["feature_blocks"] == expected

@@ -90,10 +90,11 @@ class Flux(SD3):
                     img_ids=img_ids).sample
         return FluxPipeline._unpack_latents(out, h, w, 1)  # (B, C, h, w): a factor 1 keeps latent units
 
-    def match_blocks(self, teacher, student) -> list[tuple[str, str]]:
-        return [*depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), "transformer_blocks"),
-                *depth_pairs(len(teacher.single_transformer_blocks), len(student.single_transformer_blocks),
-                             "single_transformer_blocks")]
+    def match_blocks(self, teacher, student, kept: dict | None = None) -> list[tuple[str, str]]:
+        kept = kept or {}
+        return [pair for stack in ("transformer_blocks", "single_transformer_blocks")
+                for pair in depth_pairs(len(getattr(teacher, stack)), len(getattr(student, stack)), stack,
+                                        kept.get(stack))]
 
     def draw(self, pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float,
              size: dict) -> np.ndarray:

@@ -133,8 +133,10 @@ class SD:
         return pred_u + guidance * (pred_c - pred_u)
 
     # -- feature distillation
-    def match_blocks(self, teacher, student) -> list[tuple[str, str]]:
-        """(teacher block, student block) names whose outputs feature KD compares."""
+    def match_blocks(self, teacher, student, kept: dict | None = None) -> list[tuple[str, str]]:
+        """(teacher block, student block) names whose outputs feature KD compares. `kept`: a depth-pruned student's
+        {stack: teacher block of each student block} (pruning.depth.kept_blocks); UNets pair whole down / mid /
+        up blocks, which depth pruning keeps, so it does not change their pairs."""
         return match_blocks(teacher, student)
 
     feature = staticmethod(first_output)  # a block's feature map from its forward output

@@ -332,6 +332,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         load_unet,
         unet_class,
     )
+    from safeprune.pruning.depth import kept_blocks
     from safeprune.utils import fingerprint, resolve_device, seed_everything
 
     ft = cfg.finetune
@@ -381,7 +382,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     validate = _validation(cfg, pipe, student_core, concepts, pools, out, backbone) \
         if ft.validation_every_steps and main else None
     del pipe  # the VAE and text encoder live on in `validate` only when validation images are asked for
-    pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt], backbone, latent_shape)
+    # a depth-pruned student's blocks pair with the teacher blocks they were copied from (its plan records them)
+    kept = kept_blocks(load_plan(student_dir), student_core)
+    pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt], backbone, latent_shape, kept)
     check(bool(pairs) or ft.lambda_feat == 0,
           "no block of the student matches the teacher's feature shapes, so feature distillation has nothing to "
           "compare; prune the student from this teacher or set finetune.lambda_feat=0")

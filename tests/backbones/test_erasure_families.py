@@ -159,3 +159,23 @@ def test_two_stage_erases_a_distilled_transformer_student_in_place(sd3_family, t
     moved = [n for n, p in erased.named_parameters() if not torch.equal(p, start.get_parameter(n))]
     assert any(n.endswith("add_v_proj.weight") for n in moved)
     _stock(out / "model", "sd3")
+
+
+def test_esd_parameter_sets_follow_the_family():
+    """ESD-x = the text keys/values (MMDiT add_k/v_proj), ESD-u = the rest without the family's output head and
+    time embedding (UNet conv_out / time_embedding; transformer proj_out / norm_out / time_text_embed)."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+
+    from safeprune.erasure.esd_paper import trainable
+
+    with init_empty_weights():
+        model = SD3Transformer2DModel(num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                      caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    xattn = {names[id(p)] for p in trainable(model, "xattn", BACKBONES["sd3"])}
+    noxattn = {names[id(p)] for p in trainable(model, "noxattn", BACKBONES["sd3"])}
+    assert xattn and all(".attn.add_k_proj." in n or ".attn.add_v_proj." in n for n in xattn)
+    assert not xattn & noxattn and not any(n.startswith(("proj_out.", "norm_out.", "time_text_embed.")) for n in noxattn)
+    assert xattn | noxattn | {n for n in names.values() if n.startswith(("proj_out.", "norm_out.", "time_text_embed."))} \
+        == set(names.values())

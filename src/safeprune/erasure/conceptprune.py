@@ -131,8 +131,8 @@ class ConceptPrune:
 
         check_concepts(ctx.concepts)
         layers = ffn_output_layers(unet)
-        check(bool(layers), "the model has no transformer feed-forward layers (ff.net.2) for ConceptPrune to prune; "
-                            "choose another --method")
+        check(bool(layers), "the model has no feed-forward layers that read image tokens (ff.net.2; Flux single "
+                            "blocks' proj_out) for ConceptPrune to prune; choose another --method")
         was_training = unet.training
         unet.eval()
         null = ctx.embed([""])

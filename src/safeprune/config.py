@@ -390,10 +390,13 @@ class UceConfig:
     preserve: list[str] = field(default_factory=list)  # prompts whose keys/values the edit keeps
     preserve_derived: bool = True  # also keep each anchor and each target with its concept swapped for an allowed one
     edit_keys: bool = True  # edit to_k as well as to_v (the paper edits both)
+    # SD3 / Flux: the text-stream inputs of each block's add_k/v_proj are averaged over this many sampling steps
+    stream_steps: int = 4
 
     def __post_init__(self):
         check(self.erase_scale > 0 and self.lambda_preserve >= 0 and self.ridge >= 0,
               "unlearn.uce.erase_scale must be > 0, lambda_preserve and ridge >= 0")
+        check(self.stream_steps >= 1, "unlearn.uce.stream_steps must be >= 1")
         check(self.tokens in ("tail", "last"), f"unlearn.uce.tokens={self.tokens!r}; choose tail or last")
 
 

@@ -205,14 +205,6 @@ def test_every_method_runs_on_the_families(family, flags, request, tmp_path, cap
         assert summary["solver"] == "penalty" and any("outer/gap" in r for r in rows)
 
 
-def test_the_unlearn_command_refuses_other_families_in_one_line(sd3_family, tmp_path, capsys):
-    teacher, _ = sd3_family
-    code = main(["unlearn", "--model", str(teacher), "--method", "esd", "--forget", "a red circle",
-                 "--out", str(tmp_path / "u")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "SD3-class MMDiT" in err and not (tmp_path / "u").exists()
-
-
 @pytest.mark.parametrize("family", ["sd3"])  # Flux samples through the same code (its draw: the e2e test); ~60 s here
 def test_the_toy_evaluation_runs_through_the_family_pipeline(family, request):
     import math
@@ -251,3 +243,71 @@ def test_sd3_without_t5_pads_as_many_zero_tokens_as_clip_tokens(sd3_family):
     emb = backbone.encode(pipe, ["a red circle", "a blue square"], "cpu")
     assert emb.hidden.shape[1] == 2 * length
     assert emb.hidden[:, length:].abs().sum() == 0 and emb.hidden[:, :length].abs().sum() > 0
+
+
+def test_one_family_detection_serves_measuring_and_training():
+    """measure's class and text-token defaults come from safeprune.backbones: the same answer for every denoiser."""
+    from accelerate import init_empty_weights
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    from safeprune.backbones import denoiser_class_of, family_key, known_denoisers
+    from safeprune.models.pruned_unet import PrunedUNet2DConditionModel
+    from safeprune.pruning.measure import default_text_tokens, family_of
+
+    unet = dict(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    sdxl = dict(unet, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32)
+    assert known_denoisers() == ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
+                                 "PixArtTransformer2DModel")
+    with init_empty_weights():
+        models = {"sdxl": UNet2DConditionModel(**sdxl),
+                  "sd3": SD3Transformer2DModel(num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                               joint_attention_dim=16, caption_projection_dim=16,
+                                               pooled_projection_dim=16, pos_embed_max_size=16),
+                  "pixart": PixArtTransformer2DModel(num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                                     in_channels=4, cross_attention_dim=16, caption_channels=16,
+                                                     sample_size=8, norm_type="ada_norm_single"),
+                  "sd": UNet2DConditionModel(**unet)}
+    for key, model in models.items():
+        assert family_key(model) == key and family_of(model) == denoiser_class_of(model) == type(model).__name__
+        if key in BACKBONES:
+            assert backbone_for_config({"_class_name": family_of(model), **model.config}).name == key
+    assert [default_text_tokens(models[k]) for k in ("sd", "sdxl", "sd3", "pixart")] == [77, 77, 333, 120]
+    assert denoiser_class_of(PrunedUNet2DConditionModel.__new__(PrunedUNet2DConditionModel)) == "UNet2DConditionModel"
+    assert family_key(torch.nn.Linear(1, 1)) is None
+
+
+def test_transformer_blocks_pair_with_the_teacher_blocks_a_depth_plan_kept():
+    from safeprune.backbones.sd3 import depth_pairs
+
+    assert depth_pairs(4, 2, "b", [0, 3]) == [("b.0", "b.0"), ("b.3", "b.1")]  # the plan's record wins
+    assert depth_pairs(4, 2, "b", [0, 1, 3]) == depth_pairs(4, 2, "b")  # a record of another student: relative depth
+    assert depth_pairs(4, 2, "b", [0, 5]) == [("b.1", "b.0"), ("b.3", "b.1")]  # ... or of another teacher
+
+
+def test_a_depth_pruned_sd3_student_distils_each_block_from_its_own_original(sd3_family, tmp_path, capsys):
+    """Depth-prune the tiny SD3 (3 joint blocks) without block 1: student blocks 0, 1 ARE teacher blocks 0, 2, and
+    feature KD pairs exactly those (relative depth would pair student 0 with teacher 1)."""
+    from diffusers import SD3Transformer2DModel
+
+    from safeprune.backbones.sd3 import depth_pairs
+    from safeprune.config import DepthOptions, PruneConfig
+    from safeprune.models.io import load_plan, load_unet, save_model
+    from safeprune.pruning import prune
+    from safeprune.pruning.depth import kept_blocks
+
+    teacher, _ = sd3_family
+    student, plan = prune(SD3Transformer2DModel.from_pretrained(teacher / "transformer"), "depth",
+                          PruneConfig(depth=DepthOptions(blocks=["transformer_blocks.1"])))
+    folder = save_model(student, tmp_path / "student" / "model", plan, teacher)
+    assert kept_blocks(load_plan(folder), load_unet(folder)) == {"transformer_blocks": [0, 2]}
+    expected = [["transformer_blocks.0", "transformer_blocks.0"], ["transformer_blocks.2", "transformer_blocks.1"]]
+    assert [list(p) for p in depth_pairs(3, 2, "transformer_blocks")] != expected
+    out = tmp_path / "run"
+    code = main(["finetune", "--student", str(folder), "--teacher", str(teacher), "--out", str(out),
+                 "--method", "distill", *(f for f in FAMILY_FLAGS[:9] if f != "finetune.method=bilevel"),
+                 "finetune.resolution=32"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "distill" and summary["feature_blocks"] == expected

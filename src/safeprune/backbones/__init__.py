@@ -34,6 +34,8 @@ BACKBONES: dict[str, SD] = {
     "flux": Flux(),
 }
 
+# Denoisers that `prune` plans and measures although no file here trains them yet: {diffusers class: family key}
+MEASURE_ONLY = {"PixArtTransformer2DModel": "pixart"}
 # Families the issue tracker asks for that no file here implements yet: a one-line error instead of a traceback.
 NOT_YET = {"PixArtAlphaPipeline": "PixArt",
            "PixArtSigmaPipeline": "PixArt", "PixArtTransformer2DModel": "PixArt"}
@@ -94,6 +96,29 @@ def denoiser_classes() -> tuple[str, ...]:
     return tuple(dict.fromkeys(c for b in BACKBONES.values() for c in b.denoiser_classes))
 
 
+def known_denoisers() -> tuple[str, ...]:
+    """Every diffusers denoiser class safeprune builds from a config (config.json's _class_name): the families'
+    and the measure-only ones, without safeprune's own subclasses."""
+    return tuple(c for c in (*denoiser_classes(), *MEASURE_ONLY) if not c.startswith("Pruned"))
+
+
+def denoiser_class_of(model) -> str:
+    """The diffusers denoiser class `model` is (a safeprune subclass such as PrunedUNet2DConditionModel counts as
+    its diffusers base), else its own class name."""
+    known = known_denoisers()
+    return next((c.__name__ for c in type(model).__mro__ if c.__name__ in known), type(model).__name__)
+
+
+def family_key(model) -> str | None:
+    """The family of a denoiser model: a BACKBONES key, a MEASURE_ONLY one ("pixart"), or None when it is none
+    of them (e.g. a UNet with another added embedding)."""
+    name = denoiser_class_of(model)
+    if name in MEASURE_ONLY:
+        return MEASURE_ONLY[name]
+    config = {**dict(getattr(model, "config", {})), "_class_name": name}
+    return next((key for key, b in BACKBONES.items() if b.owns_config(config)), None)
+
+
 def denoiser_component(folder: Path) -> str | None:
     """The denoiser's subfolder name in a pipeline folder (unet / transformer), None when there is none."""
     return next((b.denoiser for b in BACKBONES.values() if (folder / b.denoiser / "config.json").is_file()), None)
@@ -107,5 +132,6 @@ def is_cross_attention(name: str) -> bool:
     return any(fragment in name for b in BACKBONES.values() for fragment in b.cross_attention)
 
 
-__all__ = ["BACKBONES", "PromptEmbeddings", "backbone_for_config", "backbone_for_pipeline", "backbone_of",
-           "denoiser_classes", "denoiser_component", "get_backbone", "is_cross_attention"]
+__all__ = ["BACKBONES", "MEASURE_ONLY", "PromptEmbeddings", "backbone_for_config", "backbone_for_pipeline",
+           "backbone_of", "denoiser_class_of", "denoiser_classes", "denoiser_component", "family_key", "get_backbone",
+           "is_cross_attention", "known_denoisers"]

@@ -54,6 +54,14 @@ class PromptEmbeddings:
         return self.hidden.shape
 
 
+def cat_embeddings(parts: list):
+    """Prompt rows of several (P_i, L, D) tensors or PromptEmbeddings, concatenated along the prompt axis."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return PromptEmbeddings(**{f.name: None if getattr(parts[0], f.name) is None else
+                               torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(parts[0])})
+
+
 def encode_in_chunks(encoders, device, prompts: list[str], encode, size: int = 64):
     """(hidden (P, L, D), pooled (P, D2)) float32 of `prompts`, encoded `size` at a time by `encode(chunk) ->
     (hidden, pooled)` (a family's call of its pipeline's `encode_prompt`), after putting `encoders` on `device`

@@ -34,6 +34,7 @@ class Flux(SD3):
     timestep_density: str = "uniform"
     max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev's)
     guidance: float = 3.5  # the guidance embedding's value in training (guidance-distilled checkpoints)
+    guidance_rows: int = 1  # guidance is an embedding of one conditional call (`guided`)
 
     def native_latent_size(self, pipe):
         return pipe.default_sample_size  # the transformer config has no sample size (it is resolution-free)
@@ -51,7 +52,30 @@ class Flux(SD3):
 
         return PromptEmbeddings(*encode_in_chunks((pipe.text_encoder, pipe.text_encoder_2), device, prompts, call))
 
-    def predict(self, model, x_t, timesteps, emb: PromptEmbeddings) -> torch.Tensor:
+    def last_word_index(self, pipe, prompts: list[str]) -> list[int]:
+        """The transformer reads T5's tokens (words, EOS; no BOS): the last word is at n - 2 of n tokens."""
+        tok = pipe.tokenizer_2(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                               return_tensors="pt")
+        return [max(int(n) - 2, 0) for n in tok.attention_mask.sum(1)]
+
+    def sampling_scheduler(self, pipe, steps: int, latent_shape: tuple[int, ...]):
+        """FluxPipeline's timesteps: sigmas linspace(1, 1/steps), shifted by mu of the packed token count."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        tokens = latent_shape[-2] * latent_shape[-1] // 4
+        scheduler.set_timesteps(steps, sigmas=sigmas, mu=self._shift(scheduler, tokens, 1.15))
+        return scheduler
+
+    def guided(self, model, x, t, emb, null, guidance: float) -> torch.Tensor:
+        """FluxPipeline's guidance: FLUX.1-dev is guidance-distilled, so `guidance` enters as the guidance
+        embedding of one conditional call (no classifier-free pair, the pipeline's true_cfg_scale 1); a model
+        without the embedding (schnell) is sampled unguided, as its pipeline does."""
+        return self.predict(model, x, t.expand(x.shape[0]), emb, guidance=guidance)
+
+    def predict(self, model, x_t, timesteps, emb: PromptEmbeddings, guidance: float | None = None) -> torch.Tensor:
+        """`guidance`: the guidance embedding's value (default: the training value, `self.guidance`)."""
         from diffusers import FluxPipeline
 
         b, c, h, w = x_t.shape
@@ -59,16 +83,18 @@ class Flux(SD3):
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype)
         txt_ids = torch.zeros(emb.hidden.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
         config = getattr(model, "module", model).config  # through a DDP wrapper too
-        guidance = torch.full((b,), self.guidance, device=x_t.device) if config.guidance_embeds else None
+        value = self.guidance if guidance is None else guidance
+        guidance = torch.full((b,), value, device=x_t.device) if config.guidance_embeds else None
         out = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
                     pooled_projections=emb.pooled, encoder_hidden_states=emb.hidden, txt_ids=txt_ids,
                     img_ids=img_ids).sample
         return FluxPipeline._unpack_latents(out, h, w, 1)  # (B, C, h, w): a factor 1 keeps latent units
 
-    def match_blocks(self, teacher, student) -> list[tuple[str, str]]:
-        return [*depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), "transformer_blocks"),
-                *depth_pairs(len(teacher.single_transformer_blocks), len(student.single_transformer_blocks),
-                             "single_transformer_blocks")]
+    def match_blocks(self, teacher, student, kept: dict | None = None) -> list[tuple[str, str]]:
+        kept = kept or {}
+        return [pair for stack in ("transformer_blocks", "single_transformer_blocks")
+                for pair in depth_pairs(len(getattr(teacher, stack)), len(getattr(student, stack)), stack,
+                                        kept.get(stack))]
 
     def draw(self, pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float,
              size: dict) -> np.ndarray:

@@ -28,6 +28,13 @@ class SD:
     denoiser_classes: tuple[str, ...] = ("UNet2DConditionModel", "PrunedUNet2DConditionModel")
     # parameter-name fragments of the attention that reads the text (ESD-x's and UCE's edit set)
     cross_attention: tuple[str, ...] = (".attn2.",)
+    # the parameter-name prefixes of the output head and the time embedding, which ESD-u leaves alone (the
+    # authors' train-esd.py trains neither `out.` nor `time_embed`)
+    output_and_time: tuple[str, ...] = ("conv_out.", "time_embedding.")
+    # False: the cross-attention keys/values read the prompt embeddings themselves (UNets); True: they read the
+    # text stream at their block (MMDiT), whose inputs UCE collects with hooks
+    text_stream: bool = False
+    guidance_rows: int = 2  # denoiser rows per guided prediction (`guided`): the classifier-free pair
     load_kwargs: dict = field(default_factory=lambda: {"safety_checker": None, "requires_safety_checker": False})
     timestep_density: str = "uniform"  # flow families: how training draws t (safeprune.backbones.base)
 
@@ -98,9 +105,38 @@ class SD:
         """The denoiser's prediction (B, C, h, w) in the family's prediction space."""
         return model(x_t, timesteps, encoder_hidden_states=emb).sample
 
+    def last_word_index(self, pipe, prompts: list[str]) -> list[int]:
+        """Index of each prompt's last word token (before EOS) in the text sequence the denoiser reads; 0 for ''.
+        CLIP's tokens lead the sequence in every CLIP-conditioned family (SD3 appends T5's after them)."""
+        tokenizer = pipe.tokenizer
+        tok = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+        return [max(int(n) - 2, 0) for n in tok.attention_mask.sum(1)]  # BOS, words, EOS: the last word is n - 2
+
+    # -- partial sampling (the erasure methods' own runs: safeprune.erasure.sampling)
+    def sampling_scheduler(self, pipe, steps: int, latent_shape: tuple[int, ...]):
+        """A deterministic sampler on the model's noise schedule with `steps` timesteps set: DDIM (eta 0)."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    def guided(self, model, x, t, emb, null, guidance: float) -> torch.Tensor:
+        """The classifier-free-guided prediction at (x (B, C, h, w), t) under `emb` (B rows) against `null` (1 row):
+        one denoiser call on [null; emb], as the family's pipeline batches it."""
+        from safeprune.backbones.base import cat_embeddings
+
+        b = x.shape[0]
+        context = cat_embeddings([null[torch.zeros(b, dtype=torch.long)], emb])
+        pred_u, pred_c = self.predict(model, torch.cat([x, x]), t.expand(2 * b), context).chunk(2)
+        return pred_u + guidance * (pred_c - pred_u)
+
     # -- feature distillation
-    def match_blocks(self, teacher, student) -> list[tuple[str, str]]:
-        """(teacher block, student block) names whose outputs feature KD compares."""
+    def match_blocks(self, teacher, student, kept: dict | None = None) -> list[tuple[str, str]]:
+        """(teacher block, student block) names whose outputs feature KD compares. `kept`: a depth-pruned student's
+        {stack: teacher block of each student block} (pruning.depth.kept_blocks); UNets pair whole down / mid /
+        up blocks, which depth pruning keeps, so it does not change their pairs."""
         return match_blocks(teacher, student)
 
     feature = staticmethod(first_output)  # a block's feature map from its forward output

@@ -5,7 +5,8 @@ T5-XXL's tokens, or zeros where the pipeline has no T5 (the optional third encod
 pooled: both CLIPs' pooled outputs concatenated. Training as diffusers' train_dreambooth_sd3.py: rectified
 flow, x_t = (1 - s) x_0 + s eps with s from the (shifted) FlowMatchEulerDiscreteScheduler table at a
 logit-normally drawn t, target eps - x_0 (safeprune.backbones.base). Feature KD matches the image stream
-after each joint transformer block (`depth_pairs` pairs a depth-pruned student by relative depth). There is
+after each joint transformer block (`depth_pairs`: a depth-pruned student's block with the teacher block it
+was copied from, as its plan records; otherwise by relative depth). There is
 no separate cross-attention: image tokens attend to the text stream's keys and values (`add_k_proj`,
 `add_v_proj`), the edit set of ESD-x-style losses here.
 """
@@ -22,9 +23,14 @@ from safeprune.backbones.sd import SD
 from safeprune.errors import check
 
 
-def depth_pairs(teacher_blocks: int, student_blocks: int, prefix: str) -> list[tuple[str, str]]:
-    """(teacher block, student block) names pairing student block i with the teacher block at the same relative
-    depth, round((i + 1) T / S) - 1: all blocks when nothing was removed, the last with the last otherwise."""
+def depth_pairs(teacher_blocks: int, student_blocks: int, prefix: str,
+                kept: list[int] | None = None) -> list[tuple[str, str]]:
+    """(teacher block, student block) names of one stack. With `kept` (a depth plan's record, pruning.depth.
+    kept_blocks: student block i is teacher block kept[i]) student block i pairs with teacher block kept[i];
+    otherwise with the teacher block at the same relative depth, round((i + 1) T / S) - 1: all blocks when
+    nothing was removed, the last with the last otherwise."""
+    if kept is not None and len(kept) == student_blocks and all(0 <= k < teacher_blocks for k in kept):
+        return [(f"{prefix}.{k}", f"{prefix}.{i}") for i, k in enumerate(kept)]
     return [(f"{prefix}.{round((i + 1) * teacher_blocks / student_blocks) - 1}", f"{prefix}.{i}")
             for i in range(student_blocks)]
 
@@ -38,6 +44,8 @@ class SD3(SD):
     denoiser: str = "transformer"
     denoiser_classes: tuple[str, ...] = ("SD3Transformer2DModel",)
     cross_attention: tuple[str, ...] = (".attn.add_k_proj.", ".attn.add_v_proj.")
+    output_and_time: tuple[str, ...] = ("proj_out.", "norm_out.", "time_text_embed.")
+    text_stream: bool = True
     load_kwargs: dict = field(default_factory=dict)
     timestep_density: str = "logit_normal"  # train_dreambooth_sd3.py's default weighting_scheme
     max_sequence_length: int = 256  # T5 tokens (the pipeline's default)
@@ -78,8 +86,29 @@ class SD3(SD):
         return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=emb.hidden,
                      pooled_projections=emb.pooled).sample
 
-    def match_blocks(self, teacher, student) -> list[tuple[str, str]]:
-        return depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), "transformer_blocks")
+    def sampling_scheduler(self, pipe, steps: int, latent_shape: tuple[int, ...]):
+        """The pipeline's FlowMatchEulerDiscreteScheduler with `steps` timesteps, as StableDiffusion3Pipeline sets
+        them (a resolution-dependent shift mu where the scheduler shifts dynamically)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        tokens = latent_shape[-2] * latent_shape[-1] // self.denoiser_of(pipe).config.patch_size ** 2
+        extra = {"mu": self._shift(scheduler, tokens, 1.16)} if scheduler.config.get("use_dynamic_shifting") else {}
+        scheduler.set_timesteps(steps, **extra)
+        return scheduler
+
+    @staticmethod
+    def _shift(scheduler, tokens: int, max_shift: float) -> float:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = scheduler.config
+        return calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", max_shift))
+
+    def match_blocks(self, teacher, student, kept: dict | None = None) -> list[tuple[str, str]]:
+        stack = "transformer_blocks"
+        return depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), stack,
+                           (kept or {}).get(stack))
 
     @staticmethod
     def feature(output) -> torch.Tensor:

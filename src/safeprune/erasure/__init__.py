@@ -9,8 +9,11 @@ call the same objects.
 
 Each method is a small frozen dataclass built by `from_config(cfg)` from its own `unlearn` sub-section (the
 registry entry is that classmethod, so nothing here knows a method's settings) and called as
-`method(unet, ctx) -> report`: it edits `unet` in place (the model as loaded is the frozen starting model
-where one is needed: it is copied first) and returns JSON-serialisable figures for summary.json.
+`method(denoiser, ctx) -> report`: it edits the denoiser (a UNet, or an SD3 / Flux transformer) in place (the
+model as loaded is the frozen starting model where one is needed: it is copied first) and returns
+JSON-serialisable figures for summary.json. Every family of safeprune.backbones: `ctx.backbone` encodes the
+prompts, calls the denoiser, samples (safeprune.erasure.sampling) and names the edit sets; see each method's
+module for what it edits per family.
 
   esd_paper     ESD (Gandikota et al., ICCV 2023) as its authors ran it: self-sampled x_t, frozen start model
   uce           Unified Concept Editing (Gandikota et al., WACV 2024): closed-form to_k / to_v edit
@@ -40,9 +43,9 @@ from safeprune.unlearning import UNLEARNING
 
 @dataclass(eq=False)
 class ErasureContext:
-    """What a method may read besides the UNet: the pipeline's text side and sampler, the concepts, the world."""
+    """What a method may read besides the denoiser: the pipeline's text side and sampler, the concepts, the world."""
 
-    pipe: object  # StableDiffusionPipeline around the UNet being edited (tokenizer, text_encoder, scheduler, vae)
+    pipe: object  # the family's diffusers pipeline around the denoiser being edited (text encoders, scheduler, vae)
     concepts: list[Concept]  # what to erase: target prompts and their anchors ("" = the empty prompt)
     world: object  # safeprune.data.toyworld.ToyWorld (forbidden words for derived preserve prompts, toy images)
     cfg: Config  # the resolved run config
@@ -52,23 +55,26 @@ class ErasureContext:
     # from their own concept images, so each image is noised under the caption that describes it)
     progress: bool = True  # tqdm bars for the training-based methods
 
-    @torch.no_grad()
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states (P, L, D), float32, on `device`, as the pipeline conditions the UNet."""
-        from safeprune.data.datasets import embed_prompts
+    @property
+    def backbone(self):
+        """The pipeline's family (safeprune.backbones): text encoding, denoiser call, sampler, edit sets."""
+        from safeprune.sampling import backbone_of_pipe
 
-        return embed_prompts(prompts, self.pipe.tokenizer, self.pipe.text_encoder.to(self.device).eval(),
-                             device=self.device)
+        return backbone_of_pipe(self.pipe)
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]):
+        """The prompts' conditioning, float32 on `device`, as the pipeline conditions the denoiser: (P, L, D) hidden
+        states for SD 1.x/2.x, a PromptEmbeddings of P rows (pooled text, time ids) for the other families."""
+        return self.backbone.encode(self.pipe, prompts, self.device, self.cfg.sample.resolution)
 
     def last_word_index(self, prompts: list[str]) -> list[int]:
-        """Index of each prompt's last word token (before EOS) in the padded sequence; BOS (0) for ''."""
-        tok = self.pipe.tokenizer(prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt")
-        return [max(int(n) - 2, 0) for n in tok.attention_mask.sum(1)]
+        """Index of each prompt's last word token (before EOS) in the text sequence; 0 for ''."""
+        return self.backbone.last_word_index(self.pipe, prompts)
 
 
 class ErasureMethod(Protocol):
-    def __call__(self, unet: torch.nn.Module, ctx: ErasureContext) -> dict: ...
+    def __call__(self, denoiser: torch.nn.Module, ctx: ErasureContext) -> dict: ...
 
 
 def swapped_prompts(prompt: str, forbidden: dict[str, tuple[str, ...]], allowed: Callable[[str], tuple]) -> list[str]:

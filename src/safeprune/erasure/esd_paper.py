@@ -16,6 +16,14 @@ One deliberate difference: the CompVis script queries the models at DDPM step ~ 
 timesteps[k] ~ (n - k)/n * 1000; the authors' later diffusers scripts (esd_sd.py) use timesteps[k], as here.
 With batch_size > 1 the batch shares one k (one sampling run), each row has its own concept and x_T.
 Randomness comes from a generator seeded by (seed, step), so a run is a pure function of its seed.
+
+Every family (safeprune.backbones): x_t comes from the family's own sampler (DDIM on the DDPM schedule; the
+flow-matching Euler sampler of SD3 / Flux, Flux guided by its guidance embedding; safeprune.erasure.sampling)
+at sample.resolution, and eq. 5 is regressed in the family's prediction space (eps, v, or the flow velocity):
+its weights (1 + eta, -eta) sum to 1 and every prediction is affine in eps at a fixed (x_t, t), so the
+combination of the frozen model's velocities IS the eps-space target mapped to velocity. ESD-x is the attention
+that reads the text (`is_cross_attention`: UNet attn2, MMDiT add_k_proj / add_v_proj); ESD-u leaves out the
+family's output head and time embedding (`output_and_time`).
 """
 
 from __future__ import annotations
@@ -27,36 +35,46 @@ import torch
 
 from safeprune.errors import check
 
-PARAMETER_SETS = {
-    "xattn": lambda name: ".attn2." in f".{name}",
-    "noxattn": lambda name: ".attn2." not in f".{name}" and not name.startswith(("conv_out.", "time_embedding.")),
-    "full": lambda name: True,
-}
+
+def _in_set(which: str, name: str, backbone) -> bool:
+    """Whether parameter `name` is in ESD's set `which` on `backbone`'s models."""
+    from safeprune.backbones import is_cross_attention
+
+    if which == "xattn":
+        return is_cross_attention(name)
+    if which == "noxattn":
+        return not is_cross_attention(name) and not name.startswith(backbone.output_and_time)
+    return True  # full
 
 
-def trainable(unet, which: str) -> list[torch.nn.Parameter]:
-    keep = PARAMETER_SETS[which]
-    params = [p for n, p in unet.named_parameters() if keep(n)]
+def trainable(unet, which: str, backbone=None) -> list[torch.nn.Parameter]:
+    """ESD's parameter set `which` (xattn | noxattn | full) of the denoiser (`backbone`: its family; None = SD)."""
+    from safeprune.backbones import BACKBONES
+
+    backbone = backbone or BACKBONES["sd"]
+    params = [p for n, p in unet.named_parameters() if _in_set(which, n, backbone)]
     check(bool(params), f"the model has no parameters in ESD's set {which!r} (pruned away?); set "
                         "unlearn.esd_paper.params to noxattn or full")
     return params
 
 
-@torch.no_grad()
-def sample_xt(unet, scheduler, emb_c: torch.Tensor, emb_null: torch.Tensor, stop: int, guidance: float,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t after `stop` guided DDIM steps from x_T ~ N(0, I) (generator), and t = the timestep x_t is at.
+def sample_xt(unet, scheduler, emb_c, emb_null, stop: int, guidance: float, generator: torch.Generator,
+              backbone=None, latent_shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t after `stop` guided steps of `scheduler` (timesteps set) from x_T ~ N(0, I) (generator), and t = the
+    timestep x_t is at, (B,).
 
-    emb_c (B, L, D) concept embeddings, emb_null (1, L, D); scheduler has its timesteps set.
+    emb_c: B concept rows ((B, L, D) or a PromptEmbeddings), emb_null: one row; `backbone` the family (None = SD),
+    `latent_shape` (C, h, w) of x_T (default: the UNet's in_channels x sample_size^2).
     """
-    cfg = unet.config
+    from safeprune.backbones import BACKBONES
+    from safeprune.erasure.sampling import guided_run, start_noise
+
+    backbone = backbone or BACKBONES["sd"]
+    if latent_shape is None:
+        latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     b = emb_c.shape[0]
-    x = torch.randn(b, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator).to(emb_c.device)
-    x = x * scheduler.init_noise_sigma
-    context = torch.cat([emb_null.expand(b, -1, -1), emb_c])
-    for t in scheduler.timesteps[:stop]:
-        eps_u, eps_c = unet(scheduler.scale_model_input(torch.cat([x, x]), t), t, encoder_hidden_states=context).sample.chunk(2)
-        x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+    x = start_noise((b, *latent_shape), generator, scheduler, emb_c.device)
+    x = guided_run(backbone, unet, scheduler, x, emb_c, emb_null, guidance, stop)
     return x, scheduler.timesteps[stop].repeat(b).to(x.device)
 
 
@@ -83,26 +101,27 @@ class ESDPaper:
     def __call__(self, unet, ctx) -> dict:
         import time
 
-        from diffusers import DDIMScheduler
         from tqdm.auto import tqdm
 
+        from safeprune.backbones.base import cat_embeddings
         from safeprune.bilevel.problem import step_generator
         from safeprune.erasure import check_concepts
+        from safeprune.erasure.sampling import erasure_latent_shape
         from safeprune.losses.base import mse_per_sample
         from safeprune.pruning import reapply_masks
 
         check_concepts(ctx.concepts)
         start = time.perf_counter()
+        backbone = ctx.backbone
         frozen = copy.deepcopy(unet).eval().requires_grad_(False)  # eps_0: the model as handed over
         unet.requires_grad_(False)
-        params = trainable(unet, self.params)
+        params = trainable(unet, self.params, backbone)
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=self.lr)  # the authors' optimiser (no weight decay)
-        scheduler = DDIMScheduler.from_config(ctx.pipe.scheduler.config)
         n_steps = self.schedule_length(ctx)
-        scheduler.set_timesteps(n_steps)
-        targets = ctx.embed([c.target for c in ctx.concepts])  # (P, L, D)
+        shape = erasure_latent_shape(ctx)
+        targets = ctx.embed([c.target for c in ctx.concepts])  # (P, L, D) or P rows of PromptEmbeddings
         refs = ctx.embed([c.anchor if self.reference == "anchor" else "" for c in ctx.concepts])
         null = ctx.embed([""])
         counts = {"student_fwd": 0, "student_bwd": 0, "student_sample_fwd": 0, "frozen_fwd": 0}
@@ -114,14 +133,18 @@ class ESDPaper:
             stop = int(torch.randint(n_steps, (1,), generator=gen))
             idx = torch.randint(len(ctx.concepts), (self.batch_size,), generator=gen)
             emb_c, emb_r = targets[idx], refs[idx]
-            x_t, t = sample_xt(unet, scheduler, emb_c, null, stop, self.start_guidance, gen)
-            counts["student_sample_fwd"] += 2 * self.batch_size * stop
+            # a fresh sampler per run: flow-matching schedulers count the steps they took
+            scheduler = backbone.sampling_scheduler(ctx.pipe, n_steps, shape)
+            x_t, t = sample_xt(unet, scheduler, emb_c, null, stop, self.start_guidance, gen, backbone, shape)
+            counts["student_sample_fwd"] += backbone.guidance_rows * self.batch_size * stop
             with torch.no_grad():
-                eps_c, eps_r = frozen(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                      encoder_hidden_states=torch.cat([emb_c, emb_r])).sample.chunk(2)
+                pred_c, pred_r = backbone.predict(frozen, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                                  cat_embeddings([emb_c, emb_r])).chunk(2)
             counts["frozen_fwd"] += 2 * self.batch_size
-            target = eps_r - self.eta * (eps_c - eps_r)
-            loss = mse_per_sample(unet(x_t, t, encoder_hidden_states=emb_c).sample, target).mean()
+            # eq. 5 in the family's prediction space: the weights (1 + eta, -eta) sum to 1, so the combination of
+            # velocities is the eps-space target mapped to velocity (safeprune.backbones.base)
+            target = pred_r - self.eta * (pred_c - pred_r)
+            loss = mse_per_sample(backbone.predict(unet, x_t, t, emb_c), target).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

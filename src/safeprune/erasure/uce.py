@@ -17,6 +17,20 @@ positions carry the whole prompt); `last` = the last word token only (the author
 The solve runs in float64; only the edited weights change (biases, if any, are kept). Seconds, no training.
 On a magnitude-pruned student the recipe re-applies the pruning masks afterwards (a projection of the
 unconstrained minimiser: the masked entries go back to zero).
+
+Families (safeprune.backbones): SDXL's `attn2.to_k` / `to_v` read the prompt embeddings exactly as SD's do
+(both CLIPs' penultimate states, concatenated), so c_i are those. An MMDiT (SD3, Flux) has no cross-attention:
+image tokens attend to keys and values of the TEXT STREAM, `attn.add_k_proj` / `add_v_proj` of every joint
+block, whose input at block b is the text tokens after the earlier blocks, normalised and modulated by the
+timestep. Those inputs are collected with forward hooks on a short guided sampling run of the family's own
+sampler per prompt group (targets, anchors, preserved; prompt k of each group from the same seeded x_T) and
+AVERAGED OVER ITS `stream_steps` STEPS (default 4, at sample.guidance and sample.resolution). Eq. 7 is then
+solved per layer on that layer's own c_i, c'_i, c_j: it is the exact minimiser for those averaged inputs, not
+for every timestep's (the text stream depends on t and x_t; the edit maps the average target input onto the
+average anchor input). Token positions are the prompt's own: CLIP's tokens lead SD3's sequence, Flux's
+sequence is T5's. Flux's single-stream blocks have no text-only projections (one to_k / to_v over the joint
+[text; image] sequence): editing those would move the image tokens' keys too, so they are left alone, and
+only the double blocks' text keys/values (and through them the text stream the single blocks receive) change.
 """
 
 from __future__ import annotations
@@ -26,13 +40,48 @@ from dataclasses import dataclass
 import torch
 
 from safeprune.errors import UserError, check
+from safeprune.utils import torch_rng
 
 
 def cross_attention_projections(unet, edit_keys: bool = True) -> list[tuple[str, torch.nn.Linear]]:
-    """(name, layer) of every cross-attention value (and key) projection of `unet`."""
-    ends = ("to_v", "to_k") if edit_keys else ("to_v",)
+    """(name, layer) of every value (and key) projection of the attention that reads the text: UNet `attn2.to_v`
+    / `to_k`, MMDiT `attn.add_v_proj` / `add_k_proj` (safeprune.backbones.is_cross_attention)."""
+    from safeprune.backbones import is_cross_attention
+
+    ends = ("to_v", "add_v_proj", "to_k", "add_k_proj") if edit_keys else ("to_v", "add_v_proj")
     return [(n, m) for n, m in unet.named_modules()
-            if ".attn2." in f".{n}." and n.rsplit(".", 1)[-1] in ends and isinstance(m, torch.nn.Linear)]
+            if n.rsplit(".", 1)[-1] in ends and is_cross_attention(f"{n}.weight") and isinstance(m, torch.nn.Linear)]
+
+
+@torch.no_grad()
+def text_stream_inputs(ctx, model, layers, groups: list[list[str]], steps: int) -> list[dict[str, torch.Tensor]]:
+    """Per prompt group, {layer name: (P, L, d) inputs} of each layer: the text stream at its block, averaged over
+    the `steps` steps of a `steps`-step guided run of the family's sampler (sample.guidance) from x_T seeded by
+    (seed, "uce", k) for the group's prompt k, so a target and its anchor (same k) share their start."""
+    from safeprune.erasure.sampling import erasure_latent_shape, guided_run, start_noise
+
+    backbone, shape, null = ctx.backbone, erasure_latent_shape(ctx), ctx.embed([""])
+    out = []
+    for prompts in groups:
+        emb, n = ctx.embed(prompts), len(prompts)
+        sums: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def record(module, args):  # the conditional rows come last in the batch ([null; prompts] or prompts)
+                x = args[0][-n:].float()
+                sums[name] = sums[name] + x if name in sums else x.clone()
+            return record
+
+        handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
+        try:
+            scheduler = backbone.sampling_scheduler(ctx.pipe, steps, shape)
+            x = start_noise((n, *shape), [torch_rng(ctx.cfg.seed, "uce", k) for k in range(n)], scheduler, ctx.device)
+            guided_run(backbone, model, scheduler, x, emb, null, ctx.cfg.sample.guidance, steps)
+        finally:
+            for h in handles:
+                h.remove()
+        out.append({name: total / steps for name, total in sums.items()})
+    return out
 
 
 def closed_form(w_old: torch.Tensor, targets: torch.Tensor, values: torch.Tensor, preserve: torch.Tensor,
@@ -59,13 +108,14 @@ class UCE:
     preserve: tuple[str, ...] = ()  # explicit preserved prompts
     preserve_derived: bool = True  # + anchors and targets with the concept swapped for an allowed value
     edit_keys: bool = True
+    stream_steps: int = 4  # MMDiT: sampling steps the text-stream inputs are averaged over (text_stream_inputs)
 
     @classmethod
     def from_config(cls, cfg) -> UCE:
         """Settings from the run config's `unlearn.uce` section."""
         c = cfg.unlearn.uce
         return cls(c.erase_scale, c.lambda_preserve, c.ridge, c.tokens, tuple(c.preserve), c.preserve_derived,
-                   c.edit_keys)
+                   c.edit_keys, c.stream_steps)
 
     def preserved_prompts(self, ctx) -> list[str]:
         from safeprune.erasure import swapped_prompts
@@ -78,11 +128,16 @@ class UCE:
         targets = {c.target for c in ctx.concepts}
         return [p for p in dict.fromkeys(prompts) if p not in targets]
 
-    def token_pairs(self, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(target tokens (N, d), aligned anchor tokens (N, d), preserved tokens (M, d)) of the text encoder."""
+    def token_pairs(self, ctx, tables=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(target tokens (N, d), aligned anchor tokens (N, d), preserved tokens (M, d)) of the text the projections
+        read: `tables` = (targets, anchors, preserved) per-token inputs (P, L, d) of one layer (an MMDiT's text
+        stream), default the prompt embeddings (what a UNet's cross-attention reads)."""
         targets, anchors = [c.target for c in ctx.concepts], [c.anchor for c in ctx.concepts]
         preserve = self.preserved_prompts(ctx)
-        emb_t, emb_a = ctx.embed(targets), ctx.embed(anchors)  # (P, L, d)
+        if tables is None:
+            tables = [_hidden(ctx.embed(targets)), _hidden(ctx.embed(anchors)),
+                      _hidden(ctx.embed(preserve)) if preserve else None]  # (P, L, d)
+        emb_t, emb_a, emb_p = tables
         last_t, last_a = ctx.last_word_index(targets), ctx.last_word_index(anchors)
         length = emb_t.shape[1]
         c, v = [], []
@@ -96,7 +151,7 @@ class UCE:
             v.append(emb_a[k, last_a[k]:last_a[k] + span])
         kept = torch.zeros(0, emb_t.shape[2], device=emb_t.device)
         if preserve:
-            emb_p, last_p = ctx.embed(preserve), ctx.last_word_index(preserve)
+            last_p = ctx.last_word_index(preserve)
             kept = torch.cat([emb_p[k, last_p[k]:last_p[k] + 1] if self.tokens == "last" else emb_p[k, last_p[k]:]
                               for k in range(len(preserve))])
         return torch.cat(c), torch.cat(v), kept
@@ -108,10 +163,21 @@ class UCE:
         check_concepts(ctx.concepts)
         layers = cross_attention_projections(unet, self.edit_keys)
         check(bool(layers), "the model has no cross-attention key/value projections for UCE to edit (attn2.to_k / "
-                            "to_v); choose another --method")
-        c, anchor_tokens, kept = self.token_pairs(ctx)
+                            "to_v, add_k_proj / add_v_proj); choose another --method")
+        if ctx.backbone.text_stream:  # each block's projections read that block's text stream: its own inputs
+            groups = [[c.target for c in ctx.concepts], [c.anchor for c in ctx.concepts], self.preserved_prompts(ctx)]
+            was_training = unet.training
+            unet.eval()
+            inputs = text_stream_inputs(ctx, unet, layers, [g for g in groups if g], self.stream_steps)
+            unet.train(was_training)
+            kept_inputs = inputs[2] if groups[2] else {}
+            pairs = {n: self.token_pairs(ctx, (inputs[0][n], inputs[1][n], kept_inputs.get(n))) for n, _ in layers}
+        else:  # every UNet cross-attention reads the prompt embeddings themselves
+            shared = self.token_pairs(ctx)
+            pairs = {n: shared for n, _ in layers}
         residual_before, residual_after = 0.0, 0.0
-        for _, layer in layers:
+        for name, layer in layers:
+            c, anchor_tokens, kept = pairs[name]
             w_old = layer.weight.detach()
             values = anchor_tokens.to(w_old) @ w_old.T  # v*_i = W_old c'_i, (N, O)
             check(c.shape[1] == w_old.shape[1], f"UCE: text width {c.shape[1]} does not match the cross-attention "
@@ -120,6 +186,12 @@ class UCE:
             residual_before += float((c.double() @ w_old.double().T - values.double()).square().sum())
             residual_after += float((c.double() @ w_new.T - values.double()).square().sum())
             layer.weight.copy_(w_new.to(layer.weight.dtype))
+        c, _, kept = next(iter(pairs.values()))
         return {"layers": len(layers), "target_tokens": int(c.shape[0]), "preserved_tokens": int(kept.shape[0]),
                 "preserved_prompts": len(self.preserved_prompts(ctx)),
                 "target_residual_before": residual_before, "target_residual_after": residual_after}
+
+
+def _hidden(emb) -> torch.Tensor:
+    """The per-token states (P, L, d) of a family's prompt embeddings (SDXL: both CLIPs' states, concatenated)."""
+    return emb if isinstance(emb, torch.Tensor) else emb.hidden

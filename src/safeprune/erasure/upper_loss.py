@@ -4,7 +4,8 @@ min_theta L_CU(theta) for a fixed number of AdamW steps, with the FROZEN STARTIN
 eps_T (the model handed to `safeprune unlearn`, which has no separate teacher) and x_t = noised latents of
 concept images, exactly as one upper step of the bilevel solvers draws them (`DiffusionProblem.upper`, the
 same per-step seeding). Inside `finetune --method two_stage` these names keep today's schedule instead
-(the unpruned teacher as score source, see safeprune.bilevel.solvers.TwoStage).
+(the unpruned teacher as score source, see safeprune.bilevel.solvers.TwoStage). Every family: its training
+schedule and prediction space (safeprune.backbones), as the bilevel upper step.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class UpperLoss:
         from safeprune.utils import numpy_rng
 
         pipe = ctx.pipe
-        size = unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        # sample.resolution, as every erasure method here; 0 = the image side of the model's own latent size
+        size = ctx.cfg.sample.resolution or \
+            ctx.backbone.native_latent_size(pipe) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         images = open_image_captions(ctx.concept_data, world=ctx.world, split="concept", n_toy=self.concept_pool,
                                      size=size)
         pool = encode_pool(images, self.concept_pool, pipe.vae.to(ctx.device).eval(),
@@ -56,7 +59,6 @@ class UpperLoss:
     def __call__(self, unet, ctx) -> dict:
         import time
 
-        from diffusers import DDPMScheduler
         from tqdm.auto import tqdm
 
         from safeprune.bilevel.problem import DiffusionProblem
@@ -71,13 +73,15 @@ class UpperLoss:
         loss = build_unlearning(self.name, UnlearnLossConfig(name=self.name, eta=self.eta))
         pools, concepts = self._pools(unet, ctx)
         frozen = copy.deepcopy(unet).eval().requires_grad_(False)
-        scheduler = DDPMScheduler.from_config(ctx.pipe.scheduler.config)
+        backbone = ctx.backbone  # the family's noising, target and denoiser call (DDPM eps/v, flow velocity)
+        scheduler = backbone.training_scheduler(ctx.pipe)
         unet.train()
         optimizer = torch.optim.AdamW(select_parameters(unet, loss.params), lr=self.lr)
+        denoise = DenoisingLoss(scheduler, 0.0, timestep_density=backbone.timestep_density)
         problem = DiffusionProblem(  # only `upper` is called: the lower-level loss is a placeholder
             student=unet, student_core=unet, teacher=frozen, scheduler=scheduler,
-            lower_loss=LowerLevelLoss(DenoisingLoss(scheduler, 0.0), FeatureKD(())), pools=pools,
-            unlearning=loss, upper_batch_size=self.batch_size, seed=ctx.cfg.seed)
+            lower_loss=LowerLevelLoss(denoise, FeatureKD(())), pools=pools,
+            unlearning=loss, upper_batch_size=self.batch_size, seed=ctx.cfg.seed, backbone=backbone)
         values = []
         for step in tqdm(range(self.steps), desc=f"unlearn {self.name}", unit="it", disable=not ctx.progress,
                          dynamic_ncols=True):

@@ -126,13 +126,14 @@ def capture_features(unet, names: list[str] | tuple[str, ...], feature=first_out
 
 @torch.no_grad()
 def match_features(teacher, student, null_embedding, backbone=None,
-                   latent_shape: tuple[int, ...] | None = None) -> list[tuple[str, str]]:
+                   latent_shape: tuple[int, ...] | None = None, kept: dict | None = None) -> list[tuple[str, str]]:
     """Check that student and teacher fit (same inputs, same output shape) and pair their feature maps.
 
     One dry forward pass on a (1, C, h, w) input (`latent_shape`, default the teacher's sample size): a student
     that cannot take the teacher's latents or text embeddings is a user error; block pairs whose shapes differ
     (e.g. a pruned block width) are dropped. `backbone` (safeprune.backbones; None = SD 1.x/2.x) calls the
-    denoiser and names its blocks.
+    denoiser and names its blocks; `kept` is a depth-pruned student's record of which teacher block each of its
+    blocks is (safeprune.pruning.depth.kept_blocks), so transformer blocks pair with their own originals.
     """
     from safeprune.backbones import BACKBONES
 
@@ -144,7 +145,7 @@ def match_features(teacher, student, null_embedding, backbone=None,
     x = torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500])  # any valid timestep: only shapes are compared
     emb = null_embedding[None]
-    pairs = backbone.match_blocks(teacher, student)
+    pairs = backbone.match_blocks(teacher, student, kept)
     device, dtype = next(teacher.parameters()).device, next(teacher.parameters()).dtype
     with capture_features(teacher, [p[0] for p in pairs], backbone.feature) as t_feats:
         t_out = backbone.predict(teacher, x.to(device, dtype), t.to(device), emb.to(device, dtype))

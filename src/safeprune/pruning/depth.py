@@ -296,6 +296,18 @@ def plan_depth(model, removed: list[str]) -> tuple[dict, list[list[str]]]:
     return config, renames
 
 
+def kept_blocks(plan: dict, student) -> dict[str, list[int]]:
+    """{stack: [the teacher block each student block is, in order]} of a depth-pruned student, from the plan's
+    `weights_from` (student block j of a stack took the weights of teacher block kept[j]); {} for every other
+    plan. Feature KD pairs each student block with that teacher block (TinyFusion, Flux.1 Lite: the student's
+    block IS the teacher's, so its output is compared with the same block's output, not one at equal depth)."""
+    if plan.get("method") != "depth":
+        return {}
+    sources = {new: old for new, old in plan.get("weights_from", [])}  # only blocks that moved are listed
+    return {stack: [int(sources.get(f"{stack}.{j}.", f"{stack}.{j}.").rstrip(".").rpartition(".")[2])
+                    for j in range(n)] for stack, n in stacks(student).items()}
+
+
 @dataclass(frozen=True)
 class Depth(Method):
     options: ClassVar[tuple[str, ...]] = ("ratio", "depth")

@@ -24,19 +24,20 @@ from torch.utils.flop_counter import FlopCounterMode
 # aten ops of the attention-score matmuls on the math SDPA path (everything else is a layer: conv / linear).
 _ATTENTION_OPS = ("bmm", "baddbmm")
 
-# The denoisers safeprune can build from a config, by diffusers class name (config.json's `_class_name`), with
-# the text length their pipelines encode by default: CLIP's 77; SD3 = 77 CLIP + 256 T5 tokens
-# (StableDiffusion3Pipeline's max_sequence_length); Flux.1-dev = 512 T5 tokens; PixArt-alpha = 120 T5 tokens.
-DENOISERS = {"UNet2DConditionModel": 77, "SD3Transformer2DModel": 333, "FluxTransformer2DModel": 512,
-             "PixArtTransformer2DModel": 120}
+# The text length each family's pipeline encodes by default (safeprune.backbones.family_key): CLIP's 77; SD3 =
+# 77 CLIP + 256 T5 tokens (StableDiffusion3Pipeline's max_sequence_length); Flux.1-dev = 512 T5 tokens;
+# PixArt-alpha = 120 T5 tokens. Which denoisers there are, and which family a model is, the backbones say.
+TEXT_TOKENS = {"sd": 77, "sdxl": 77, "sd3": 333, "flux": 512, "pixart": 120}
 DEFAULT_RESOLUTION = 1024  # px, for transformer configs that carry no sample size (Flux): the model's native size
 
 
 def denoiser_class(name: str):
     """The diffusers class of a supported denoiser (a one-line error naming the supported ones otherwise)."""
+    from safeprune.backbones import known_denoisers
     from safeprune.errors import check
 
-    check(name in DENOISERS, f"{name!r} is not a supported denoiser; safeprune builds: {', '.join(DENOISERS)}")
+    check(name in known_denoisers(), f"{name!r} is not a supported denoiser; safeprune builds: "
+                                     f"{', '.join(known_denoisers())}")
     import diffusers
 
     return getattr(diffusers, name)
@@ -44,11 +45,10 @@ def denoiser_class(name: str):
 
 def family_of(model) -> str:
     """The supported diffusers class a model is (a safeprune subclass such as PrunedUNet2DConditionModel counts
-    as its diffusers base)."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in DENOISERS:
-            return cls.__name__
-    return type(model).__name__
+    as its diffusers base): safeprune.backbones.denoiser_class_of."""
+    from safeprune.backbones import denoiser_class_of
+
+    return denoiser_class_of(model)
 
 
 def meta_model(config: dict, class_name: str | None = None):
@@ -62,7 +62,10 @@ def meta_model(config: dict, class_name: str | None = None):
 
 
 def default_text_tokens(model) -> int:
-    return DENOISERS.get(family_of(model), 77)
+    """The text length the model's family encodes by default (TEXT_TOKENS; 77 for a UNet of no family)."""
+    from safeprune.backbones import family_key
+
+    return TEXT_TOKENS.get(family_key(model), 77)
 
 
 def unet_config(unet) -> dict:
@@ -92,12 +95,12 @@ def example_inputs(unet, batch: int = 1, text_tokens: int = 77, sample_size: int
 
 def model_inputs(model, batch: int = 1, text_tokens: int | None = None, sample_size: int | None = None,
                  generator: torch.Generator | None = None) -> dict:
-    """Keyword inputs of one call of any supported denoiser (`DENOISERS`), random where a pipeline would pass
-    data, on the model's device and dtype. `sample_size` = latent side (default: the config's, else
-    DEFAULT_RESOLUTION / 8); `text_tokens` default: the family's (`DENOISERS`)."""
+    """Keyword inputs of one call of any supported denoiser (safeprune.backbones.known_denoisers), random where
+    a pipeline would pass data, on the model's device and dtype. `sample_size` = latent side (default: the
+    config's, else DEFAULT_RESOLUTION / 8); `text_tokens` default: the family's (`TEXT_TOKENS`)."""
     cfg, family = model.config, family_of(model)
     param = next(model.parameters())
-    tokens = text_tokens or DENOISERS.get(family, 77)
+    tokens = text_tokens or default_text_tokens(model)
     size = sample_size or getattr(cfg, "sample_size", None) or DEFAULT_RESOLUTION // 8
     size = size[0] if isinstance(size, (list, tuple)) else size
     gen = generator or torch.Generator().manual_seed(0)

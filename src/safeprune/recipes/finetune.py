@@ -280,12 +280,6 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
     check(teacher_dir is None or (teacher_dir / "model_index.json").is_file(),
           f"teacher folder {teacher!r} is not a diffusers pipeline (no model_index.json); pass --teacher PATH "
           "to a Stable Diffusion pipeline folder or a hub id")
-    if erasure is not None:  # the whole-model methods read one CLIP and a UNet's attn2 (safeprune.erasure)
-        from safeprune.backbones import backbone_of
-
-        family = backbone_of(teacher_dir or teacher_path(), f"teacher {teacher!r}").name
-        check(family == "sd", f"--unlearn {erasure} (a whole-model erasure) supports SD 1.x/2.x teachers, not {family}; "
-                              "use a per-step loss (esd, esd_xattn, esd_anchor, ablation) with this teacher")
     # The run folder names its base pipeline for load_pipeline (a hub id stays an id); None = the toy teacher.
     base_model = teacher
     from safeprune.runs import lock
@@ -338,6 +332,7 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         load_unet,
         unet_class,
     )
+    from safeprune.pruning.depth import kept_blocks
     from safeprune.utils import fingerprint, resolve_device, seed_everything
 
     ft = cfg.finetune
@@ -387,7 +382,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
     validate = _validation(cfg, pipe, student_core, concepts, pools, out, backbone) \
         if ft.validation_every_steps and main else None
     del pipe  # the VAE and text encoder live on in `validate` only when validation images are asked for
-    pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt], backbone, latent_shape)
+    # a depth-pruned student's blocks pair with the teacher blocks they were copied from (its plan records them)
+    kept = kept_blocks(load_plan(student_dir), student_core)
+    pairs = match_features(teacher, student_core, pools.embeddings[pools.null_prompt], backbone, latent_shape, kept)
     check(bool(pairs) or ft.lambda_feat == 0,
           "no block of the student matches the teacher's feature shapes, so feature distillation has nothing to "
           "compare; prune the student from this teacher or set finetune.lambda_feat=0")

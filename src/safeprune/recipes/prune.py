@@ -6,7 +6,7 @@
                        meta device (no weights, seconds even at 12 B parameters) to plan a pruning and read its
                        parameter and MAC counts. The class comes from the config's `_class_name`
                        (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel,
-                       PixArtTransformer2DModel; safeprune.pruning.measure.DENOISERS). A bare name picks a shipped
+                       PixArtTransformer2DModel; safeprune.backbones.known_denoisers). A bare name picks a shipped
                        public architecture (SHIPPED_CONFIGS: sd15, sd21, sdxl, sd3_medium, flux1_dev).
 
 The output folder holds `model/`, a complete diffusers pipeline folder with the student UNet and a model card
@@ -154,7 +154,8 @@ def shipped_config(name: str) -> Path:
 
 
 def _from_config(path: Path) -> Source:
-    from safeprune.pruning.measure import DENOISERS, default_text_tokens, meta_model
+    from safeprune.backbones import known_denoisers
+    from safeprune.pruning.measure import default_text_tokens, meta_model
 
     path = shipped_config(str(path))
     check(path.is_file(), f"--unet-config {str(path)!r} not found; pass a config.json or one of: "
@@ -164,8 +165,8 @@ def _from_config(path: Path) -> Source:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"--unet-config {str(path)!r} is not valid JSON ({err})") from err
     name = config.get("_class_name", "UNet2DConditionModel") if isinstance(config, dict) else None
-    check(name in DENOISERS, f"--unet-config {str(path)!r} is not a config of a supported denoiser "
-                             f"({', '.join(DENOISERS)})")
+    check(name in known_denoisers(), f"--unet-config {str(path)!r} is not a config of a supported denoiser "
+                                     f"({', '.join(known_denoisers())})")
     # SDXL-style UNets are not refused here (check_supported_unet): a plan needs no pipeline inputs.
     try:
         model = meta_model(config)  # `_use_default_values` and other private keys are dropped: they would undo edits

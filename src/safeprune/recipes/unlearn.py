@@ -1,10 +1,11 @@
 """`safeprune unlearn --model M --method NAME [--forget "TARGET[=>ANCHOR]" ...] --out DIR`: erase concepts from a
-model folder (a diffusers pipeline, or a pruned / fine-tuned UNet folder from `prune` / `finetune`).
+model folder (a diffusers pipeline of any family in safeprune.backbones: SD 1.x/2.x, SDXL, SD3, Flux; or a
+pruned / fine-tuned denoiser folder from `prune` / `finetune`).
 
 1. load the model as a pipeline (a UNet folder gets the rest from its base model, safeprune.models.io);
 2. the concepts: `unlearn.concepts`, else `finetune.concepts` (which `--forget` fills), else derived from the
    toy world's concept captions (safeprune.unlearning.concepts: every phrasing, anchored on the same scene);
-3. run the registered method (safeprune.erasure) on the UNet in place; pruning masks are re-applied;
+3. run the registered method (safeprune.erasure) on the denoiser (UNet / transformer) in place; pruning masks are re-applied;
 4. write DIR atomically as a complete diffusers pipeline folder (the erased UNet with its plan, and the model's
    other components) that `safeprune evaluate/generate --model DIR` and `finetune --student DIR` read, plus
    config.yaml, concepts.json and summary.json ({method, settings, report, seconds}). plan.json gains `masked_layers` (ConceptPrune's
@@ -59,22 +60,21 @@ def matched_budget(cfg: Config) -> Config:
 
 def erase(cfg: Config, pipe, concepts, derived: bool, world, *, method: str | None = None, concept_data=None,
           progress: bool = True) -> dict:
-    """Run the erasure method on pipe.unet in place; returns its report (+ "method", "seconds")."""
+    """Run the erasure method on the pipeline's denoiser (UNet / transformer) in place; returns its report (+
+    "method", "seconds")."""
     from safeprune.erasure import ErasureContext, build_erasure, check_concepts
     from safeprune.pruning import reapply_masks
     from safeprune.sampling import backbone_of_pipe
 
     name = method or cfg.unlearn.method
     eraser = build_erasure(cfg, name)  # an unknown name fails before anything heavy
-    family = backbone_of_pipe(pipe)  # the erasure methods read one CLIP and edit a UNet (safeprune.erasure)
-    check(family.name == "sd", f"safeprune unlearn supports SD 1.x / 2.x pipelines, not {family.label}; suppress "
-                               "concepts in it with `safeprune finetune --unlearn esd` (bilevel or two_stage)")
+    denoiser = backbone_of_pipe(pipe).denoiser_of(pipe)  # every family's (safeprune.backbones)
     check_concepts(concepts)
-    ctx = ErasureContext(pipe=pipe, concepts=concepts, world=world, cfg=cfg, device=pipe.unet.device,
+    ctx = ErasureContext(pipe=pipe, concepts=concepts, world=world, cfg=cfg, device=denoiser.device,
                          concept_data=concept_data, derived=derived, progress=progress)
     start = time.perf_counter()
-    report = eraser(pipe.unet, ctx)
-    reapply_masks(pipe.unet)  # a magnitude-pruned student keeps its zeros whatever the method did
+    report = eraser(denoiser, ctx)
+    reapply_masks(denoiser)  # a magnitude-pruned student keeps its zeros whatever the method did
     return {"method": name, "settings": dataclasses.asdict(eraser), **report,
             "seconds": round(time.perf_counter() - start, 2)}
 
@@ -108,7 +108,18 @@ def _load(model: str | Path | None, device):
         components = folder
     else:
         components = pretrained_folder(base) if base else teacher_path()
-    return pipe, load_plan(folder), components, hub
+    plan = load_plan(folder)
+    restore_masks(pipe, plan)
+    return pipe, plan, components, hub
+
+
+def restore_masks(pipe, plan: dict) -> None:
+    """Give the pipeline's denoiser its plan's masks (magnitude zeros, earlier ConceptPrune zeros): a pipeline
+    folder loads through stock diffusers, which knows no masks, and the method must not fill those zeros in."""
+    from safeprune.pruning import after_load
+    from safeprune.sampling import backbone_of_pipe
+
+    after_load(backbone_of_pipe(pipe).denoiser_of(pipe), plan)
 
 
 def unlearn(cfg: Config) -> Path:
@@ -116,6 +127,7 @@ def unlearn(cfg: Config) -> Path:
     from safeprune.data.toyworld import ToyWorld
     from safeprune.erasure import build_erasure
     from safeprune.models.io import write_model
+    from safeprune.sampling import backbone_of_pipe
     from safeprune.utils import atomic_folder, resolve_device, seed_everything
 
     check(bool(cfg.paths.out), "safeprune unlearn needs --out DIR (the erased model's folder)")
@@ -128,7 +140,8 @@ def unlearn(cfg: Config) -> Path:
         seed_everything(cfg.seed)
         pipe, plan, components, hub = _load(model, resolve_device(cfg.device))
         report = erase(cfg, pipe, concepts, derived, world, concept_data=concept_data)
-        write_model(pipe.unet, tmp, erased_plan(plan, report), components, hub)  # a complete pipeline folder
+        denoiser = backbone_of_pipe(pipe).denoiser_of(pipe)
+        write_model(denoiser, tmp, erased_plan(plan, report), components, hub)  # a complete pipeline folder
         save_config(cfg, tmp)
         (tmp / "concepts.json").write_text(json.dumps([dataclasses.asdict(c) for c in concepts], indent=1))
         (tmp / "summary.json").write_text(json.dumps({"model": str(model) if model else "toy-teacher",
@@ -147,19 +160,22 @@ def erase_run_folder(cfg: Config, run_dir: Path) -> dict:
 
     from safeprune.data.toyworld import ToyWorld
     from safeprune.models.io import base_model_of, is_hub_id, load_pipeline, load_plan, model_folder, write_unet
+    from safeprune.sampling import backbone_of_pipe
     from safeprune.utils import resolve_device
 
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
     concepts, derived = resolve_concepts(cfg, world)
     pipe = load_pipeline(run_dir, device=resolve_device(cfg.device))
+    restore_masks(pipe, load_plan(run_dir))
     report = erase(matched_budget(cfg), pipe, concepts, derived, world, method=cfg.finetune.unlearn.name,
                    concept_data=cfg.paths.concept_data or None)
     plan = erased_plan(load_plan(run_dir), report)
-    unet_dir = model_folder(run_dir) / "unet"  # the run's saved pipeline: only its UNet changes
+    backbone = backbone_of_pipe(pipe)
+    unet_dir = model_folder(run_dir) / backbone.denoiser  # the run's saved pipeline: only its denoiser changes
     base = base_model_of(unet_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".erased.", dir=unet_dir))
     try:
-        write_unet(pipe.unet, tmp, plan, None, base if base and is_hub_id(base) else None)
+        write_unet(backbone.denoiser_of(pipe), tmp, plan, None, base if base and is_hub_id(base) else None)
         for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
             path.chmod(0o644)
             os.replace(path, unet_dir / path.name)

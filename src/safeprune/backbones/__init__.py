@@ -12,7 +12,7 @@ file here and one line in BACKBONES; its key is the name errors and summaries us
   sdxl   SDXL: two CLIPs, pooled text + time ids as added conditioning, UNet, eps or v
   sd3    SD3-class MMDiT: CLIP-L/G (+ optional T5), SD3Transformer2DModel, rectified-flow velocity
   flux   FLUX.1: CLIP pooled + T5, FluxTransformer2DModel on packed latents, rectified-flow velocity
-PixArt (PixArtTransformer2DModel, T5 with an attention mask) is not implemented yet: a one-line error.
+  pixart PixArt-alpha / -sigma: T5 with its attention mask, PixArtTransformer2DModel, eps (learned sigma dropped)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from safeprune.backbones.base import PromptEmbeddings
 from safeprune.backbones.flux import Flux
+from safeprune.backbones.pixart import PixArt
 from safeprune.backbones.sd import SD
 from safeprune.backbones.sd3 import SD3
 from safeprune.backbones.sdxl import SDXL
@@ -32,11 +33,8 @@ BACKBONES: dict[str, SD] = {
     "sdxl": SDXL(),
     "sd3": SD3(),
     "flux": Flux(),
+    "pixart": PixArt(),
 }
-
-# Families the issue tracker asks for that no file here implements yet: a one-line error instead of a traceback.
-NOT_YET = {"PixArtAlphaPipeline": "PixArt",
-           "PixArtSigmaPipeline": "PixArt", "PixArtTransformer2DModel": "PixArt"}
 
 
 def get_backbone(name: str) -> SD:
@@ -52,9 +50,6 @@ def backbone_for_pipeline(class_name: str, where: str = "the model") -> SD:
     for backbone in BACKBONES.values():
         if class_name in backbone.pipelines:
             return backbone
-    if class_name in NOT_YET:
-        raise UserError(f"{where} is a {class_name} ({NOT_YET[class_name]}), which safeprune does not support yet; "
-                        f"supported: {_supported()}")
     raise UserError(f"{where} is a {class_name}, which safeprune does not support; supported: {_supported()}")
 
 
@@ -64,9 +59,6 @@ def backbone_for_config(config: dict, where: str = "the model") -> SD:
         if backbone.owns_config(config):
             return backbone
     name = config.get("_class_name", "UNet2DConditionModel")
-    if name in NOT_YET:
-        raise UserError(f"{where} holds a {name} ({NOT_YET[name]}), which safeprune does not support yet; "
-                        f"supported: {_supported()}")
     extra = f" with addition_embed_type={config.get('addition_embed_type')!r}" if config.get("addition_embed_type") else ""
     raise UserError(f"{where} holds a {name}{extra}, which safeprune does not support; supported: {_supported()}")
 

@@ -314,8 +314,11 @@ def test_pixart_alpha_1024_conditions_on_the_image_size_and_sigma_loads_as_sigma
         assert torch.equal(out, call(1024.0)) and not torch.allclose(out, call(512.0))
 
 
-def test_a_depth_pruned_pixart_distils_and_loads_with_the_stock_pipeline(pixart_family, tmp_path, capsys):
-    from diffusers import PixArtAlphaPipeline
+@pytest.mark.parametrize("method", ["depth", "channels"])
+def test_a_pruned_pixart_distils_and_loads_with_diffusers(method, pixart_family, tmp_path, capsys):
+    """depth (TinyFusion's half) leaves a stock PixArtTransformer2DModel; channels (heads and feed-forward units)
+    safeprune's PrunedPixArtTransformer2DModel, which DiffusionPipeline.from_pretrained loads by name."""
+    import diffusers
 
     from safeprune.config import DepthOptions, PruneConfig
     from safeprune.models.io import load_pipeline, save_model
@@ -323,17 +326,26 @@ def test_a_depth_pruned_pixart_distils_and_loads_with_the_stock_pipeline(pixart_
 
     teacher, _ = pixart_family
     transformer = load_pipeline(teacher).transformer
-    student, plan = prune(transformer, "depth", PruneConfig(depth=DepthOptions(preset="half")))
-    assert plan["select"] == "skip_error" and len(plan["removed"]) == 2 and student.config.num_layers == 2
+    cfg = PruneConfig(depth=DepthOptions(preset="half")) if method == "depth" else PruneConfig(ratio=0.1)
+    student, plan = prune(transformer, method, cfg)
     folder = save_model(student, tmp_path / "student" / "model", plan, teacher)
     out = tmp_path / "run"
     code = main(["finetune", "--student", str(folder), "--teacher", str(teacher), "--out", str(out), *FAMILY_FLAGS[:9],
                  "finetune.resolution=32", "--method", "distill"])
     assert code == 0, capsys.readouterr().err
     pairs = json.loads((out / "summary.json").read_text())["feature_blocks"]
-    assert pairs == [["transformer_blocks.1", "transformer_blocks.0"], ["transformer_blocks.3", "transformer_blocks.1"]]
-    stock = PixArtAlphaPipeline.from_pretrained(out / "model")  # stock diffusers, no safeprune class
-    assert type(stock.transformer).__name__ == "PixArtTransformer2DModel" and stock.transformer.config.num_layers == 2
-    images = stock(prompt=["a red circle"], num_inference_steps=2, height=32, width=32, use_resolution_binning=False,
-                   output_type="np", generator=torch.Generator().manual_seed(0)).images
+    loaded = diffusers.DiffusionPipeline.from_pretrained(out / "model")
+    assert type(loaded).__name__ == "PixArtAlphaPipeline"
+    if method == "depth":
+        assert plan["select"] == "skip_error" and len(plan["removed"]) == 2
+        assert pairs == [["transformer_blocks.1", "transformer_blocks.0"], ["transformer_blocks.3", "transformer_blocks.1"]]
+        stock = diffusers.PixArtAlphaPipeline.from_pretrained(out / "model")  # no safeprune class involved
+        assert type(stock.transformer).__name__ == "PixArtTransformer2DModel" and stock.transformer.config.num_layers == 2
+    else:
+        heads = [g for g in plan["groups"] if g["kind"] == "heads"]
+        assert heads and type(loaded.transformer).__name__ == "PrunedPixArtTransformer2DModel"
+        assert loaded.transformer.get_submodule(heads[0]["block"]).heads < 2
+        assert len(pairs) == 4  # the residual stream is kept: every block's output is compared
+    images = loaded(prompt=["a red circle"], num_inference_steps=2, height=32, width=32, use_resolution_binning=False,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 32, 32, 3) and images.std() > 0

@@ -80,8 +80,9 @@ FAMILIES = {
                                             "num_layers": 3, "attention_head_dim": 8, "num_attention_heads": 2,
                                             "cross_attention_dim": 16, "caption_channels": 16}),
 }
-# each family's student: SDXL magnitude-pruned, the transformers depth-pruned (a stock config, one block fewer)
-STUDENTS = {"sdxl": ("magnitude", {"ratio": 0.3}), "sd3": ("depth", {"blocks": ["transformer_blocks.0"]}),
+# each family's student: SDXL magnitude-pruned, SD3 width-pruned (a PrunedSD3Transformer2DModel), Flux and PixArt
+# depth-pruned (a stock config, one block fewer)
+STUDENTS = {"sdxl": ("magnitude", {"ratio": 0.3}), "sd3": ("channels", {"ratio": 0.1}),
             "flux": ("depth", {"blocks": ["single_transformer_blocks.0"]}),
             "pixart": ("depth", {"blocks": ["transformer_blocks.1"]})}
 INPUT_NAMES = {"sdxl": ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"],

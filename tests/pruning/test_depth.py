@@ -233,7 +233,7 @@ def test_sdxl_meta_plan_keeps_a_stock_unet_config():
 
 
 @pytest.mark.parametrize("family", ["PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel"])
-def test_channels_prunes_transformer_heads_and_ffn_units_through_torch_pruning(family):
+def test_channels_prunes_transformer_heads_and_ffn_units_through_torch_pruning(family, tmp_path):
     import diffusers
 
     torch.manual_seed(0)
@@ -249,8 +249,17 @@ def test_channels_prunes_transformer_heads_and_ffn_units_through_torch_pruning(f
     x = inputs(model, 6)
     assert output(student, x).shape == output(model, x).shape
     assert torch.equal(output(apply_plan(model, plan).eval(), x), output(student.eval(), x))  # the plan replays
-    with pytest.raises(UserError, match="no saved form"):
-        METHODS["channels"].saved_config(plan)
+    # the saved form: safeprune's subclass with the widths in its config, loading without a replay, also once
+    # diffusers re-saved it (no plan.json)
+    from safeprune.models.io import load_unet, save_unet
+
+    save_unet(student, tmp_path / "m", plan)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["_class_name"] == f"Pruned{family}" and set(config["pruned_widths"]) == kinds
+    loaded = load_unet(tmp_path / "m")
+    assert torch.equal(output(loaded, x), output(student, x))
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert torch.equal(output(load_unet(tmp_path / "resaved"), x), output(student, x))
 
 
 def test_cli_depth_on_the_toy_teacher_measures_skip_errors_on_its_training_data(capsys, tmp_path, toy_teacher_dir):

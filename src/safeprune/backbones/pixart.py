@@ -40,7 +40,7 @@ class PixArt(SD):
     pipelines: tuple[str, ...] = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     pipeline_class: str = "PixArtAlphaPipeline"  # the default; a folder's model_index.json names its own
     denoiser: str = "transformer"
-    denoiser_classes: tuple[str, ...] = ("PixArtTransformer2DModel",)
+    denoiser_classes: tuple[str, ...] = ("PixArtTransformer2DModel", "PrunedPixArtTransformer2DModel")
     load_kwargs: dict = field(default_factory=dict)
 
     def owns_config(self, config: dict) -> bool:

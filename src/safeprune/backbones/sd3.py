@@ -36,7 +36,7 @@ class SD3(SD):
     pipelines: tuple[str, ...] = ("StableDiffusion3Pipeline",)
     pipeline_class: str = "StableDiffusion3Pipeline"
     denoiser: str = "transformer"
-    denoiser_classes: tuple[str, ...] = ("SD3Transformer2DModel",)
+    denoiser_classes: tuple[str, ...] = ("SD3Transformer2DModel", "PrunedSD3Transformer2DModel")
     cross_attention: tuple[str, ...] = (".attn.add_k_proj.", ".attn.add_v_proj.")
     load_kwargs: dict = field(default_factory=dict)
     timestep_density: str = "logit_normal"  # train_dreambooth_sd3.py's default weighting_scheme

@@ -173,7 +173,8 @@ def test_bad_depth_requests_are_one_line_errors(model, family):
 # pruned: Flux.1 Lite "8B" (Freepik), SSD-1B "1.3B" (Segmind). Two significant figures round to within
 # 2.5 % of the exact count for these values (half a unit in the last place: 0.05 / 2.0), so that is the
 # tolerance; the exact counts are pinned too, so a diffusers change shows up.
-FULL = {"sdxl": (2.6e9, 2_567_463_684), "sd3_medium": (2.0e9, 2_028_328_000), "flux1_dev": (12e9, 11_901_408_320)}
+FULL = {"sdxl": (2.6e9, 2_567_463_684), "sd3_medium": (2.0e9, 2_028_328_000), "flux1_dev": (12e9, 11_901_408_320),
+        "pixart_alpha_1024": (0.61e9, 611_349_152)}  # PixArt-alpha XL-2-1024-MS: "0.6B" (the paper), 611 M
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +212,19 @@ def test_cli_plans_flux_depth_on_meta_and_reports_params_and_macs(capsys, tmp_pa
     assert report["macs_before"] > 3e13 and 0.75 < report["macs_ratio"] < 0.85 and report["latent_size"] == 128
     plan = json.loads((tmp_path / "d" / "plan.json").read_text())
     assert plan["model_class"] == "FluxTransformer2DModel" and plan["config"]["num_layers"] == 8
+
+
+def test_cli_plans_pixart_depth_on_meta(capsys, tmp_path):
+    """TinyFusion's 2x cut on PixArt-alpha 1024: 28 -> 14 blocks, half the MACs (its position table, a buffer
+    outside the state dict, stays on the meta device with the rest)."""
+    from safeprune.cli import main
+
+    code = main(["prune", "--transformer-config", "pixart_alpha_1024", "--method", "depth", "prune.depth.preset=half",
+                 "--out", str(tmp_path / "d")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "d" / "prune_report.json").read_text())
+    assert report["params_before"] == FULL["pixart_alpha_1024"][1] and len(report["removed"]) == 14
+    assert report["params_after"] == pytest.approx(0.314e9, rel=0.01) and report["macs_ratio"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_cli_refuses_an_unknown_denoiser_class(capsys, tmp_path):

@@ -18,6 +18,9 @@ _EXPORTS = {
     # and finds how to load it by looking up its base classes' names IN THIS MODULE (getattr(safeprune,
     # "ModelMixin")): diffusers' ModelMixin must be reachable here for DiffusionPipeline.from_pretrained.
     "PrunedUNet2DConditionModel": "safeprune.models.pruned_unet",
+    "PrunedSD3Transformer2DModel": "safeprune.models.pruned_unet",
+    "PrunedFluxTransformer2DModel": "safeprune.models.pruned_unet",
+    "PrunedPixArtTransformer2DModel": "safeprune.models.pruned_unet",
     "ModelMixin": "diffusers",
     "prune": "safeprune.pruning",
     "finetune": "safeprune.recipes.finetune",

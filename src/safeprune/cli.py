@@ -226,17 +226,17 @@ def _report_args(p):
 
 
 def _export_args(p):
-    p.add_argument("--model", dest="paths.model", help="model folder (run, model/, pipeline or UNet; default: the toy "
-                                                       "teacher)")
+    p.add_argument("--model", dest="paths.model", help="model folder (run, model/, pipeline, UNet or transformer; "
+                                                       "default: the toy teacher)")
     p.add_argument("--format", default="onnx", help="export format: onnx (needs pip install 'safeprune[onnx]')")
     p.add_argument("--teacher", dest="export_teacher", default=None,
-                   help="also export this teacher's UNet (folder, hub id, or 'toy') and report the latency ratio")
+                   help="also export this teacher's denoiser (folder, hub id, or 'toy') and report the latency ratio")
     p.add_argument("--batch", type=int, default=2, help="batch of the check and the timing (2 = one CFG image)")
     p.add_argument("--runs", type=int, default=20, help="timed onnxruntime calls per model (median reported)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (torchscript: at most 17)")
     p.add_argument("--exporter", default="dynamo", help="torch.onnx exporter: dynamo (default) | torchscript (faster, deprecated)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest |onnxruntime - torch| accepted")
-    _out(p, "output folder (unet.onnx, export_report.json)")
+    _out(p, "output folder (unet.onnx or transformer.onnx, export_report.json)")
 
 
 def _presets_args(p):
@@ -279,7 +279,7 @@ COMMANDS: dict[str, Command] = {
     "report": Command("tables, grids and curves from several runs", _report_args, "safeprune.recipes.report:run"),
     "demo": Command("the main job: prune, fine-tune 3 ways, evaluate, report", _demo_args,
                     "safeprune.recipes.demo:run"),
-    "export": Command("export a model's UNet to ONNX, checked and timed in onnxruntime", _export_args,
+    "export": Command("export a model's denoiser to ONNX, checked and timed in onnxruntime", _export_args,
                       "safeprune.export:run"),
     "presets": Command("list the shipped presets (configs), or print one's path", _presets_args,
                        "safeprune.cli:run_presets"),

@@ -1,9 +1,11 @@
-"""Tiny random-weight SDXL, SD3 and Flux pipelines built from config (no downloads), and magnitude-pruned students.
+"""Tiny random-weight SDXL, SD3, Flux and PixArt pipelines built from config (no downloads), and magnitude-pruned
+students.
 
 Text encoders are CLIPs at width 32 over the toy world's CLIP-format BPE vocabulary, written by
-safeprune.models.toy.build_tokenizer (every toy word is one token), and for Flux a 2-layer T5 over a Unigram
-vocabulary of the same words built here with `tokenizers`; the VAE is the toy one (32 px images <->
-4x16x16 latents). SD3 runs without its optional T5 (the pipeline then pads with zeros, as SD3 allows).
+safeprune.models.toy.build_tokenizer (every toy word is one token), and for Flux and PixArt a 2-layer T5 over a
+Unigram vocabulary of the same words built here with `tokenizers`; the VAE is the toy one (32 px images <->
+4x16x16 latents). SD3 runs without its optional T5 (the pipeline then pads with zeros, as SD3 allows). PixArt's
+transformer has learned sigma (out_channels 8 = 2 x 4 latent channels), as the released checkpoints.
 """
 
 import pytest
@@ -85,19 +87,41 @@ def t5_tokenizer(words):
                            model_max_length=512, extra_ids=0)
 
 
+def t5_encoder(tokenizer):
+    """A 2-layer, 32-wide T5 encoder over `tokenizer`'s vocabulary (random weights)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
 def build_flux(root):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     words = ToyWorld().vocabulary()
     tokenizer, tokenizer_2 = toy.build_tokenizer(words, root / "tok"), t5_tokenizer(words)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    t5 = t5_encoder(tokenizer_2)
     vae = AutoencoderKL(**{**toy.VAE_CONFIG, "shift_factor": 0.0})  # 4 latent channels: in_channels 16 packed
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                         text_encoder=clip_encoder(tokenizer, False), tokenizer=tokenizer, text_encoder_2=t5,
                         tokenizer_2=tokenizer_2, transformer=FluxTransformer2DModel(**TINY_FLUX))
+
+
+TINY_PIXART = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=4, attention_head_dim=8,
+                   num_attention_heads=2, cross_attention_dim=16, caption_channels=32)
+
+
+def build_pixart(root, pipeline="PixArtAlphaPipeline"):
+    import diffusers
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    tokenizer = t5_tokenizer(ToyWorld().vocabulary())
+    text_encoder = t5_encoder(tokenizer)
+    _, sampler = toy.build_schedulers()
+    return getattr(diffusers, pipeline)(tokenizer=tokenizer, text_encoder=text_encoder, vae=toy.build_vae(),
+                                        transformer=PixArtTransformer2DModel(**TINY_PIXART), scheduler=sampler)
 
 
 def _family(tmp_path_factory, name, build):
@@ -127,3 +151,8 @@ def sd3_family(tmp_path_factory):
 @pytest.fixture(scope="session")
 def flux_family(tmp_path_factory):
     return _family(tmp_path_factory, "flux", build_flux)
+
+
+@pytest.fixture(scope="session")
+def pixart_family(tmp_path_factory):
+    return _family(tmp_path_factory, "pixart", build_pixart)

@@ -1,5 +1,5 @@
 """Backbone families: detection, SD 1.x/2.x unchanged, the flow-matching target and ESD in velocity space, and
-SDXL / SD3 tiny pipelines through `finetune --method bilevel` and their own diffusers pipelines."""
+SDXL / SD3 / Flux / PixArt tiny pipelines through `finetune --method bilevel` and their own diffusers pipelines."""
 
 import copy
 import json
@@ -20,20 +20,24 @@ def test_families_are_read_from_model_index_and_denoiser_configs(random_teacher_
     assert backbone_for_config({"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time"}).name == "sdxl"
     assert backbone_for_config({"_class_name": "SD3Transformer2DModel"}).name == "sd3"
     assert backbone_for_config({"_class_name": "FluxTransformer2DModel"}).name == "flux"
-    for name, family in [("PixArtSigmaPipeline", "PixArt"), ("KandinskyPipeline", None)]:
+    assert backbone_for_config({"_class_name": "PixArtTransformer2DModel"}).name == "pixart"
+    for name, family in [("PixArtSigmaPipeline", "pixart"), ("PixArtAlphaPipeline", "pixart"), ("KandinskyPipeline", None)]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": name}))
-        with pytest.raises(UserError, match=f"is a {name}.*{'not support yet' if family else 'not support'}") as err:
+        if family:
+            assert backbone_of(tmp_path / name).name == family
+            continue
+        with pytest.raises(UserError, match=f"is a {name}, which safeprune does not support") as err:
             backbone_of(tmp_path / name)
         assert "\n" not in str(err.value) and "StableDiffusion3Pipeline (sd3)" in str(err.value)
 
 
 def test_an_unsupported_family_is_one_line_from_the_cli(tmp_path, capsys):
-    (tmp_path / "pixart").mkdir()
-    (tmp_path / "pixart" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
-    code = main(["generate", "--model", str(tmp_path / "pixart"), "--prompts", "toy:forget", "--out", str(tmp_path / "g")])
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    code = main(["generate", "--model", str(tmp_path / "k"), "--prompts", "toy:forget", "--out", str(tmp_path / "g")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "PixArtSigmaPipeline (PixArt)" in err and "not support yet" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "KandinskyPipeline" in err and "PixArtAlphaPipeline (pixart)" in err
     assert not (tmp_path / "g").exists()
 
 
@@ -42,6 +46,8 @@ def test_cross_attention_is_named_per_family():
     assert not is_cross_attention("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight")
     assert is_cross_attention("transformer_blocks.0.attn.add_v_proj.weight")  # MMDiT: the text stream's values
     assert not is_cross_attention("transformer_blocks.0.attn.to_v.weight")  # the image stream's own
+    assert is_cross_attention("transformer_blocks.2.attn2.to_k.weight")  # PixArt: cross-attention to T5
+    assert not is_cross_attention("transformer_blocks.2.attn1.to_k.weight")
 
 
 def test_the_sd_backbone_gives_todays_loss_on_a_fixed_batch(random_teacher_dir):
@@ -146,7 +152,7 @@ FAMILY_FLAGS = ["finetune.max_steps=4", "finetune.method=bilevel", "finetune.upp
                 "sample.steps=2", "sample.batch_size=2", "finetune.resolution=32", "sample.resolution=32"]
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "pixart"])
 def test_bilevel_end_to_end_and_sampling_through_the_family_pipeline(family, request, tmp_path, capsys):
     import diffusers
 
@@ -188,6 +194,8 @@ def test_bilevel_end_to_end_and_sampling_through_the_family_pipeline(family, req
     ("sd3", ["--method", "two_stage", "--unlearn", "ablation"]),  # distil, then the anchor-image upper loss
     ("flux", ["--method", "bilevel", "--unlearn", "esd_anchor", "finetune.solver.name=penalty"]),
     ("sdxl", ["--method", "distill"]),
+    ("pixart", ["--method", "two_stage", "--unlearn", "esd"]),
+    ("pixart", ["--method", "bilevel", "--unlearn", "ablation", "finetune.solver.name=penalty"]),
 ])
 def test_every_method_runs_on_the_families(family, flags, request, tmp_path, capsys):
     teacher, student = request.getfixturevalue(f"{family}_family")
@@ -205,7 +213,7 @@ def test_every_method_runs_on_the_families(family, flags, request, tmp_path, cap
         assert summary["solver"] == "penalty" and any("outer/gap" in r for r in rows)
 
 
-@pytest.mark.parametrize("family", ["sd3"])  # Flux samples through the same code (its draw: the e2e test); ~60 s here
+@pytest.mark.parametrize("family", ["sd3", "pixart"])  # Flux samples through the same code (its draw: the e2e test); ~60 s here
 def test_the_toy_evaluation_runs_through_the_family_pipeline(family, request):
     import math
 
@@ -311,3 +319,106 @@ def test_a_depth_pruned_sd3_student_distils_each_block_from_its_own_original(sd3
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "distill" and summary["feature_blocks"] == expected
+
+
+def test_pixart_masks_the_padding_and_drops_the_learned_sigma(pixart_family):
+    """The T5 mask reaches the transformer (padding states cannot change the prediction; without the mask they
+    do), and the prediction is the eps half of the 8-channel learned-sigma output."""
+    from safeprune.backbones.base import PromptEmbeddings
+    from safeprune.models.io import load_pipeline
+
+    teacher, _ = pixart_family
+    pipe, backbone = load_pipeline(teacher), BACKBONES["pixart"]
+    emb = backbone.encode(pipe, ["", "a red circle"], "cpu")
+    assert emb.mask.dtype == torch.long and emb.mask.shape == emb.hidden.shape[:2] and emb.time_ids is None
+    n = int(emb.mask[1].sum())
+    assert 1 < n < emb.mask.shape[1] and emb.mask[1, :n].all()  # the prompt's tokens, then padding
+    assert emb[1:].mask.shape == (1, emb.mask.shape[1]) and emb.to(torch.bfloat16).mask.dtype == torch.long
+    model = pipe.transformer.eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300])
+    with torch.no_grad():
+        out = backbone.predict(model, x, t, emb[1:])
+        raw = model(x, timestep=t, encoder_hidden_states=emb.hidden[1:], encoder_attention_mask=emb.mask[1:],
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        assert raw.shape[1] == 8 and out.shape == x.shape and torch.equal(out, raw[:, :4])
+        noisy = emb.hidden[1:].clone()
+        noisy[:, n:] += torch.randn(noisy[:, n:].shape, generator=g)  # change only the padding states
+        masked = backbone.predict(model, x, t, PromptEmbeddings(noisy, mask=emb.mask[1:]))
+        unmasked = backbone.predict(model, x, t, PromptEmbeddings(noisy))
+    torch.testing.assert_close(masked, out, atol=1e-6, rtol=0)
+    assert (unmasked - out).abs().max() > 1e-4
+
+
+def test_pixart_alpha_1024_conditions_on_the_image_size_and_sigma_loads_as_sigma(tmp_path):
+    """sample_size 128 (the 1024 px PixArt-alpha) adds (height, width) and aspect ratio, as diffusers' pipeline
+    does; a PixArtSigmaPipeline folder loads, assembles and draws as a PixArtSigmaPipeline."""
+    from conftest import TINY_PIXART, build_pixart
+    from diffusers import PixArtTransformer2DModel
+
+    from safeprune.models.io import load_pipeline
+    from safeprune.recipes.generate import generate_images
+
+    backbone = BACKBONES["pixart"]
+    pipe = build_pixart(tmp_path, "PixArtSigmaPipeline")
+    pipe.save_pretrained(tmp_path / "sigma")
+    loaded = load_pipeline(tmp_path / "sigma")
+    assert type(loaded).__name__ == "PixArtSigmaPipeline"
+    assert type(backbone.assemble(loaded, loaded.transformer)).__name__ == "PixArtSigmaPipeline"
+    images = generate_images(loaded, ["a red circle"], [0], steps=2, guidance=3.0, progress=False, resolution=32)
+    assert images.shape == (1, 32, 32, 3) and images.std() > 0
+
+    torch.manual_seed(0)
+    # width 24: the size embeddings take a third of the width each (PixArt-alpha's 1152 = 3 x 384)
+    big = PixArtTransformer2DModel(**{**TINY_PIXART, "sample_size": 128, "num_attention_heads": 3,
+                                      "cross_attention_dim": 24}).eval()
+    assert big.use_additional_conditions
+    emb = backbone.encode(backbone.assemble(pipe, big), ["a red circle", "a blue square"], "cpu", resolution=1024)
+    assert emb.time_ids.tolist() == [[1024.0, 1024.0, 1.0]] * 2
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
+
+    def call(side):
+        added = {"resolution": torch.full((2, 2), side), "aspect_ratio": torch.ones(2, 1)}
+        return big(x, timestep=t, encoder_hidden_states=emb.hidden, encoder_attention_mask=emb.mask,
+                   added_cond_kwargs=added).sample[:, :4]
+
+    with torch.no_grad():
+        out = backbone.predict(big, x, t, emb)
+        assert torch.equal(out, call(1024.0)) and not torch.allclose(out, call(512.0))
+
+
+@pytest.mark.parametrize("method", ["depth", "channels"])
+def test_a_pruned_pixart_distils_and_loads_with_diffusers(method, pixart_family, tmp_path, capsys):
+    """depth (TinyFusion's half) leaves a stock PixArtTransformer2DModel; channels (heads and feed-forward units)
+    safeprune's PrunedPixArtTransformer2DModel, which DiffusionPipeline.from_pretrained loads by name."""
+    import diffusers
+
+    from safeprune.config import DepthOptions, PruneConfig
+    from safeprune.models.io import load_pipeline, save_model
+    from safeprune.pruning import prune
+
+    teacher, _ = pixart_family
+    transformer = load_pipeline(teacher).transformer
+    cfg = PruneConfig(depth=DepthOptions(preset="half")) if method == "depth" else PruneConfig(ratio=0.1)
+    student, plan = prune(transformer, method, cfg)
+    folder = save_model(student, tmp_path / "student" / "model", plan, teacher)
+    out = tmp_path / "run"
+    code = main(["finetune", "--student", str(folder), "--teacher", str(teacher), "--out", str(out), *FAMILY_FLAGS[:9],
+                 "finetune.resolution=32", "--method", "distill"])
+    assert code == 0, capsys.readouterr().err
+    pairs = json.loads((out / "summary.json").read_text())["feature_blocks"]
+    loaded = diffusers.DiffusionPipeline.from_pretrained(out / "model")
+    assert type(loaded).__name__ == "PixArtAlphaPipeline"
+    if method == "depth":
+        assert plan["select"] == "skip_error" and len(plan["removed"]) == 2
+        assert pairs == [["transformer_blocks.1", "transformer_blocks.0"], ["transformer_blocks.3", "transformer_blocks.1"]]
+        stock = diffusers.PixArtAlphaPipeline.from_pretrained(out / "model")  # no safeprune class involved
+        assert type(stock.transformer).__name__ == "PixArtTransformer2DModel" and stock.transformer.config.num_layers == 2
+    else:
+        heads = [g for g in plan["groups"] if g["kind"] == "heads"]
+        assert heads and type(loaded.transformer).__name__ == "PrunedPixArtTransformer2DModel"
+        assert loaded.transformer.get_submodule(heads[0]["block"]).heads < 2
+        assert len(pairs) == 4  # the residual stream is kept: every block's output is compared
+    images = loaded(prompt=["a red circle"], num_inference_steps=2, height=32, width=32, use_resolution_binning=False,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3) and images.std() > 0

@@ -173,7 +173,8 @@ def test_bad_depth_requests_are_one_line_errors(model, family):
 # pruned: Flux.1 Lite "8B" (Freepik), SSD-1B "1.3B" (Segmind). Two significant figures round to within
 # 2.5 % of the exact count for these values (half a unit in the last place: 0.05 / 2.0), so that is the
 # tolerance; the exact counts are pinned too, so a diffusers change shows up.
-FULL = {"sdxl": (2.6e9, 2_567_463_684), "sd3_medium": (2.0e9, 2_028_328_000), "flux1_dev": (12e9, 11_901_408_320)}
+FULL = {"sdxl": (2.6e9, 2_567_463_684), "sd3_medium": (2.0e9, 2_028_328_000), "flux1_dev": (12e9, 11_901_408_320),
+        "pixart_alpha_1024": (0.61e9, 611_349_152)}  # PixArt-alpha XL-2-1024-MS: "0.6B" (the paper), 611 M
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +214,19 @@ def test_cli_plans_flux_depth_on_meta_and_reports_params_and_macs(capsys, tmp_pa
     assert plan["model_class"] == "FluxTransformer2DModel" and plan["config"]["num_layers"] == 8
 
 
+def test_cli_plans_pixart_depth_on_meta(capsys, tmp_path):
+    """TinyFusion's 2x cut on PixArt-alpha 1024: 28 -> 14 blocks, half the MACs (its position table, a buffer
+    outside the state dict, stays on the meta device with the rest)."""
+    from safeprune.cli import main
+
+    code = main(["prune", "--transformer-config", "pixart_alpha_1024", "--method", "depth", "prune.depth.preset=half",
+                 "--out", str(tmp_path / "d")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "d" / "prune_report.json").read_text())
+    assert report["params_before"] == FULL["pixart_alpha_1024"][1] and len(report["removed"]) == 14
+    assert report["params_after"] == pytest.approx(0.314e9, rel=0.01) and report["macs_ratio"] == pytest.approx(0.5, abs=0.01)
+
+
 def test_cli_refuses_an_unknown_denoiser_class(capsys, tmp_path):
     from safeprune.cli import main
 
@@ -233,7 +247,7 @@ def test_sdxl_meta_plan_keeps_a_stock_unet_config():
 
 
 @pytest.mark.parametrize("family", ["PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel"])
-def test_channels_prunes_transformer_heads_and_ffn_units_through_torch_pruning(family):
+def test_channels_prunes_transformer_heads_and_ffn_units_through_torch_pruning(family, tmp_path):
     import diffusers
 
     torch.manual_seed(0)
@@ -249,8 +263,17 @@ def test_channels_prunes_transformer_heads_and_ffn_units_through_torch_pruning(f
     x = inputs(model, 6)
     assert output(student, x).shape == output(model, x).shape
     assert torch.equal(output(apply_plan(model, plan).eval(), x), output(student.eval(), x))  # the plan replays
-    with pytest.raises(UserError, match="no saved form"):
-        METHODS["channels"].saved_config(plan)
+    # the saved form: safeprune's subclass with the widths in its config, loading without a replay, also once
+    # diffusers re-saved it (no plan.json)
+    from safeprune.models.io import load_unet, save_unet
+
+    save_unet(student, tmp_path / "m", plan)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["_class_name"] == f"Pruned{family}" and set(config["pruned_widths"]) == kinds
+    loaded = load_unet(tmp_path / "m")
+    assert torch.equal(output(loaded, x), output(student, x))
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert torch.equal(output(load_unet(tmp_path / "resaved"), x), output(student, x))
 
 
 def test_cli_depth_on_the_toy_teacher_measures_skip_errors_on_its_training_data(capsys, tmp_path, toy_teacher_dir):

@@ -12,7 +12,7 @@ file here and one line in BACKBONES; its key is the name errors and summaries us
   sdxl   SDXL: two CLIPs, pooled text + time ids as added conditioning, UNet, eps or v
   sd3    SD3-class MMDiT: CLIP-L/G (+ optional T5), SD3Transformer2DModel, rectified-flow velocity
   flux   FLUX.1: CLIP pooled + T5, FluxTransformer2DModel on packed latents, rectified-flow velocity
-PixArt (PixArtTransformer2DModel, T5 with an attention mask) is not implemented yet: a one-line error.
+  pixart PixArt-alpha / -sigma: T5 with its attention mask, PixArtTransformer2DModel, eps (learned sigma dropped)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from safeprune.backbones.base import PromptEmbeddings
 from safeprune.backbones.flux import Flux
+from safeprune.backbones.pixart import PixArt
 from safeprune.backbones.sd import SD
 from safeprune.backbones.sd3 import SD3
 from safeprune.backbones.sdxl import SDXL
@@ -32,13 +33,8 @@ BACKBONES: dict[str, SD] = {
     "sdxl": SDXL(),
     "sd3": SD3(),
     "flux": Flux(),
+    "pixart": PixArt(),
 }
-
-# Denoisers that `prune` plans and measures although no file here trains them yet: {diffusers class: family key}
-MEASURE_ONLY = {"PixArtTransformer2DModel": "pixart"}
-# Families the issue tracker asks for that no file here implements yet: a one-line error instead of a traceback.
-NOT_YET = {"PixArtAlphaPipeline": "PixArt",
-           "PixArtSigmaPipeline": "PixArt", "PixArtTransformer2DModel": "PixArt"}
 
 
 def get_backbone(name: str) -> SD:
@@ -54,9 +50,6 @@ def backbone_for_pipeline(class_name: str, where: str = "the model") -> SD:
     for backbone in BACKBONES.values():
         if class_name in backbone.pipelines:
             return backbone
-    if class_name in NOT_YET:
-        raise UserError(f"{where} is a {class_name} ({NOT_YET[class_name]}), which safeprune does not support yet; "
-                        f"supported: {_supported()}")
     raise UserError(f"{where} is a {class_name}, which safeprune does not support; supported: {_supported()}")
 
 
@@ -66,9 +59,6 @@ def backbone_for_config(config: dict, where: str = "the model") -> SD:
         if backbone.owns_config(config):
             return backbone
     name = config.get("_class_name", "UNet2DConditionModel")
-    if name in NOT_YET:
-        raise UserError(f"{where} holds a {name} ({NOT_YET[name]}), which safeprune does not support yet; "
-                        f"supported: {_supported()}")
     extra = f" with addition_embed_type={config.get('addition_embed_type')!r}" if config.get("addition_embed_type") else ""
     raise UserError(f"{where} holds a {name}{extra}, which safeprune does not support; supported: {_supported()}")
 
@@ -97,9 +87,9 @@ def denoiser_classes() -> tuple[str, ...]:
 
 
 def known_denoisers() -> tuple[str, ...]:
-    """Every diffusers denoiser class safeprune builds from a config (config.json's _class_name): the families'
-    and the measure-only ones, without safeprune's own subclasses."""
-    return tuple(c for c in (*denoiser_classes(), *MEASURE_ONLY) if not c.startswith("Pruned"))
+    """Every diffusers denoiser class safeprune builds from a config (config.json's _class_name), without
+    safeprune's own subclasses."""
+    return tuple(c for c in denoiser_classes() if not c.startswith("Pruned"))
 
 
 def denoiser_class_of(model) -> str:
@@ -110,11 +100,9 @@ def denoiser_class_of(model) -> str:
 
 
 def family_key(model) -> str | None:
-    """The family of a denoiser model: a BACKBONES key, a MEASURE_ONLY one ("pixart"), or None when it is none
-    of them (e.g. a UNet with another added embedding)."""
+    """The family of a denoiser model: a BACKBONES key, or None when it is none of them (e.g. a UNet with
+    another added embedding)."""
     name = denoiser_class_of(model)
-    if name in MEASURE_ONLY:
-        return MEASURE_ONLY[name]
     config = {**dict(getattr(model, "config", {})), "_class_name": name}
     return next((key for key, b in BACKBONES.items() if b.owns_config(config)), None)
 
@@ -132,6 +120,6 @@ def is_cross_attention(name: str) -> bool:
     return any(fragment in name for b in BACKBONES.values() for fragment in b.cross_attention)
 
 
-__all__ = ["BACKBONES", "MEASURE_ONLY", "PromptEmbeddings", "backbone_for_config", "backbone_for_pipeline",
+__all__ = ["BACKBONES", "PromptEmbeddings", "backbone_for_config", "backbone_for_pipeline",
            "backbone_of", "denoiser_class_of", "denoiser_classes", "denoiser_component", "family_key", "get_backbone",
            "is_cross_attention", "known_denoisers"]

@@ -27,7 +27,10 @@ class PromptEmbeddings:
 
     hidden: torch.Tensor  # (P, L, D): per-token states the denoiser attends to
     pooled: torch.Tensor | None = None  # (P, D2): pooled text embedding (SDXL, SD3, Flux)
-    time_ids: torch.Tensor | None = None  # (P, 6): SDXL's micro-conditioning (original size, crop, target size)
+    # micro-conditioning: SDXL's (P, 6) (original size, crop, target size); PixArt-alpha 1024's (P, 3) (height,
+    # width, aspect ratio)
+    time_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # (P, L) long, 1 = token, 0 = padding: the text attention mask (PixArt's T5)
 
     def _map(self, fn) -> PromptEmbeddings:
         return PromptEmbeddings(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
@@ -65,7 +68,8 @@ def cat_embeddings(parts: list):
 def encode_in_chunks(encoders, device, prompts: list[str], encode, size: int = 64):
     """(hidden (P, L, D), pooled (P, D2)) float32 of `prompts`, encoded `size` at a time by `encode(chunk) ->
     (hidden, pooled)` (a family's call of its pipeline's `encode_prompt`), after putting `encoders` on `device`
-    in eval mode (None entries, e.g. an absent T5, are skipped)."""
+    in eval mode (None entries, e.g. an absent T5, are skipped). A non-float second tensor (PixArt's attention
+    mask (P, L)) keeps its dtype."""
     for encoder in encoders:
         if encoder is not None:
             encoder.to(device).eval()
@@ -73,7 +77,7 @@ def encode_in_chunks(encoders, device, prompts: list[str], encode, size: int = 6
     for start in range(0, len(prompts), size):
         emb, pool = encode(list(prompts[start:start + size]))
         hidden.append(emb.float())
-        pooled.append(pool.float())
+        pooled.append(pool.float() if pool.is_floating_point() else pool)
     return torch.cat(hidden), torch.cat(pooled)
 
 

@@ -30,7 +30,7 @@ class Flux(SD3):
     label: str = "a Flux-class MMDiT (FluxTransformer2DModel)"  # how messages name the family
     pipelines: tuple[str, ...] = ("FluxPipeline",)
     pipeline_class: str = "FluxPipeline"
-    denoiser_classes: tuple[str, ...] = ("FluxTransformer2DModel",)
+    denoiser_classes: tuple[str, ...] = ("FluxTransformer2DModel", "PrunedFluxTransformer2DModel")
     timestep_density: str = "uniform"
     max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev's)
     guidance: float = 3.5  # the guidance embedding's value in training (guidance-distilled checkpoints)

@@ -42,7 +42,7 @@ class SD3(SD):
     pipelines: tuple[str, ...] = ("StableDiffusion3Pipeline",)
     pipeline_class: str = "StableDiffusion3Pipeline"
     denoiser: str = "transformer"
-    denoiser_classes: tuple[str, ...] = ("SD3Transformer2DModel",)
+    denoiser_classes: tuple[str, ...] = ("SD3Transformer2DModel", "PrunedSD3Transformer2DModel")
     cross_attention: tuple[str, ...] = (".attn.add_k_proj.", ".attn.add_v_proj.")
     output_and_time: tuple[str, ...] = ("proj_out.", "norm_out.", "time_text_embed.")
     text_stream: bool = True

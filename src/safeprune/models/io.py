@@ -103,12 +103,14 @@ CHECKPOINT_STATE = "state.json"  # marks a training checkpoint (safeprune.checkp
 
 def unet_class(plan: dict):
     """(model class, its config) of the student a plan describes: what config.json holds and what loads it. The
-    method's `saved_config` says the config; one with `pruned_widths` (channels) is safeprune's model class."""
-    from safeprune.models.pruned_unet import PrunedUNet2DConditionModel
+    method's `saved_config` says the config; one with `pruned_widths` (channels) is safeprune's model class of
+    that denoiser (safeprune.models.pruned_unet)."""
+    from safeprune.models.pruned_unet import PRUNED
     from safeprune.pruning import saved_config
 
     config = {k: v for k, v in saved_config(plan).items() if not k.startswith("_")}
-    return (PrunedUNet2DConditionModel if "pruned_widths" in config else denoiser_class(config)), config
+    base = denoiser_class({**config, "_class_name": plan.get("model_class")})
+    return (PRUNED[base.__name__] if "pruned_widths" in config else base), config
 
 
 def denoiser_class(config: dict):
@@ -229,7 +231,7 @@ def write_model(unet, folder: Path, plan: dict | None, teacher_dir: str | Path, 
         check(source.is_dir(), f"teacher {str(teacher_dir)!r} lists {name} in model_index.json but has no {name}/")
         shutil.copytree(source, folder / name, ignore=lambda _, names: [n for n in names if n.endswith(PICKLES)])
     cls = json.loads((folder / component / "config.json").read_text())["_class_name"]
-    library = "safeprune" if cls == "PrunedUNet2DConditionModel" else "diffusers"
+    library = "safeprune" if cls.startswith("Pruned") else "diffusers"  # safeprune.models.pruned_unet
     index = {k: v for k, v in index.items() if k != "_name_or_path"}
     index |= {"_diffusers_version": diffusers.__version__, component: [library, cls]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))

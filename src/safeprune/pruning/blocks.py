@@ -85,7 +85,9 @@ def build_from(base_unet, config: dict, renames) -> object:
 
     renames = [tuple(r) for r in renames]
     old = base_unet.state_dict()
-    with init_empty_weights():
+    # buffers that are not in the state dict (PixArt's sin-cos position table) are computed at init: on the meta
+    # device for a meta base (its inputs are meta), as real tensors otherwise
+    with init_empty_weights(include_buffers=next(base_unet.parameters()).is_meta):
         student = denoiser_class(family_of(base_unet)).from_config(config)
     weights = {}
     for key, slot in student.state_dict().items():

@@ -13,7 +13,8 @@ a 32-channel one on an AVX-512 CPU (measured), so unaligned widths shed paramete
 Diffusion transformers go through the same dependency graph (the residual stream is never cut): PixArt's
 self-attention heads and feed-forward units, SD3's and Flux's feed-forward units (image and text streams);
 their joint (two-stream, QK-normed) attention and Flux's single-stream blocks (one fused output projection)
-are not sites. Such a model replays from its plan (`apply_plan`); it has no saved class yet (UNets only).
+are not sites. Their saved form is the same subclass with `pruned_widths` as the UNet's (PRUNED in
+safeprune.models.pruned_unet, which says why no stock transformer config can hold these widths).
 Block inputs and outputs (the residual streams) are never touched, so every block's feature map keeps the
 teacher's shape and feature distillation (seed eq. 4) compares like with like. The dependency graph finds
 each unit's coupled layers; a group that would reach past its block is refused (torch-pruning's
@@ -214,15 +215,13 @@ def pruned_widths(base_unet, groups: list[dict]) -> dict[str, dict[str, int]]:
 
 @functools.lru_cache(maxsize=16)
 def _widths(key: str) -> dict[str, dict[str, int]]:
-    """pruned_widths of the plan groups on their full-width base config, both in `key` (JSON), memoised: saving
-    and loading one student asks for them several times, and each answer builds the base on the meta device."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
+    """pruned_widths of the plan groups on their full-width base config of a denoiser class, all in `key`
+    (JSON), memoised: saving and loading one student asks for them several times, and each answer builds the
+    base on the meta device."""
+    from safeprune.pruning.measure import meta_model
 
-    base, groups = json.loads(key)
-    with init_empty_weights():  # widths only: the full-width base on the meta device
-        full = UNet2DConditionModel.from_config({k: v for k, v in base.items() if not k.startswith("_")})
-    return pruned_widths(full, groups)
+    class_name, base, groups = json.loads(key)
+    return pruned_widths(meta_model(base, class_name), groups)  # widths only: the full-width base on meta
 
 
 def rebuild_sites(unet, widths: dict[str, dict[str, int]]) -> None:
@@ -400,17 +399,16 @@ class Channels(Method):
         return cfg.channels.importance == "taylor"  # first-order Taylor scores need gradients of a data loss
 
     def saved_config(self, plan):
-        """The base config + `pruned_widths` ({kind: {block: size}}): the config of
-        safeprune.models.pruned_unet.PrunedUNet2DConditionModel, which builds the pruned architecture from it
-        directly (a stock config has one width per stage, not per layer; nothing is replayed at load)."""
-        check("model_class" not in plan, f"a width-pruned {plan.get('model_class')} has no saved form yet (only UNets "
-                                         "have PrunedUNet2DConditionModel); keep its plan (apply_plan), or use "
-                                         "--method depth or magnitude, which stay stock diffusers models")
+        """The base config + `pruned_widths` ({kind: {block: size}}): the config of the denoiser's class in
+        safeprune.models.pruned_unet (PrunedUNet2DConditionModel, PrunedPixArtTransformer2DModel, ...), which
+        builds the pruned architecture from it directly (a stock config has one width per stage, not per layer;
+        nothing is replayed at load)."""
         base = {k: v for k, v in plan["base_config"].items() if k != "pruned_widths"}
         widths = plan.get("pruned_widths")  # recorded when diffusers re-saved the folder (no plan.json)
         if widths is None:
             check(isinstance(plan.get("groups"), list), "channels plan has no 'groups'; re-run `safeprune prune`")
-            widths = copy.deepcopy(_widths(json.dumps([base, plan["groups"]], sort_keys=True)))
+            key = [plan.get("model_class", "UNet2DConditionModel"), base, plan["groups"]]
+            widths = copy.deepcopy(_widths(json.dumps(key, sort_keys=True)))
         return {**base, "pruned_widths": widths}
 
     def plan_from_config(self, config):

@@ -124,16 +124,18 @@ def model_inputs(model, batch: int = 1, text_tokens: int | None = None, sample_s
         return inputs
     latents = rand(batch, cfg.in_channels, size, size)
     timestep = torch.full((batch,), 500, dtype=torch.long).to(param.device)
-    if family == "SD3Transformer2DModel":
+    if family == "SD3Transformer2DModel":  # flow-matching timesteps are floats (1000 sigma)
         return {"hidden_states": latents, "encoder_hidden_states": rand(batch, tokens, cfg.joint_attention_dim),
-                "pooled_projections": rand(batch, cfg.pooled_projection_dim), "timestep": timestep}
+                "pooled_projections": rand(batch, cfg.pooled_projection_dim), "timestep": timestep.float()}
     if family == "PixArtTransformer2DModel":
         extra = {"resolution": None, "aspect_ratio": None}
         if getattr(model, "use_additional_conditions", False):  # PixArt-alpha 1024 px conditions on the image size
             extra = {"resolution": torch.full((batch, 2), float(size * 8)).to(param.device, param.dtype),
                      "aspect_ratio": torch.ones(batch, 1).to(param.device, param.dtype)}
+        # T5's mask as the pipeline pads it: the prompt's tokens (here the first half), then padding
+        mask = (torch.arange(tokens) < max(1, tokens // 2)).long().expand(batch, -1).to(param.device)
         return {"hidden_states": latents, "encoder_hidden_states": rand(batch, tokens, cfg.caption_channels),
-                "timestep": timestep, "added_cond_kwargs": extra}
+                "encoder_attention_mask": mask, "timestep": timestep, "added_cond_kwargs": extra}
     cross = cfg.encoder_hid_dim or cfg.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     inputs = {"sample": latents, "timestep": timestep, "encoder_hidden_states": rand(batch, tokens, cross)}

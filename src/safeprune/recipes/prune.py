@@ -7,7 +7,7 @@
                        parameter and MAC counts. The class comes from the config's `_class_name`
                        (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel,
                        PixArtTransformer2DModel; safeprune.backbones.known_denoisers). A bare name picks a shipped
-                       public architecture (SHIPPED_CONFIGS: sd15, sd21, sdxl, sd3_medium, flux1_dev).
+                       public architecture (SHIPPED_CONFIGS: sd15, sd21, sdxl, sd3_medium, flux1_dev, pixart_alpha_1024).
 
 The output folder holds `model/`, a complete diffusers pipeline folder with the student UNet and a model card
 (see `safeprune.models.io`; a bare UNet folder when --model is a UNet folder without a pipeline), plus
@@ -51,7 +51,8 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # Public architecture configs shipped with safeprune (written from the hub repositories' config.json files).
 SHIPPED_CONFIGS = {"sd15": "unet_configs/sd15.json", "sd21": "unet_configs/sd21.json", "sdxl": "unet_configs/sdxl.json",
                    "sd3_medium": "transformer_configs/sd3_medium.json",
-                   "flux1_dev": "transformer_configs/flux1_dev.json"}
+                   "flux1_dev": "transformer_configs/flux1_dev.json",
+                   "pixart_alpha_1024": "transformer_configs/pixart_alpha_1024.json"}
 
 
 @dataclass(frozen=True)

@@ -82,8 +82,9 @@ class PixArt(SD):
         return out
 
     # -- feature distillation
-    def match_blocks(self, teacher, student) -> list[tuple[str, str]]:
-        return depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), "transformer_blocks")
+    def match_blocks(self, teacher, student, kept: dict | None = None) -> list[tuple[str, str]]:
+        return depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), "transformer_blocks",
+                           (kept or {}).get("transformer_blocks"))
 
     # -- sampling
     def draw(self, pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float,

@@ -1,5 +1,5 @@
 """Whole-model erasures (`safeprune unlearn`: esd_paper, uce, conceptprune, the upper losses) on the tiny SDXL,
-SD3 and Flux pipelines: each runs through the CLI, does what its method claims in the family's own terms, and the
+SD3, Flux and PixArt pipelines: each runs through the CLI, does what its method claims in the family's own terms, and the
 saved folder loads with the family's stock diffusers pipeline."""
 
 import json
@@ -47,7 +47,7 @@ def _predictions(backbone, pipe, denoiser, prompts):
     return backbone.predict(denoiser, x, t, emb)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "pixart"])
 def test_esd_paper_regresses_onto_negative_guidance_in_the_family_space(family, request, tmp_path, capsys):
     """ESD-x moves only the attention that reads the text, toward eq. 5's target in the family's prediction space
     (velocity for SD3 / Flux) at a fixed x_t."""
@@ -68,7 +68,7 @@ def test_esd_paper_regresses_onto_negative_guidance_in_the_family_space(family, 
     assert summary["counts"]["student_bwd"] == 4 and summary["loss_first"] > 0
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "pixart"])
 def test_uce_maps_the_target_onto_the_anchor_through_the_text_projections(family, request, tmp_path, capsys):
     """Only the text keys/values change; the erased model's prediction under the target moves toward the start
     model's under the anchor, and (MMDiT) the first joint block's value projection maps the target's text-stream
@@ -82,14 +82,15 @@ def test_uce_maps_the_target_onto_the_anchor_through_the_text_projections(family
     erased = _stock(out, family)
     before, after = backbone.denoiser_of(start), backbone.denoiser_of(erased)
     moved = [n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))]
-    ends = ("to_k.weight", "to_v.weight") if family == "sdxl" else ("add_k_proj.weight", "add_v_proj.weight")
+    # SDXL and PixArt: attn2, reading the prompt embeddings (PixArt: their caption projection); MMDiT: the text stream
+    ends = ("to_k.weight", "to_v.weight") if family in ("sdxl", "pixart") else ("add_k_proj.weight", "add_v_proj.weight")
     assert moved and all(is_cross_attention(n) and n.endswith(ends) for n in moved)
     old = _predictions(backbone, start, before, [TARGET, ANCHOR])
     new = _predictions(backbone, start, after, [TARGET])
     assert (new[0] - old[1]).norm() < (old[0] - old[1]).norm()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["target_residual_after"] < summary["target_residual_before"]
-    if family == "sdxl":
+    if family in ("sdxl", "pixart"):
         return
     name = "transformer_blocks.0.attn.add_v_proj"
     seen = []
@@ -105,7 +106,7 @@ def test_uce_maps_the_target_onto_the_anchor_through_the_text_projections(family
         assert (w_new(c_t) - w_old(c_a)).norm() < 0.75 * (w_old(c_t) - w_old(c_a)).norm()
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux", "pixart"])
 def test_conceptprune_masks_the_image_ffns_and_the_masks_load_back(family, request, tmp_path, capsys):
     """Zeros only in the FFN layers that read image tokens (never `ff_context`; Flux single blocks: only the MLP
     columns of proj_out), kept as masks by load_unet, and the stock pipeline loads the zeros."""
@@ -132,7 +133,7 @@ def test_conceptprune_masks_the_image_ffns_and_the_masks_load_back(family, reque
     assert all(hasattr(reloaded.get_submodule(n), "safeprune_mask") for n in layers)
 
 
-@pytest.mark.parametrize("family, method", [("sdxl", "esd"), ("sd3", "ablation"), ("flux", "esd_xattn")])
+@pytest.mark.parametrize("family, method", [("sdxl", "esd"), ("sd3", "ablation"), ("flux", "esd_xattn"), ("pixart", "esd")])
 def test_the_upper_losses_run_alone_on_the_families(family, method, request, tmp_path, capsys):
     teacher, _ = request.getfixturevalue(f"{family}_family")
     out = _erase(teacher, method, tmp_path, capsys)

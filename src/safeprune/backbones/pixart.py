@@ -82,6 +82,10 @@ class PixArt(SD):
         return out
 
     # -- feature distillation
+    def cross_attention_input(self, denoiser, hidden: torch.Tensor) -> torch.Tensor:
+        """attn2 reads the T5 states through the transformer's caption projection (the same in every block)."""
+        return denoiser.caption_projection(hidden.to(next(denoiser.parameters()).dtype))
+
     def match_blocks(self, teacher, student, kept: dict | None = None) -> list[tuple[str, str]]:
         return depth_pairs(len(teacher.transformer_blocks), len(student.transformer_blocks), "transformer_blocks",
                            (kept or {}).get("transformer_blocks"))

@@ -132,6 +132,11 @@ class SD:
         pred_u, pred_c = self.predict(model, torch.cat([x, x]), t.expand(2 * b), context).chunk(2)
         return pred_u + guidance * (pred_c - pred_u)
 
+    def cross_attention_input(self, denoiser, hidden: torch.Tensor) -> torch.Tensor:
+        """What the cross-attention key/value projections read for prompt states `hidden` (P, L, D) when every
+        block reads the same text (UCE's inputs): the states themselves in a UNet."""
+        return hidden
+
     # -- feature distillation
     def match_blocks(self, teacher, student, kept: dict | None = None) -> list[tuple[str, str]]:
         """(teacher block, student block) names whose outputs feature KD compares. `kept`: a depth-pruned student's

@@ -172,8 +172,13 @@ class UCE:
             unet.train(was_training)
             kept_inputs = inputs[2] if groups[2] else {}
             pairs = {n: self.token_pairs(ctx, (inputs[0][n], inputs[1][n], kept_inputs.get(n))) for n, _ in layers}
-        else:  # every UNet cross-attention reads the prompt embeddings themselves
-            shared = self.token_pairs(ctx)
+        else:  # every cross-attention reads the same text: the prompt embeddings (UNets), their projection (PixArt)
+            def read(prompts):
+                return ctx.backbone.cross_attention_input(unet, _hidden(ctx.embed(prompts)))
+
+            preserve = self.preserved_prompts(ctx)
+            shared = self.token_pairs(ctx, (read([c.target for c in ctx.concepts]),
+                                            read([c.anchor for c in ctx.concepts]), read(preserve) if preserve else None))
             pairs = {n: shared for n, _ in layers}
         residual_before, residual_after = 0.0, 0.0
         for name, layer in layers:

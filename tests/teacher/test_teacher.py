@@ -49,6 +49,7 @@ def test_pretrain_resume_is_exact(tmp_path, monkeypatch, arch, denoiser):
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
 
 
+@pytest.mark.slow
 def test_dit_teacher_is_a_stock_sd3_pipeline_on_the_shipped_vae_and_clip(tmp_path):
     """`pretrain teacher --arch dit` trains only the transformer: the VAE and both CLIP roles are the shipped
     teacher's, frozen, and the folder loads with the stock StableDiffusion3Pipeline and samples."""

@@ -112,6 +112,13 @@ TINY_PIXART = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=8, 
                    num_attention_heads=2, cross_attention_dim=16, caption_channels=32)
 
 
+@pytest.fixture(scope="session")
+def pixart_builder():
+    """(TINY_PIXART, build_pixart) for tests that build their own variant (a fixture: every test folder has a
+    conftest module, so `from conftest import` would find another folder's)."""
+    return TINY_PIXART, build_pixart
+
+
 def build_pixart(root, pipeline="PixArtAlphaPipeline"):
     import diffusers
     from diffusers import PixArtTransformer2DModel

@@ -350,15 +350,15 @@ def test_pixart_masks_the_padding_and_drops_the_learned_sigma(pixart_family):
     assert (unmasked - out).abs().max() > 1e-4
 
 
-def test_pixart_alpha_1024_conditions_on_the_image_size_and_sigma_loads_as_sigma(tmp_path):
+def test_pixart_alpha_1024_conditions_on_the_image_size_and_sigma_loads_as_sigma(tmp_path, pixart_builder):
     """sample_size 128 (the 1024 px PixArt-alpha) adds (height, width) and aspect ratio, as diffusers' pipeline
     does; a PixArtSigmaPipeline folder loads, assembles and draws as a PixArtSigmaPipeline."""
-    from conftest import TINY_PIXART, build_pixart
     from diffusers import PixArtTransformer2DModel
 
     from safeprune.models.io import load_pipeline
     from safeprune.recipes.generate import generate_images
 
+    TINY_PIXART, build_pixart = pixart_builder
     backbone = BACKBONES["pixart"]
     pipe = build_pixart(tmp_path, "PixArtSigmaPipeline")
     pipe.save_pretrained(tmp_path / "sigma")

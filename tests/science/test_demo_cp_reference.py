@@ -15,13 +15,16 @@ from safeprune.errors import UserError
 from safeprune.recipes import demo
 
 
-class Model:
+class StableDiffusionPipeline:  # a stand-in pipeline: its class name tells the demo its family (sd)
     def __init__(self, name):
         self.name = name
         self.unet = f"{name}.unet"
 
     def __repr__(self):
         return self.name
+
+
+Model = StableDiffusionPipeline
 
 
 def _mocked_demo(tmp_path, monkeypatch, overrides):
@@ -53,7 +56,7 @@ def _mocked_demo(tmp_path, monkeypatch, overrides):
     monkeypatch.setattr(safeprune.recipes.finetune, "finetune", finetune)
     monkeypatch.setattr(safeprune.eval.metrics, "evaluate_model", evaluate_model)
     monkeypatch.setattr(safeprune.eval.judge, "load_judge", lambda: "judge")
-    monkeypatch.setattr(safeprune.models.shipped, "load_teacher", lambda: teacher)
+    monkeypatch.setattr(safeprune.models.shipped, "load_teacher", lambda name="": teacher)
     monkeypatch.setattr(safeprune.models.io, "load_pipeline", lambda path: Model("/".join(str(path).split("/")[-2:])))
     monkeypatch.setattr(demo, "_sampling_ms", lambda pipe, cfg: 1.0)
     monkeypatch.setattr(demo, "model_grid", lambda *a: None)

@@ -33,6 +33,9 @@ def judge_path() -> Path:
     return ASSETS / "judge"
 
 
-def load_teacher(device: str = "cpu"):
-    """The shipped toy teacher as a diffusers StableDiffusionPipeline (offline, no safety checker)."""
-    return load_pipeline(teacher_path(), device=device)
+def load_teacher(name: str = "", device: str = "cpu"):
+    """A teacher pipeline by what model.teacher holds: a shipped teacher's name (TEACHERS), a local folder or a
+    cached hub id; "" = the shipped toy teacher (a StableDiffusionPipeline). Offline, no safety checker."""
+    from safeprune.models.io import pretrained_folder
+
+    return load_pipeline(pretrained_folder(name) if name else teacher_path(), device=device)

@@ -84,7 +84,8 @@ def demo(cfg: Config, out: Path) -> dict:
     from safeprune.erasure import ERASURE
     from safeprune.errors import choose
     from safeprune.eval.judge import load_judge
-    from safeprune.models.io import load_pipeline, pretrained_folder
+    from safeprune.models.io import load_pipeline
+    from safeprune.models.shipped import load_teacher
 
     start = time.perf_counter()
     for name in cfg.demo.baselines:  # a typo fails before any fine-tuning
@@ -93,7 +94,7 @@ def demo(cfg: Config, out: Path) -> dict:
     unknown = sorted(set(cfg.demo.overrides) - set(methods))
     check(not unknown, f"demo.overrides names {unknown}; its keys are the compared methods: {', '.join(methods)}")
     world = ToyWorld(cfg.toyworld, seed=cfg.seed)
-    judge, teacher = load_judge(), load_pipeline(pretrained_folder(cfg.model.teacher or "toy"))
+    judge, teacher = load_judge(), load_teacher(cfg.model.teacher)
     save_config(cfg, out)
     timings: dict[str, float] = {}
 

@@ -44,14 +44,16 @@ def trainable(unet, which: str) -> list[torch.nn.Parameter]:
 
 @torch.no_grad()
 def sample_xt(unet, scheduler, emb_c: torch.Tensor, emb_null: torch.Tensor, stop: int, guidance: float,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+              generator: torch.Generator, shape: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t after `stop` guided DDIM steps from x_T ~ N(0, I) (generator), and t = the timestep x_t is at.
 
-    emb_c (B, L, D) concept embeddings, emb_null (1, L, D); scheduler has its timesteps set.
+    emb_c (B, L, D) concept embeddings, emb_null (1, L, D); scheduler has its timesteps set; shape (C, h, w) of
+    the latents (None = the UNet's in_channels x sample_size^2).
     """
     cfg = unet.config
     b = emb_c.shape[0]
-    x = torch.randn(b, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator).to(emb_c.device)
+    shape = tuple(shape) if shape is not None else (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    x = torch.randn(b, *shape, generator=generator).to(emb_c.device)
     x = x * scheduler.init_noise_sigma
     context = torch.cat([emb_null.expand(b, -1, -1), emb_c])
     for t in scheduler.timesteps[:stop]:

@@ -1,0 +1,200 @@
+"""Levers on bilevel's quality cost (issue 15, item 4): each lever alone, at the same budget, on DEVELOPMENT seeds.
+
+For each concept (`--concepts`, the atlas's KIND:NAME) and development seed, one `distill` run (the reference of
+the fd ratio) and one `bilevel` run per lever, all with the functions and settings of `safeprune demo`
+(safeprune.recipes.demo.finetune_row, so bilevel takes the demo's committed `demo.overrides.bilevel`) and the
+sweep's development prompts (benchmarks/sweep_baselines.py: `dev_world`), channels pruning, one pruned student.
+A lever is a list of `section.field=value` overrides on bilevel's run (LEVERS; `--lever NAME=a,b` adds one, e.g.
+a combination). Every lever keeps the lower budget (finetune.max_steps) and the upper budget (upper steps x upper
+batch = 30 x 16 concept images): the paper's penalty setting K = 20 takes 15 upper steps of 32.
+
+The evaluation is the atlas's (valid, leakage, forget_valid, retention, adherence, fd; no resurgence, no held-out).
+Resumable: one JSON line per (concept, seed, lever) in OUT/levers.jsonl (a line's overrides must match the lever's
+today: a changed lever is an error, not a silent mix); OUT/levers.md and OUT/levers.png (leakage against fd /
+distill fd per run) are rewritten after every run and regenerate from the jsonl alone (`--report-only`).
+
+    OMP_NUM_THREADS=1 python benchmarks/levers.py --out runs/levers --concepts style:striped style:checkered
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+import leak_atlas  # noqa: E402
+from sweep_baselines import dev_world  # noqa: E402
+
+from safeprune.errors import check  # noqa: E402
+
+# lever -> overrides of bilevel's run (on the demo's bilevel settings). `base` is today's bilevel.
+LEVERS: dict[str, list[str]] = {
+    "base": [],
+    "anchor_xt": ["finetune.upper.images=anchor"],  # x_t = noised anchor images (the same scene without the concept)
+    "student_xt": ["finetune.upper.images=student"],  # x_t = the student's own partial samples (ESD, on-policy)
+    "preserve": ["finetune.upper.preserve=1.0"],  # + student = teacher on retained captions at the same x_t
+    # the paper's penalty settings (lambda 100, K 20), 15 outer steps of 32 concept images = the same upper budget
+    "penalty_paper": ["finetune.solver.name=penalty", "finetune.solver.penalty_lambda=100", "finetune.upper.every=20",
+                      "finetune.upper.batch_size=32"],
+    # the paper's upper-lr warm-up: 250 of its 2,000 upper steps (12.5 %) = 4 of our 30
+    "warmup": ["finetune.upper.warmup_steps=4"],
+}
+METRICS = ("leakage", "forget_valid", "retention", "fd")
+BASE = ("eval.heldout=false",)
+
+
+def parse_lever(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition("=")
+    check(bool(sep) and name.strip() and overrides.strip(), f"--lever {text!r}: write NAME=section.field=value,...")
+    return name.strip(), [o.strip() for o in overrides.split(",") if o.strip()]
+
+
+def run(out: Path, concepts: list[str], seeds: list[int], levers: dict[str, list[str]], tiny: bool) -> None:
+    from safeprune.eval.judge import load_judge
+    from safeprune.recipes import demo
+
+    jsonl = out / "levers.jsonl"
+    done = {(r["concept"], r["seed"], r["row"]): r for r in leak_atlas.read_records(jsonl)}
+    for (concept, seed, row), rec in done.items():
+        check(row == "distill" or row not in levers or rec["overrides"] == levers[row],
+              f"{jsonl}: lever {row!r} ran with {rec['overrides']}, today it is {levers[row]}; use another --out")
+    judge = load_judge()
+    student, timings = out / "student", {}
+    if not (student / "prune_report.json").is_file():
+        shutil.rmtree(student, ignore_errors=True)
+        demo.prune_once(leak_atlas.build_config(concepts[0], "channels", list(BASE), tiny), student, timings)
+    prune_report = json.loads((student / "prune_report.json").read_text())
+    # seed-major: a partial run has every lever on the first seed of every concept
+    for seed in seeds:
+        for concept in concepts:
+            for row in ["distill", *levers]:
+                if (concept, seed, row) in done:
+                    continue
+                overrides = [] if row == "distill" else levers[row]
+                cfg = leak_atlas.build_config(concept, "channels", [*BASE, *overrides], tiny)
+                run_dir = out / "runs" / concept.replace(":", "_") / f"seed{seed}" / row
+                shutil.rmtree(run_dir, ignore_errors=True)  # a run this script started and did not record
+                t = time.perf_counter()
+                method = "distill" if row == "distill" else "bilevel"
+                metrics, _, _ = demo.finetune_row(cfg, method, seed, student, run_dir, dev_world(cfg, seed), judge,
+                                                  None, None, {}, prune_report, timings)
+                rec = {"concept": concept, "seed": seed, "row": row, "overrides": overrides,
+                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                       "wall_s": round(time.perf_counter() - t, 1)}
+                leak_atlas.append_record(jsonl, rec)
+                done[concept, seed, row] = rec
+                print(json.dumps(rec), flush=True)
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                write_report(out)
+
+
+def meets(rec: dict, distill: dict) -> bool:
+    """The item-4 goal: leakage <= 0.1, forget-prompt valid >= 0.9, fd <= 1.1x distill's at the same seed."""
+    return rec["leakage"] <= 0.1 and rec["forget_valid"] >= 0.9 and rec["fd"] <= 1.1 * distill["fd"]
+
+
+def write_report(out: Path) -> Path:
+    """OUT/levers.md and OUT/levers.png from OUT/levers.jsonl alone."""
+    records = leak_atlas.read_records(out / "levers.jsonl")
+    check(bool(records), f"{out / 'levers.jsonl'} has no results yet; run the benchmark first")
+    distill = {(r["concept"], r["seed"]): r for r in records if r["row"] == "distill"}
+    concepts = list(dict.fromkeys(r["concept"] for r in records))
+    rows = list(dict.fromkeys(r["row"] for r in records if r["row"] != "distill"))
+    md = ["# Levers on bilevel's quality cost (development seeds)", "",
+          "Per seed: `leakage / forget valid / retention / fd (fd / distill fd)`; `goal` = leakage <= 0.1, forget "
+          "valid >= 0.9 and fd <= 1.1x distill's on every seed. Written by benchmarks/levers.py from levers.jsonl.", ""]
+    for concept in concepts:
+        seeds = sorted({r["seed"] for r in records if r["concept"] == concept})
+        md += [f"## {concept}", "", "| lever | overrides | " + " | ".join(f"seed {s}" for s in seeds) + " | goal |",
+               "|---|---|" + "---|" * (len(seeds) + 1)]
+        for row in ["distill", *rows]:
+            cells, ok, overrides = [], [], ""
+            for s in seeds:
+                rec = next((r for r in records if (r["concept"], r["seed"], r["row"]) == (concept, s, row)), None)
+                d = distill.get((concept, s))
+                if rec is None:
+                    cells.append("-")
+                    continue
+                overrides = " ".join(f"`{o}`" for o in rec.get("overrides", [])) or "-"
+                ratio = f" ({rec['fd'] / d['fd']:.2f}x)" if d else ""
+                cells.append(f"{rec['leakage']:.2f} / {rec['forget_valid']:.2f} / {rec['retention']:.2f} / "
+                             f"{rec['fd']:.1f}{ratio}")
+                if row != "distill" and d:
+                    ok.append(meets(rec, d))
+            goal = "-" if row == "distill" or len(ok) < len(seeds) else ("**yes**" if all(ok) else "no")
+            md.append(f"| {row} | {overrides} | " + " | ".join(cells) + f" | {goal} |")
+        md.append("")
+    md += ["![levers](levers.png)", ""]
+    (out / "levers.md").write_text("\n".join(md))
+    plot(records, distill, concepts, rows, out / "levers.png")
+    return out / "levers.md"
+
+
+def plot(records, distill, concepts, rows, path: Path) -> None:
+    """Leakage against fd / distill fd, one panel per concept, one marker per (lever, seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(concepts), figsize=(5.5 * len(concepts), 4.5), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, concept in zip(axes[0], concepts):
+        for i, row in enumerate(rows):
+            pts = [(r["fd"] / distill[concept, r["seed"]]["fd"], r["leakage"]) for r in records
+                   if r["concept"] == concept and r["row"] == row and (concept, r["seed"]) in distill]
+            if pts:
+                x, y = np.array(pts).T
+                ax.scatter(x, y, color=colours(i % 10), label=row, s=36)
+        d_leak = [r["leakage"] for (c, _), r in distill.items() if c == concept]
+        if d_leak:
+            ax.scatter([1.0] * len(d_leak), d_leak, color="black", marker="x", label="distill")
+        ax.axhline(0.1, color="grey", ls=":", lw=1)
+        ax.axvline(1.1, color="grey", ls=":", lw=1)
+        ax.set_xlabel("fd / distill fd (same seed)")
+        ax.set_ylabel("leakage")
+        ax.set_title(concept)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/levers")
+    parser.add_argument("--concepts", nargs="+", default=["style:striped", "style:checkered"])
+    parser.add_argument("--seeds", default="1000,1001", help="comma-separated DEVELOPMENT seeds (>= 1000)")
+    parser.add_argument("--levers", default=",".join(LEVERS), help=f"subset of {','.join(LEVERS)} (in run order)")
+    parser.add_argument("--lever", action="append", default=[], help="NAME=section.field=value,... (a combination)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite levers.md / levers.png from the jsonl")
+    parser.add_argument("--tiny", action="store_true", help="tiny budgets: a test of the script, not a measurement")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        return leak_atlas.exit_code(lambda: print(f"wrote {write_report(out)}"))
+
+    def body() -> None:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        check(all(s >= 1000 for s in seeds), "--seeds: development seeds are >= 1000 (0-2 are the held-out ones)")
+        names = [n.strip() for n in args.levers.split(",") if n.strip()]
+        unknown = [n for n in names if n not in LEVERS]
+        check(not unknown, f"--levers: unknown {unknown}; choose from {', '.join(LEVERS)} or add --lever NAME=...")
+        levers = {n: LEVERS[n] for n in names} | dict(map(parse_lever, args.lever))
+        for concept in args.concepts:
+            for overrides in levers.values():  # a bad override fails now, not after an hour of runs
+                leak_atlas.build_config(concept, "channels", [*BASE, *overrides], args.tiny)
+        out.mkdir(parents=True, exist_ok=True)
+        run(out, args.concepts, seeds, levers, args.tiny)
+        print(f"wrote {write_report(out)}")
+
+    return leak_atlas.exit_code(body)
+
+if __name__ == "__main__":
+    sys.exit(main())

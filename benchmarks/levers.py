@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 import leak_atlas  # noqa: E402
 from sweep_baselines import dev_world  # noqa: E402
 
-from safeprune.errors import check  # noqa: E402
+from safeprune.errors import UserError, check  # noqa: E402
 
 # lever -> overrides of bilevel's run (on the demo's bilevel settings). `base` is today's bilevel.
 LEVERS: dict[str, list[str]] = {
@@ -62,8 +62,9 @@ def run(out: Path, concepts: list[str], seeds: list[int], levers: dict[str, list
     jsonl = out / "levers.jsonl"
     done = {(r["concept"], r["seed"], r["row"]): r for r in leak_atlas.read_records(jsonl)}
     for (concept, seed, row), rec in done.items():
-        check(row == "distill" or row not in levers or rec["overrides"] == levers[row],
-              f"{jsonl}: lever {row!r} ran with {rec['overrides']}, today it is {levers[row]}; use another --out")
+        if row in levers and rec["overrides"] != levers[row]:
+            raise UserError(f"{jsonl}: lever {row!r} ran with {rec['overrides']}, today it is {levers[row]}; use "
+                            "another --out")
     judge = load_judge()
     student, timings = out / "student", {}
     if not (student / "prune_report.json").is_file():

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 import leak_atlas  # noqa: E402
@@ -93,6 +94,58 @@ def run(out: Path, concepts: list[str], seeds: list[int], levers: dict[str, list
                 print(json.dumps(rec), flush=True)
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
                 write_report(out)
+
+
+SOURCES = ("concept", "anchor", "student")  # finetune.upper.images values the target diagnostic compares
+T_BUCKETS = ((0, 400), (400, 700), (700, 1000))  # timestep ranges of the diagnostic's table
+
+
+def target_content(student: Path, concept: str, n: int = 96, seed: int = 1000, tiny: bool = False) -> dict:
+    """The hypothesis behind re-teaching, measured directly: what the upper level's REGRESSION TARGET shows.
+
+    For each x_t source (SOURCES), one upper batch of `n` is drawn exactly as training draws it
+    (DiffusionProblem.upper_batch, the demo's bilevel loss; the pruned `student` samples the on-policy x_t), the
+    target prediction is turned into its clean-image estimate x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), decoded by
+    the VAE and read by the judge: the share of targets that show the forbidden concept, per timestep range. A
+    target that shows the concept teaches it to a student that had lost it."""
+    from safeprune.backbones import BACKBONES
+    from safeprune.bilevel.pools import build_pools
+    from safeprune.bilevel.problem import DiffusionProblem, step_generator
+    from safeprune.eval.judge import load_judge
+    from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
+    from safeprune.models.io import load_unet
+    from safeprune.models.shipped import load_teacher
+    from safeprune.unlearning import build_unlearning
+
+    teacher_pipe, judge = load_teacher(), load_judge()
+    teacher = teacher_pipe.unet.eval().requires_grad_(False)
+    unet = load_unet(student / "model" if (student / "model").is_dir() else student).eval()
+    scheduler = BACKBONES["sd"].training_scheduler(teacher_pipe)
+    (kind, name), = leak_atlas.parse_concept(concept)
+    out = {}
+    for source in SOURCES:
+        cfg = leak_atlas.build_config(concept, "channels", [*BASE, f"finetune.upper.images={source}"], tiny)
+        unlearning = build_unlearning(cfg.finetune.unlearn.name, cfg.finetune.unlearn)
+        pools, _ = build_pools(cfg, teacher_pipe, unlearning, None, None, "cpu")
+        problem = DiffusionProblem(student=unet, student_core=unet, teacher=teacher, scheduler=scheduler,
+                                   lower_loss=LowerLevelLoss(DenoisingLoss(scheduler), FeatureKD(())), pools=pools,
+                                   unlearning=unlearning, upper_batch_size=8, seed=seed, upper_images=source,
+                                   sample_steps=cfg.finetune.upper.sample_steps,
+                                   sample_guidance=cfg.finetune.upper.sample_guidance)
+        images, t = [], []
+        with torch.no_grad():
+            for step in range(n // 8):  # batches of 8, as upper steps draw them (a student batch shares one t)
+                x_t, timesteps, _, target = problem.upper_batch(step_generator(seed, 0, step, "upper"))
+                a = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+                x0 = (x_t - (1 - a).sqrt() * target) / a.sqrt()
+                images.append(teacher_pipe.vae.decode(x0 / teacher_pipe.vae.config.scaling_factor).sample)
+                t.append(timesteps)
+        images, t = torch.cat(images), torch.cat(t)
+        judged = judge.predict(((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+        shows = np.array([label == name for label in judged[kind]])
+        out[source] = {f"t{lo}-{hi}": float(shows[(t >= lo) & (t < hi)].mean()) if ((t >= lo) & (t < hi)).any()
+                       else None for lo, hi in T_BUCKETS} | {"all": float(shows.mean())}
+    return out
 
 
 def meets(rec: dict, distill: dict) -> bool:
@@ -175,11 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"subset of {','.join(LEVERS)} (in run order)")
     parser.add_argument("--lever", action="append", default=[], help="NAME=section.field=value,... (a combination)")
     parser.add_argument("--report-only", action="store_true", help="rewrite levers.md / levers.png from the jsonl")
+    parser.add_argument("--targets", action="store_true",
+                        help="only the target diagnostic (target_content) per concept, into OUT/targets.json")
     parser.add_argument("--tiny", action="store_true", help="tiny budgets: a test of the script, not a measurement")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.report_only:
         return leak_atlas.exit_code(lambda: print(f"wrote {write_report(out)}"))
+    if args.targets:
+        def targets() -> None:
+            found = {c: target_content(out / "student", c, tiny=args.tiny) for c in args.concepts}
+            (out / "targets.json").write_text(json.dumps(found, indent=1))
+            print(json.dumps(found, indent=1))
+        return leak_atlas.exit_code(targets)
 
     def body() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]

@@ -200,8 +200,9 @@ class DiffusionProblem:
         self.counts["student_fwd"] += x_t.shape[0]
         return mse_per_sample(self.backbone.predict(self.student, x_t, timesteps, emb), teacher_out)
 
-    def _upper_terms(self, gen: torch.Generator) -> torch.Tensor:
-        """Per-sample L_CU (B,) on the next concept micro-batch drawn from `gen`."""
+    def upper_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+        """The next upper micro-batch drawn from `gen`: (x_t, timesteps, prompt rows by condition, the unlearning
+        target); the target is built from teacher predictions at x_t (no gradients)."""
         pools, n = self.pools, self.upper_batch_size
         idx, latents = pools.concept.draw(gen, n)
         if self.upper_images == "student":  # the images only pick the concepts; x_t is the student's own
@@ -218,10 +219,14 @@ class DiffusionProblem:
             # predictions in the family's space (eps, v or flow velocity): the targets are affine combinations
             # with weights summing to 1, valid in each of them (safeprune.backbones.base)
             eps = self._teacher(x_t.repeat(k, 1, 1, 1), timesteps.repeat(k), teacher_emb).chunk(k)
-        target = self.unlearning.target(dict(zip(conditions, eps)))
+        return x_t, timesteps, rows, self.unlearning.target(dict(zip(conditions, eps)))
+
+    def _upper_terms(self, gen: torch.Generator) -> torch.Tensor:
+        """Per-sample L_CU (B,) on the next concept micro-batch drawn from `gen`."""
+        x_t, timesteps, rows, target = self.upper_batch(gen)
         student_eps = self.backbone.predict(self.student, x_t, timesteps,
-                                            pools.embeddings[rows["target"].to(self.device)])
-        self.counts["student_fwd"] += n
+                                            self.pools.embeddings[rows["target"].to(self.device)])
+        self.counts["student_fwd"] += x_t.shape[0]
         loss = self.unlearning(student_eps, target)  # (B,)
         if self.preserve > 0:  # drawn after everything above: preserve = 0 keeps today's batches bit for bit
             loss = loss + self.preserve * self._preservation(x_t, timesteps, gen)

@@ -148,9 +148,22 @@ def target_content(student: Path, concept: str, n: int = 96, seed: int = 1000, t
     return out
 
 
+def suppresses(distill: dict) -> bool:
+    """Is there something to suppress at this seed? The demo's floor (distill leaks >= LEAK_FLOOR; the toy
+    teacher's own leakage is 1.0, so the share-of-teacher rule adds nothing here)."""
+    from safeprune.recipes.demo import LEAK_FLOOR
+
+    return distill["leakage"] >= LEAK_FLOOR
+
+
 def meets(rec: dict, distill: dict) -> bool:
-    """The item-4 goal: leakage <= 0.1, forget-prompt valid >= 0.9, fd <= 1.1x distill's at the same seed."""
-    return rec["leakage"] <= 0.1 and rec["forget_valid"] >= 0.9 and rec["fd"] <= 1.1 * distill["fd"]
+    """The item-4 goal at one seed. Where distill leaks: leakage <= 0.1, forget-prompt valid >= 0.9 and fd <= 1.1x
+    distill's; where it does not, the demo's "no harm": leakage <= distill's + 0.05, forget valid and retention
+    >= distill's - 0.05, fd <= 1.1x distill's (safeprune.recipes.demo.judge_claims)."""
+    if suppresses(distill):
+        return rec["leakage"] <= 0.1 and rec["forget_valid"] >= 0.9 and rec["fd"] <= 1.1 * distill["fd"]
+    return (rec["leakage"] <= distill["leakage"] + 0.05 and rec["forget_valid"] >= distill["forget_valid"] - 0.05
+            and rec["retention"] >= distill["retention"] - 0.05 and rec["fd"] <= 1.1 * distill["fd"])
 
 
 def write_report(out: Path) -> Path:
@@ -161,13 +174,18 @@ def write_report(out: Path) -> Path:
     concepts = list(dict.fromkeys(r["concept"] for r in records))
     rows = list(dict.fromkeys(r["row"] for r in records if r["row"] != "distill"))
     md = ["# Levers on bilevel's quality cost (development seeds)", "",
-          "Per seed: `leakage / forget valid / retention / fd (fd / distill fd)`; `goal` = leakage <= 0.1, forget "
-          "valid >= 0.9 and fd <= 1.1x distill's on every seed. Written by benchmarks/levers.py from levers.jsonl.", ""]
+          "Per seed: `leakage / forget valid / retention / fd (fd / distill fd)`; `goal` on every seed: where distill "
+          "leaks, leakage <= 0.1, forget valid >= 0.9 and fd <= 1.1x distill's; where it does not, no harm (leakage "
+          "<= distill + 0.05, forget valid and retention >= distill - 0.05, fd <= 1.1x distill's). Written by "
+          "benchmarks/levers.py from levers.jsonl.", ""]
     for concept in concepts:
         seeds = sorted({r["seed"] for r in records if r["concept"] == concept})
-        md += [f"## {concept}", "", "| lever | overrides | " + " | ".join(f"seed {s}" for s in seeds) + " | goal |",
+        leaky = [suppresses(distill[concept, sd]) for sd in seeds if (concept, sd) in distill]
+        rule = "suppress (distill leaks)" if leaky and all(leaky) else \
+            "no harm (distill does not leak)" if leaky and not any(leaky) else "per seed"
+        md += [f"## {concept}: {rule}", "", "| lever | overrides | " + " | ".join(f"seed {s}" for s in seeds) + " | goal |",
                "|---|---|" + "---|" * (len(seeds) + 1)]
-        for row in ["distill", *rows]:
+        for row in ["distill", *(r for r in rows if any((x["concept"], x["row"]) == (concept, r) for x in records))]:
             cells, ok, overrides = [], [], ""
             for s in seeds:
                 rec = next((r for r in records if (r["concept"], r["seed"], r["row"]) == (concept, s, row)), None)

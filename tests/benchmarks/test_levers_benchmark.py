@@ -48,9 +48,17 @@ def test_the_goal_needs_every_seed(levers, tmp_path):
                rec("good", 1000, 0.05, 10.5), rec("good", 1001, 0.1, 11.0),
                rec("costly", 1000, 0.05, 10.5), rec("costly", 1001, 0.05, 11.5),  # 1.15x on one seed
                rec("blank", 1000, 0.0, 9.0, valid=0.8), rec("blank", 1001, 0.0, 9.0)]  # erases objects on one
+    # a concept distill does not leak: the goal is "no harm" (a little leakage is fine, re-teaching is not)
+    records += [{**r, "concept": "style:checkered"} for r in
+                (rec("distill", 1000, 0.0, 10.0), rec("distill", 1001, 0.02, 10.0), rec("calm", 1000, 0.03, 10.0),
+                 rec("calm", 1001, 0.06, 10.5), rec("reteach", 1000, 0.09, 10.0), rec("reteach", 1001, 0.0, 10.0))]
     (tmp_path / "levers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     md = levers.write_report(tmp_path).read_text()
-    goal = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in md.splitlines()
+    striped, checkered = md.split("## style:checkered")
+    goal = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in striped.splitlines()
             if line.startswith("| ") and not line.startswith("| lever")}
     assert goal == {"distill": "-", "good": "**yes**", "costly": "no", "blank": "no"}
+    assert "## style:striped: suppress" in striped and checkered.startswith(": no harm")
+    assert "| calm |" in checkered and checkered.split("| calm |")[1].splitlines()[0].endswith("**yes** |")
+    assert checkered.split("| reteach |")[1].splitlines()[0].endswith(" no |")
     assert "(1.15x)" in md and (tmp_path / "levers.png").stat().st_size > 1000

@@ -375,6 +375,16 @@ def plot_atlas(data: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
+def exit_code(body) -> int:
+    """Run `body()`; a UserError becomes its one-line message on stderr and exit code 2 (the CLI's convention)."""
+    try:
+        body()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from safeprune.pruning import METHODS as PRUNING
 
@@ -390,10 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite atlas.md / atlas.png from atlas.jsonl")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    try:
+
+    def body() -> None:
         if args.report_only:
             print(f"wrote {write_report(out)}")
-            return 0
+            return
         for p in args.pruning:
             check(p in PRUNING and p != "none", f"--pruning {p!r}; choose from: "
                                                 f"{', '.join(m for m in PRUNING if m != 'none')}")
@@ -416,10 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             settings_file.write_text(json.dumps(settings))
         run_atlas(out, args.pruning, concepts, seeds, args.overrides, args.tiny)
         print(f"wrote {write_report(out)}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(body)
 
 
 if __name__ == "__main__":

@@ -205,21 +205,43 @@ class UnlearnLossConfig:
         _finite("finetune.unlearn", self, "eta")
 
 
+UPPER_IMAGES = ("", "concept", "anchor", "student")  # UpperConfig.images
+
+
 @dataclass
 class UpperConfig:
     lr: float = 1e-3  # upper-level AdamW learning rate (also the penalty solver's outer step)
     batch_size: int = 16  # concept images per upper micro-batch per process (x grad_accum x processes per step)
     grad_accum: int = 1  # gradient accumulation of the upper (and penalty outer) step, like finetune.grad_accum
     every: int = 10  # K: alternating = an upper step after every K-th lower step; penalty = K inner steps
+    # linear warm-up of the upper lr over this many UPPER steps, then constant (the paper's code:
+    # constant_with_warmup, 250 of its 2,000 upper steps); 0 = constant from the first upper step
+    warmup_steps: int = 0
+    # where the upper level's x_t come from (safeprune.bilevel.problem): "" = the loss's own (concept images;
+    # anchor images for `ablation`) | concept = noised concept images | anchor = noised anchor images (the same
+    # scene without the concept) | student = the student's own partial DDIM samples under the concept prompt
+    # (ESD's on-policy x_t; SD 1.x/2.x UNets)
+    images: str = ""
+    sample_steps: int = 8  # images=student: DDIM schedule length; x_t after k ~ U{0..n-1} steps of it
+    sample_guidance: float = 3.0  # images=student: classifier-free guidance of that partial sampling (ESD's 3)
+    # weight of a preservation term in L_CU: || eps_S(x_t, t, r) - eps_T(x_t, t, r) ||^2 at the same x_t for a
+    # retained prompt r (a random fine-tuning caption); 0 = off (the paper's L_CU alone)
+    preserve: float = 0.0
 
     def __post_init__(self):
-        _finite("finetune.upper", self, "lr")
+        _finite("finetune.upper", self, "lr", "sample_guidance", "preserve")
         check(self.lr > 0, "finetune.upper.lr must be > 0")
         _at_most("finetune.upper", self, MAX_BATCH, "batch_size")
-        _at_most("finetune.upper", self, MAX_STEPS, "every")
+        _at_most("finetune.upper", self, MAX_STEPS, "every", "warmup_steps", "sample_steps")
         check(self.batch_size > 0, "finetune.upper.batch_size must be > 0")
         check(self.grad_accum >= 1, "finetune.upper.grad_accum must be >= 1")
         check(self.every >= 1, "finetune.upper.every must be >= 1")
+        check(self.warmup_steps >= 0, "finetune.upper.warmup_steps must be >= 0 (0 = no warm-up)")
+        check(self.images in UPPER_IMAGES, f"finetune.upper.images={self.images!r}; choose concept, anchor, student "
+                                           "or '' (the unlearning loss's own)")
+        check(self.sample_steps >= 1, "finetune.upper.sample_steps must be >= 1")
+        check(self.sample_guidance >= 0 and self.preserve >= 0,
+              "finetune.upper.sample_guidance and finetune.upper.preserve must be >= 0")
 
 
 @dataclass

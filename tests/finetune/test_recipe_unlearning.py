@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -58,3 +59,12 @@ def test_bf16_run_with_derived_toy_concepts(finetune_cli, tmp_path):
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["upper/cu"] > 0
     concepts = json.loads((out / "concepts.json").read_text())
     assert concepts and all("striped" in c["target"] and "striped" not in c["anchor"] for c in concepts)
+
+
+def test_upper_lr_warms_up_over_upper_steps(finetune_cli, tmp_path):
+    out = tmp_path / "run"
+    code, err = finetune_cli(out, "--max-steps", "8", "finetune.upper.warmup_steps=2", "finetune.upper.lr=1e-3")
+    assert code == 0, err
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    upper = [rec["lr/upper"] for rec in logs if "upper/cu" in rec]  # upper.every = 2 (FAST): 4 upper steps
+    assert upper == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])

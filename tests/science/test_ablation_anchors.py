@@ -37,12 +37,15 @@ def teacher_pipe(random_teacher_dir):
                                                    requires_safety_checker=False)
 
 
-@pytest.mark.parametrize("loss, noised", [("ablation", "anchor"), ("esd", "concept")])
-def test_the_upper_pool_holds_anchor_images_for_ablation_only(teacher_pipe, loss, noised):
+@pytest.mark.parametrize("loss, images, noised", [("ablation", "", "anchor"), ("esd", "", "concept"),
+                                                   ("esd_anchor", "anchor", "anchor"), ("ablation", "concept", "concept")])
+def test_the_upper_pool_holds_anchor_images_for_ablation_or_when_asked(teacher_pipe, loss, images, noised):
+    """By default only ablation noises anchor images; finetune.upper.images overrides the loss's choice."""
     from safeprune.bilevel.pools import build_pools
     from safeprune.unlearning import build_unlearning
 
-    cfg = load_config(overrides=["finetune.data.pool=4", "finetune.data.concept_pool=8"])
+    cfg = load_config(overrides=["finetune.data.pool=4", "finetune.data.concept_pool=8",
+                                 f"finetune.upper.images={images}"])
     world = ToyWorld(cfg.toyworld, cfg.seed)
     pools, concepts = build_pools(cfg, teacher_pipe, build_unlearning(loss), None, None, "cpu")
     leaked = [world.is_forbidden(type(world.sample("concept", 0)[2])(**lab)) for lab in pools.concept.labels]

@@ -25,6 +25,12 @@ from safeprune.unlearning.concepts import derive_concepts, pair_images
 from safeprune.utils import DTYPES, numpy_rng
 
 
+def upper_images(ft, unlearning) -> str:
+    """Where the upper level's x_t come from (finetune.upper.images): concept | anchor | student; "" = the
+    unlearning loss's own choice (`images`: anchor for concept ablation, else concept)."""
+    return ft.upper.images or getattr(unlearning, "images", "concept")
+
+
 def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device, backbone=None):
     """Latent pools + one embedding table for every prompt; returns (Pools, the concepts suppressed).
 
@@ -67,7 +73,7 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device, backb
             pairing = pair_images(concepts, concept.captions)
         else:  # derived from the concept images' captions (see safeprune.unlearning.concepts)
             concepts, pairing = derive_concepts(concept.captions, concept.labels, world.forbidden)
-        if getattr(unlearning, "images", "concept") == "anchor":  # concept ablation: x ~ the anchor distribution
+        if upper_images(ft, unlearning) == "anchor":  # concept ablation: x ~ the anchor distribution
             concept, pairing = _anchor_pool(cfg, world, concepts, pairing, size, vae, device, sources)
 
     prompts = list(dict.fromkeys(["", *lower.captions, *(c.target for c in concepts), *(c.anchor for c in concepts)]))

@@ -3,9 +3,13 @@
 `DiffusionProblem` implements the `Problem` protocol of solvers.py for a student UNet and a frozen teacher:
   lower:  x_t = noised latents of fine-tuning images under their captions; teacher and student predict
           eps (or v) and expose their block outputs; L_ft = l_diff L_diff + l_out L_outKD + l_feat L_featKD.
-  upper:  x_t = noised latents of concept images; the teacher is run once on a stacked batch for every
-          condition the unlearning loss needs (target, anchor, null); the student predicts under the
-          target prompt and regresses onto the unlearning target.
+  upper:  x_t = noised latents of concept images (`upper_images`: or of anchor images, or the student's own
+          partial DDIM samples under the target prompt, ESD's on-policy x_t: Gandikota et al. 2023, Sec. 3);
+          the teacher is run once on a stacked batch for every condition the unlearning loss needs (target,
+          anchor, null); the student predicts under the target prompt and regresses onto the unlearning
+          target. With `preserve` > 0, L_CU + preserve * || eps_S(x_t, t, r) - eps_T(x_t, t, r) ||^2 for a
+          retained prompt r (a random fine-tuning caption) at the same x_t: the upper step may not move what
+          the student predicts for prompts without the concept.
 Randomness (pool indices, latent samples, noise, timesteps) comes from a CPU generator seeded by
 (seed, rank, step, stream), so a step's batch never depends on what ran before it: resumed runs are exact
 and `lower_value` can replay the batch that `lower` used. Per-step Python work is a handful of tensor ops;
@@ -23,8 +27,9 @@ import torch
 
 from safeprune.backbones import BACKBONES
 from safeprune.data.datasets import LatentPool
-from safeprune.errors import UserError
+from safeprune.errors import UserError, check
 from safeprune.losses import LowerLevelLoss
+from safeprune.losses.base import mse_per_sample
 from safeprune.models.hooks import capture_features
 from safeprune.utils import torch_rng
 
@@ -78,10 +83,22 @@ class DiffusionProblem:
     sharded: bool = False  # FSDP: student_core holds only shards, so every forward goes through `student`
     counts: dict = field(default_factory=lambda: {"student_fwd": 0, "student_bwd": 0, "teacher_fwd": 0})
     backbone: object = None  # safeprune.backbones family: denoiser call, target, schedule; None = SD 1.x/2.x
+    # the upper level's x_t (finetune.upper.images, resolved): concept | anchor (both the concept pool, which
+    # build_pools fills with anchor images for `anchor`) | student (partial DDIM samples of the student)
+    upper_images: str = "concept"
+    sample_steps: int = 8  # student x_t: DDIM schedule length
+    sample_guidance: float = 3.0  # student x_t: classifier-free guidance
+    preserve: float = 0.0  # weight of the preservation term on retained prompts (0 = off)
 
     def __post_init__(self):
         self.device = self.pools.embeddings.device
         self.backbone = self.backbone or BACKBONES["sd"]
+        if self.upper_images == "student":
+            check(self.backbone.name == "sd", f"finetune.upper.images=student samples x_t with a UNet's DDIM loop "
+                                              f"(SD 1.x/2.x); this {self.backbone.name} teacher needs concept or anchor")
+        if self.preserve > 0:
+            check(not hasattr(self.pools.lower, "attach"), "finetune.upper.preserve draws retained captions from the "
+                                                           "fine-tuning pool; set finetune.data.mode=pool or preserve=0")
         self.schedule = self.lower_loss.denoise.schedule  # noising and target of the family (backbones.base)
         pairs = self.lower_loss.feature_kd.pairs if self.lower_loss.needs_features else ()
         self.teacher_blocks = [t for t, _ in pairs]
@@ -156,11 +173,43 @@ class DiffusionProblem:
                 totals[k] = totals.get(k, 0.0) + v / self.upper_grad_accum
         return totals
 
-    def _upper_terms(self, gen: torch.Generator) -> torch.Tensor:
-        """Per-sample L_CU (B,) on the next concept micro-batch drawn from `gen`."""
+    def _student_xt(self, latents: torch.Tensor, target_rows: torch.Tensor, gen: torch.Generator):
+        """(timesteps, x_t): k ~ U{0..n-1} guided DDIM steps of the student itself from x_T ~ N(0, I) under the
+        target prompts (ESD's quick_sample_till_t; safeprune.erasure.esd_paper.sample_xt), no gradients."""
+        from diffusers import DDIMScheduler
+
+        from safeprune.erasure.esd_paper import sample_xt
+
+        if not hasattr(self, "_ddim"):  # the training scheduler's betas on an n-step DDIM (eta 0) schedule
+            self._ddim = DDIMScheduler.from_config(self.scheduler.config)
+            self._ddim.set_timesteps(self.sample_steps)
+        stop = int(torch.randint(self.sample_steps, (1,), generator=gen))
+        emb = self.pools.embeddings
+        null = emb[torch.tensor([self.pools.null_prompt]).to(self.device)]  # (1, L, D)
+        with torch.no_grad():
+            x_t, timesteps = sample_xt(self.student_core, self._ddim, emb[target_rows.to(self.device)], null, stop,
+                                       self.sample_guidance, gen, self.backbone, latents.shape[1:])
+        self.counts["student_sample_fwd"] = self.counts.get("student_sample_fwd", 0) + 2 * stop * len(target_rows)
+        return timesteps, x_t
+
+    def _preservation(self, x_t, timesteps, gen: torch.Generator) -> torch.Tensor:
+        """Per-sample || eps_S(x_t, t, r) - eps_T(x_t, t, r) ||^2 (B,), r a random retained (fine-tuning) caption."""
+        rows = self.pools.lower_prompt[torch.randint(len(self.pools.lower_prompt), (x_t.shape[0],), generator=gen)]
+        emb = self.pools.embeddings[rows.to(self.device)]
+        with torch.no_grad():
+            teacher_out = self._teacher(x_t, timesteps, emb)
+        self.counts["student_fwd"] += x_t.shape[0]
+        return mse_per_sample(self.backbone.predict(self.student, x_t, timesteps, emb), teacher_out)
+
+    def upper_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+        """The next upper micro-batch drawn from `gen`: (x_t, timesteps, prompt rows by condition, the unlearning
+        target); the target is built from teacher predictions at x_t (no gradients)."""
         pools, n = self.pools, self.upper_batch_size
         idx, latents = pools.concept.draw(gen, n)
-        _, timesteps, x_t = self._noised(latents, gen)
+        if self.upper_images == "student":  # the images only pick the concepts; x_t is the student's own
+            timesteps, x_t = self._student_xt(latents, pools.concept_target[idx], gen)
+        else:
+            _, timesteps, x_t = self._noised(latents, gen)
         rows = {"target": pools.concept_target[idx], "anchor": pools.concept_anchor[idx],
                 "null": torch.full((n,), pools.null_prompt, dtype=torch.long)}
         conditions = self.unlearning.teacher_conditions
@@ -171,8 +220,15 @@ class DiffusionProblem:
             # predictions in the family's space (eps, v or flow velocity): the targets are affine combinations
             # with weights summing to 1, valid in each of them (safeprune.backbones.base)
             eps = self._teacher(x_t.repeat(k, 1, 1, 1), timesteps.repeat(k), teacher_emb).chunk(k)
-        target = self.unlearning.target(dict(zip(conditions, eps)))
+        return x_t, timesteps, rows, self.unlearning.target(dict(zip(conditions, eps)))
+
+    def _upper_terms(self, gen: torch.Generator) -> torch.Tensor:
+        """Per-sample L_CU (B,) on the next concept micro-batch drawn from `gen`."""
+        x_t, timesteps, rows, target = self.upper_batch(gen)
         student_eps = self.backbone.predict(self.student, x_t, timesteps,
-                                            pools.embeddings[rows["target"].to(self.device)])
-        self.counts["student_fwd"] += n
-        return self.unlearning(student_eps, target)  # (B,)
+                                            self.pools.embeddings[rows["target"].to(self.device)])
+        self.counts["student_fwd"] += x_t.shape[0]
+        loss = self.unlearning(student_eps, target)  # (B,)
+        if self.preserve > 0:  # drawn after everything above: preserve = 0 keeps today's batches bit for bit
+            loss = loss + self.preserve * self._preservation(x_t, timesteps, gen)
+        return loss

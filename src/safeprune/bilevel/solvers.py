@@ -78,6 +78,10 @@ class Distill:
         """What decides each step's work besides `step` (see the module doc; a resume must not change it)."""
         return {}
 
+    def upper_index(self, step: int) -> int:
+        """How many upper (outer) steps come before iteration `step`: the clock of the upper lr's warm-up."""
+        return 0
+
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         logs = _prefixed("lower", problem.lower(step))
         update("lower")
@@ -102,6 +106,9 @@ class _EveryK:
     @property
     def schedule(self) -> dict:
         return {"every": self.every}
+
+    def upper_index(self, step: int) -> int:
+        return step // self.every  # the upper step of iteration K*i - 1 is the i-th (0-based: i - 1)
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,9 @@ class TwoStage:
     @property
     def schedule(self) -> dict:
         return {"distill_steps": self.distill_steps, "unlearn_steps": self.unlearn_steps}  # the stage boundary
+
+    def upper_index(self, step: int) -> int:
+        return max(0, step - self.distill_steps)
 
     def __call__(self, step: int, problem: Problem, update: Update) -> dict[str, float]:
         if step < self.distill_steps:

@@ -21,6 +21,7 @@ from safeprune.bilevel.distributed import (
     is_sharded,
     optimizer_tensors,
 )
+from safeprune.bilevel.pools import upper_images
 from safeprune.bilevel.problem import DiffusionProblem
 from safeprune.config import Config
 from safeprune.losses import DenoisingLoss, FeatureKD, LowerLevelLoss
@@ -117,5 +118,7 @@ def build_training(cfg: Config, accelerator, student_core, teacher, scheduler, p
         pools=pools, unlearning=unlearning, batch_size=ft.batch_size, upper_batch_size=ft.upper.batch_size,
         grad_accum=ft.grad_accum, upper_grad_accum=ft.upper.grad_accum, seed=cfg.seed, rank=accelerator.process_index,
         teacher_dtype=DTYPES[ft.teacher_dtype], backward=accelerator.backward,
-        no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator), backbone=backbone)
+        no_sync=lambda: accelerator.no_sync(student), sharded=is_sharded(accelerator), backbone=backbone,
+        upper_images=upper_images(ft, unlearning), sample_steps=ft.upper.sample_steps,
+        sample_guidance=ft.upper.sample_guidance, preserve=ft.upper.preserve)
     return Training(accelerator, problem, dict(zip(names, prepared)), ema, ft.max_grad_norm, ft.ema_decay)

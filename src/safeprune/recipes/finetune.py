@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from safeprune.bilevel import build_method, uses_upper
-from safeprune.bilevel.pools import build_pools
+from safeprune.bilevel.pools import build_pools, upper_images
 from safeprune.bilevel.training import build_training
 from safeprune.config import Config, save_config, to_dict
 from safeprune.errors import UserError, check
@@ -266,9 +266,11 @@ def finetune(cfg: Config, *, resume: bool = False, on_eval=None, overwrite: bool
         method = Distill(ft.max_steps)
     unlearning = build_unlearning(ft.unlearn.name, ft.unlearn) if uses_upper(method) else None
     check(student.is_dir(), f"student folder {str(student)!r} not found; create one with `safeprune prune --out DIR`")
-    check(getattr(unlearning, "images", "concept") != "anchor" or bool(cfg.paths.anchor_data) or concept_data is None,
-          f"--unlearn {ft.unlearn.name} noises images of the anchor prompts (concept ablation); with --concept-data "
-          "pass --anchor-data DIR too, e.g. the teacher's samples from `safeprune concept-images --prompts ANCHOR`")
+    check(unlearning is None or upper_images(ft, unlearning) != "anchor" or bool(cfg.paths.anchor_data)
+          or concept_data is None,
+          f"the upper level noises images of the anchor prompts (--unlearn {ft.unlearn.name}, finetune.upper.images="
+          f"{ft.upper.images or 'its own'}); with --concept-data pass --anchor-data DIR too, e.g. the teacher's "
+          "samples from `safeprune concept-images --prompts ANCHOR`")
     check(ft.eval_every_steps == 0 or on_eval is not None,
           "finetune.eval_every_steps needs an evaluation callback (Python API: finetune(..., on_eval=...)); "
           "set it to 0 and evaluate the run folder with `safeprune evaluate`")
@@ -436,8 +438,9 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
         metrics = stack.enter_context(open(out / METRICS, "a")) if main else None
         try:
             for step in range(start, method.total_steps):
-                # the paper code's schedule: linear warm-up of the lower level, then constant
-                lrs = {"lower": warmup_cosine(step, ft.lr, ft.warmup_steps), "upper": ft.upper.lr}
+                # the paper code's schedule: linear warm-up (the upper lr's counted in upper steps), then constant
+                lrs = {"lower": warmup_cosine(step, ft.lr, ft.warmup_steps),
+                       "upper": warmup_cosine(method.upper_index(step), ft.upper.lr, ft.upper.warmup_steps)}
                 for which, opt in optimizers.items():
                     for group in opt.param_groups:
                         group["lr"] = lrs[which]

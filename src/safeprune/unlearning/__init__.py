@@ -6,7 +6,8 @@ Each entry is a small frozen dataclass with
   `__call__(student_eps, target)` — the per-sample loss (B,),
   `params` — which student parameters the upper step moves ("all" or "xattn", see `select_parameters`),
   `images` (optional, default "concept") — which images x_t are noised from: "concept" images, or "anchor"
-  images (concept ablation, safeprune.unlearning.anchors).
+  images (concept ablation, safeprune.unlearning.anchors); `finetune.upper.images` overrides it (and adds
+  "student": the student's own partial samples, ESD's on-policy x_t; safeprune.bilevel.problem).
 The same objects drive the bilevel solvers and the two-stage baseline. Registry keys are the values of
 `finetune.unlearn.name` and the choices of `safeprune finetune --unlearn`.
 """

@@ -1,6 +1,7 @@
 """`safeprune demo`: the paper's claim (seed paper Fig. 1, Tab. 1), end to end on the embedded toy world.
 
-1. prune the shipped teacher (`prune.*`; default `channels`, see the README for why that ratio);
+1. prune the teacher (model.teacher: the shipped UNet teacher, or the shipped DiT `toy-dit` with `--arch dit`, whose
+   preset toy_dit.yaml prunes by depth; `prune.*`; default `channels`, see the README for why that ratio);
 2. fine-tune the student at equal budgets — `distill` (lower level only), `two_stage` (distill, then bilevel's own
    unlearning loss alone; the row `distill+bilevel_loss`) and `bilevel` — logging leakage and fd every
    `demo.curve_every` steps; the causal controls (`demo.controls`) beside them: `pruned` (the student before any

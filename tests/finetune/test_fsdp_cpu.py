@@ -52,10 +52,13 @@ def test_fsdp_matches_ddp_on_two_cpu_ranks(tmp_path, toy_teacher, student_dir, f
         assert a.keys() == b.keys(), name  # same files, same keys: checkpoints move between DDP and FSDP
         for key in a:
             assert a[key].shape == b[key].shape, (name, key)  # full tensors, not one rank's shard
-            # Rounding only (the gradient norm is summed in another order): 1e-5 of the tensor's scale, far
-            # below one step's change (lr 5e-4), so a wrong clip or a lost parameter would show.
+            # Rounding only (the gradient norm and the shards' gradients are summed in another order): 1e-5 of the
+            # tensor's scale plus 1 % of one Adam step (lr 5e-4; Adam divides by sqrt(v), so rounding moves a
+            # parameter by a share of a step: seen 3e-8 on a bias of scale 2e-3 and 1.9e-6 on an upper-level
+            # attn2.to_v, 0.4 % of a step, with the original code too under accelerate 1.15), far below the full
+            # step that a wrong clip or a lost parameter would show.
             scale = b[key].double().abs().max().item()
-            assert (a[key].double() - b[key].double()).abs().max().item() <= 1e-5 * scale + 1e-12, (name, key)
+            assert (a[key].double() - b[key].double()).abs().max().item() <= 1e-5 * scale + 1e-2 * 5e-4, (name, key)
     lower, upper = (load_file(str(fsdp / ckpt / f"{k}.optim.safetensors")) for k in ("lower", "upper"))
     assert 0 < len(upper) < len(lower)  # the upper optimiser kept its subset (cross-attention) under FSDP
     start = load_file(str(student_dir / "diffusion_pytorch_model.safetensors"))

@@ -209,7 +209,8 @@ def write_report(out: Path) -> Path:
 
 
 def plot(records, distill, concepts, rows, path: Path) -> None:
-    """Leakage against fd / distill fd, one panel per concept, one marker per (lever, seed)."""
+    """Leakage against fd / distill fd, one panel per concept, one marker per (lever, seed); hollow markers: forget
+    valid < 0.9."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,11 +220,11 @@ def plot(records, distill, concepts, rows, path: Path) -> None:
     colours = plt.get_cmap("tab10")
     for ax, concept in zip(axes[0], concepts):
         for i, row in enumerate(rows):
-            pts = [(r["fd"] / distill[concept, r["seed"]]["fd"], r["leakage"]) for r in records
-                   if r["concept"] == concept and r["row"] == row and (concept, r["seed"]) in distill]
-            if pts:
-                x, y = np.array(pts).T
-                ax.scatter(x, y, color=colours(i % 10), label=row, s=36)
+            pts = [(r["fd"] / distill[concept, r["seed"]]["fd"], r["leakage"], r["forget_valid"] >= 0.9)
+                   for r in records if r["concept"] == concept and r["row"] == row and (concept, r["seed"]) in distill]
+            for j, (x, y, drawn) in enumerate(pts):  # hollow: forget valid < 0.9 (objects erased, not suppressed)
+                ax.scatter([x], [y], s=36, label=row if j == 0 else None, edgecolors=colours(i % 10),
+                           facecolors=colours(i % 10) if drawn else "none")
         d_leak = [r["leakage"] for (c, _), r in distill.items() if c == concept]
         if d_leak:
             ax.scatter([1.0] * len(d_leak), d_leak, color="black", marker="x", label="distill")

@@ -68,6 +68,16 @@ def _checkpoint(root: Path, step: int, modules: dict, optimizers: dict, extra: d
     save_step(root, step, modules, optimizers, extra, keep=2)
 
 
+def _update(opt, params, loss: torch.Tensor, lr: float) -> None:
+    """One optimiser step of every stage: set the scheduled lr, backward, clip the gradient norm to 1, step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _save_atomic(obj, folder: Path) -> None:
     with atomic_folder(folder, overwrite=True) as tmp:
         obj.save_pretrained(tmp)
@@ -96,12 +106,7 @@ def train_vae(cfg: Config, world: ToyWorld, out: Path, resume: bool):
         recon = vae.decode(z).sample
         rec = F.mse_loss(recon, x)
         loss = rec + KL_WEIGHT * posterior.kl().mean()
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, tc.vae_lr, VAE_WARMUP, tc.vae_steps, FINAL_LR)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _update(opt, vae.parameters(), loss, warmup_cosine(step, tc.vae_lr, VAE_WARMUP, tc.vae_steps, FINAL_LR))
         bar.set_postfix(rec=f"{rec.item():.4f}")
         if (step + 1) % tc.ckpt_every_steps == 0:
             _checkpoint(ckpt, step + 1, {"vae": vae}, {"vae": opt})
@@ -169,12 +174,7 @@ def train_denoiser(cfg: Config, world: ToyWorld, vae, out: Path, resume: bool):
         noisy = train_sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, denoising_target(train_sched, latents, noise, t))
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, tc.lr, tc.warmup_steps, tc.unet_steps, FINAL_LR)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, params, loss, warmup_cosine(step, tc.lr, tc.warmup_steps, tc.unet_steps, FINAL_LR))
         ema_unet.update_parameters(unet)
         ema_text.update_parameters(text_encoder)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -253,12 +253,7 @@ def train_transformer(cfg: Config, world: ToyWorld, out: Path, resume: bool):
         c[torch.rand(batch, generator=g) < tc.caption_dropout] = index[""]
         noise, t, x_t = schedule.noised(latents, g, "cpu")
         loss = F.mse_loss(backbone.predict(transformer, x_t, t, emb[c]), schedule.target(latents, noise, t))
-        for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, tc.lr, tc.warmup_steps, tc.unet_steps, FINAL_LR)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
+        _update(opt, transformer.parameters(), loss, warmup_cosine(step, tc.lr, tc.warmup_steps, tc.unet_steps, FINAL_LR))
         ema.update_parameters(transformer)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % tc.ckpt_every_steps == 0 or step + 1 == tc.unet_steps:

@@ -45,6 +45,8 @@ LEVERS: dict[str, list[str]] = {
                       "finetune.upper.batch_size=32"],
     # the paper's upper-lr warm-up: 250 of its 2,000 upper steps (12.5 %) = 4 of our 30
     "warmup": ["finetune.upper.warmup_steps=4"],
+    # ESD-x: the upper step moves only the text-reading attention (esd_anchor keeps its anchor reference)
+    "xattn": ["finetune.unlearn.params=xattn"],
 }
 METRICS = ("leakage", "forget_valid", "retention", "fd")
 BASE = ("eval.heldout=false",)
@@ -56,7 +58,9 @@ def parse_lever(text: str) -> tuple[str, list[str]]:
     return name.strip(), [o.strip() for o in overrides.split(",") if o.strip()]
 
 
-def run(out: Path, concepts: list[str], seeds: list[int], levers: dict[str, list[str]], tiny: bool) -> None:
+def run(out: Path, concepts: list[str], seeds: list[int], levers: dict[str, list[str]], tiny: bool,
+        heldout: bool = False) -> None:
+    from safeprune.data.toyworld import ToyWorld
     from safeprune.eval.judge import load_judge
     from safeprune.recipes import demo
 
@@ -84,9 +88,11 @@ def run(out: Path, concepts: list[str], seeds: list[int], levers: dict[str, list
                 shutil.rmtree(run_dir, ignore_errors=True)  # a run this script started and did not record
                 t = time.perf_counter()
                 method = "distill" if row == "distill" else "bilevel"
-                metrics, _, _ = demo.finetune_row(cfg, method, seed, student, run_dir, dev_world(cfg, seed), judge,
+                # held-out: the demo's own world and prompts (safeprune.recipes.demo), never the development ones
+                world = ToyWorld(cfg.toyworld, seed=cfg.seed) if heldout else dev_world(cfg, seed)
+                metrics, _, _ = demo.finetune_row(cfg, method, seed, student, run_dir, world, judge,
                                                   None, None, {}, prune_report, timings)
-                rec = {"concept": concept, "seed": seed, "row": row, "overrides": overrides,
+                rec = {"concept": concept, "seed": seed, "row": row, "overrides": overrides, "heldout": heldout,
                        **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                        "wall_s": round(time.perf_counter() - t, 1)}
                 leak_atlas.append_record(jsonl, rec)
@@ -173,7 +179,9 @@ def write_report(out: Path) -> Path:
     distill = {(r["concept"], r["seed"]): r for r in records if r["row"] == "distill"}
     concepts = list(dict.fromkeys(r["concept"] for r in records))
     rows = list(dict.fromkeys(r["row"] for r in records if r["row"] != "distill"))
-    md = ["# Levers on bilevel's quality cost (development seeds)", "",
+    where = ("held-out seeds and the demo's prompts (levers chosen on development seeds)"
+             if all(r.get("heldout") for r in records) else "development seeds")
+    md = [f"# Levers on bilevel's quality cost ({where})", "",
           "Per seed: `leakage / forget valid / retention / fd (fd / distill fd)`; `goal` on every seed: where distill "
           "leaks, leakage <= 0.1, forget valid >= 0.9 and fd <= 1.1x distill's; where it does not, no harm (leakage "
           "<= distill + 0.05, forget valid and retention >= distill - 0.05, fd <= 1.1x distill's). Written by "
@@ -244,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/levers")
     parser.add_argument("--concepts", nargs="+", default=["style:striped", "style:checkered"])
     parser.add_argument("--seeds", default="1000,1001", help="comma-separated DEVELOPMENT seeds (>= 1000)")
+    parser.add_argument("--heldout", action="store_true",
+                        help="REPORT levers already chosen on development seeds: the demo's seeds (< 1000) and prompts")
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"subset of {','.join(LEVERS)} (in run order)")
     parser.add_argument("--lever", action="append", default=[], help="NAME=section.field=value,... (a combination)")
     parser.add_argument("--report-only", action="store_true", help="rewrite levers.md / levers.png from the jsonl")
@@ -263,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
-        check(all(s >= 1000 for s in seeds), "--seeds: development seeds are >= 1000 (0-2 are the held-out ones)")
+        if args.heldout:
+            check(all(0 <= s < 1000 for s in seeds), "--heldout --seeds: the demo's held-out seeds are 0-999 (e.g. 0,1,2)")
+        else:
+            check(all(s >= 1000 for s in seeds), "--seeds: development seeds are >= 1000 (0-2 are the held-out ones)")
+        mixed = [r for r in leak_atlas.read_records(out / "levers.jsonl") if bool(r.get("heldout")) != args.heldout]
+        check(not mixed, f"{out / 'levers.jsonl'} holds {'development' if args.heldout else 'held-out'} runs; give "
+                         "development and held-out runs separate --out folders")
         names = [n.strip() for n in args.levers.split(",") if n.strip()]
         unknown = [n for n in names if n not in LEVERS]
         check(not unknown, f"--levers: unknown {unknown}; choose from {', '.join(LEVERS)} or add --lever NAME=...")
@@ -272,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             for overrides in levers.values():  # a bad override fails now, not after an hour of runs
                 leak_atlas.build_config(concept, "channels", [*BASE, *overrides], args.tiny)
         out.mkdir(parents=True, exist_ok=True)
-        run(out, args.concepts, seeds, levers, args.tiny)
+        run(out, args.concepts, seeds, levers, args.tiny, args.heldout)
         print(f"wrote {write_report(out)}")
 
     return leak_atlas.exit_code(body)

@@ -103,6 +103,10 @@ class TeacherConfig:
         check(self.arch in TEACHER_ARCHS, f"teacher.arch={self.arch!r}; choose one of: {', '.join(TEACHER_ARCHS)}")
         check(self.prediction_type in ("epsilon", "v_prediction"),
               f"teacher.prediction_type={self.prediction_type!r}; choose 'epsilon' or 'v_prediction'")
+        # the field keeps its UNet default under arch dit (a config records it), but asking for v is a mistake
+        check(self.arch != "dit" or self.prediction_type == "epsilon",
+              f"teacher.prediction_type={self.prediction_type!r} is a UNet setting; a dit teacher predicts the "
+              "rectified-flow velocity: drop the override or use --arch unet")
         check(0.0 <= self.caption_dropout < 1.0, "teacher.caption_dropout must lie in [0, 1)")
         for name in ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "ckpt_every_steps"):
             check(getattr(self, name) > 0, f"teacher.{name} must be > 0")
@@ -200,9 +204,14 @@ class UnlearnLossConfig:
     # erases the object (docs/demo/tuning.md); the SD presets use the paper's esd at eta 1.
     name: str = "esd_anchor"
     eta: float = 2.0  # negative-guidance strength eta of the esd losses (seed paper eq. 5; the paper: 1.0)
+    # which student parameters the upper step moves: "" = the loss's own (esd_xattn: xattn, the others: all) |
+    # all | xattn (the text-reading attention only: ESD-x's smaller footprint on prompts without the concept)
+    params: str = ""
 
     def __post_init__(self):
         _finite("finetune.unlearn", self, "eta")
+        check(self.params in ("", "all", "xattn"),
+              f"finetune.unlearn.params={self.params!r}; choose all, xattn or '' (the loss's own)")
 
 
 UPPER_IMAGES = ("", "concept", "anchor", "student")  # UpperConfig.images

@@ -11,7 +11,7 @@ def levers():
     return load_benchmark("levers")
 
 
-@pytest.mark.parametrize("lever", ["base", "anchor_xt", "student_xt", "preserve", "penalty_paper", "warmup"])
+@pytest.mark.parametrize("lever", ["base", "anchor_xt", "student_xt", "preserve", "penalty_paper", "warmup", "xattn"])
 def test_every_lever_has_the_same_lower_and_upper_budget(levers, lever):
     from safeprune.bilevel import build_method
 
@@ -37,6 +37,10 @@ def test_bad_arguments_are_one_line_errors(levers, tmp_path, capsys):
                                                   "overrides": ["finetune.upper.preserve=0.5"]}) + "\n")
     assert levers.main(["--out", str(out), "--levers", "preserve", "--seeds", "1000"]) == 2
     assert "lever 'preserve' ran with" in capsys.readouterr().err
+    # held-out seeds only with --heldout, and never into a folder of development runs (or the other way round)
+    assert levers.main(["--out", str(out), "--heldout", "--seeds", "1000"]) == 2
+    assert levers.main(["--out", str(out), "--heldout", "--seeds", "0", "--levers", "preserve"]) == 2
+    assert "holds development runs" in capsys.readouterr().err
 
 
 def test_the_goal_needs_every_seed(levers, tmp_path):

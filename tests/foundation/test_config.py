@@ -30,6 +30,12 @@ def test_bad_overrides_name_the_key(override, words):
     assert all(w in str(err.value) for w in words) and "\n" not in str(err.value)
 
 
+def test_a_dit_teacher_refuses_the_unet_prediction_type():
+    assert load_config(None, ["teacher.arch=dit"]).teacher.prediction_type == "epsilon"  # the recorded default
+    with pytest.raises(UserError, match="a dit teacher predicts the rectified-flow velocity"):
+        load_config(None, ["teacher.arch=dit", "teacher.prediction_type=v_prediction"])
+
+
 def test_nested_dataclass_lists():
     cfg = load_config(None, ['finetune.concepts=[{target: "a striped circle", anchor: "a circle"}]'])
     assert cfg.finetune.concepts[0].anchor == "a circle"

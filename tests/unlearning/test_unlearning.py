@@ -23,6 +23,15 @@ def test_registry_and_unknown_name():
         build_unlearning("uce", UnlearnLossConfig())
 
 
+def test_unlearn_params_overrides_the_losses_own_parameter_set():
+    # finetune.unlearn.params=xattn turns esd_anchor into its cross-attention-only (ESD-x) variant, target unchanged
+    own, xattn = (build_unlearning("esd_anchor", UnlearnLossConfig(params=p)) for p in ("", "xattn"))
+    assert (own.params, xattn.params) == ("all", "xattn") and xattn.reference == own.reference == "anchor"
+    assert build_unlearning("esd_xattn", UnlearnLossConfig(params="all")).params == "all"
+    with pytest.raises(UserError, match="finetune.unlearn.params"):
+        UnlearnLossConfig(params="attn1")
+
+
 def test_esd_target_is_negative_guidance_and_gradient_moves_away_from_concept():
     esd = build_unlearning("esd", UnlearnLossConfig(eta=1.0))
     cond, null = _eps(0), _eps(1)

@@ -143,7 +143,7 @@ def _load_source(cfg: Config, device) -> Source:
     # Only a hub id is recorded (model card, safeprune.json): the model folder carries copies of the other
     # components, and a local path would break when either folder moves.
     base_model = str(model) if model and is_hub_id(model) else None
-    return Source(unet, True, base_model, pipeline, _text_tokens(pipeline), str(folder))
+    return Source(unet, True, base_model, pipeline, _text_tokens(pipeline, unet), str(folder))
 
 
 def shipped_config(name: str) -> Path:
@@ -176,14 +176,26 @@ def _from_config(path: Path) -> Source:
     return Source(model, False, None, None, default_text_tokens(model), str(path))
 
 
-def _text_tokens(pipeline: Path | None) -> int:
-    """The tokenizer's context length (MACs and latency depend on it through cross-attention)."""
-    config = pipeline / "tokenizer" / "tokenizer_config.json" if pipeline else None
-    if config and config.is_file():
+def _text_tokens(pipeline: Path | None, denoiser) -> int:
+    """The text tokens the denoiser attends to as its pipeline encodes them (MACs and latency depend on them):
+    the CLIP tokenizer's context length; SD3 adds its T5 tokens, or as many zero tokens as CLIP ones without a T5
+    (safeprune.backbones.sd3: SD3.sequence_length); T5-only families (Flux, PixArt) their pipelines' defaults."""
+    from safeprune.backbones import family_key
+    from safeprune.pruning.measure import default_text_tokens
+
+    family = family_key(denoiser)
+    if pipeline is None or family not in (None, "sd", "sdxl", "sd3"):
+        return default_text_tokens(denoiser)
+    config, clip = pipeline / "tokenizer" / "tokenizer_config.json", DEFAULT_TEXT_TOKENS
+    if config.is_file():
         length = json.loads(config.read_text()).get("model_max_length")
         if isinstance(length, int) and 0 < length < 100_000:
-            return length
-    return DEFAULT_TEXT_TOKENS
+            clip = length
+    if family != "sd3":
+        return clip
+    index = json.loads((pipeline / "model_index.json").read_text())
+    has_t5 = bool((index.get("text_encoder_3") or [None])[0])
+    return clip + (BACKBONES["sd3"].max_sequence_length if has_t5 else clip)
 
 
 def taylor_calibration(cfg: Config, pipeline_folder: Path | None, calib_data: str | None, device,

@@ -14,6 +14,7 @@ The same objects drive the bilevel solvers and the two-stage baseline. Registry 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
@@ -53,7 +54,9 @@ PARAMETER_SETS: dict[str, Callable[[str], bool]] = {
 
 def build_unlearning(name: str, options: UnlearnLossConfig | None = None) -> Unlearning:
     """The registered unlearning loss `name`, configured by `finetune.unlearn` (defaults when None)."""
-    return choose("unlearning loss", name, UNLEARNING)(options or UnlearnLossConfig(name=name))
+    options = options or UnlearnLossConfig(name=name)
+    loss = choose("unlearning loss", name, UNLEARNING)(options)
+    return dataclasses.replace(loss, params=options.params) if options.params else loss
 
 
 def select_parameters(unet: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:

@@ -2,8 +2,10 @@
 one text-embedding table for every prompt a run uses, built once before training.
 
 Embeddings of fixed prompts are computed once (the paper's code does the same): captions, concept targets
-and anchors, and the empty prompt share one (P, L, D) table indexed by row. In stream mode
-(`safeprune.data.stream`) the fine-tuning images are instead VAE-encoded afresh every step.
+and anchors, and the empty prompt share one table indexed by row, (P, L, D) for SD 1.x/2.x or a
+PromptEmbeddings of P rows (safeprune.backbones). In stream mode (`safeprune.data.stream`, every family) the
+fine-tuning images are instead VAE-encoded afresh every step, and each draw writes its captions' embeddings,
+encoded by the same `backbone.encode`, into rows reserved at the end of that table.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from safeprune.data.datasets import encode_pool, open_image_captions
 from safeprune.data.records import Columns
 from safeprune.data.stream import data_mode, open_stream_pool
 from safeprune.data.toyworld import ToyWorld
-from safeprune.errors import check
 from safeprune.unlearning.anchors import ToyAnchorImages
 from safeprune.unlearning.concepts import derive_concepts, pair_images
 from safeprune.utils import DTYPES, numpy_rng
@@ -51,11 +52,8 @@ def build_pools(cfg: Config, pipe, unlearning, data, concept_data, device, backb
 
     sources = {"streaming": ft.data.streaming, "hub": ft.data.hub_data}
     if data_mode(ft, data) == "stream":  # fresh images every step, VAE-encoded per batch (safeprune.data.stream)
-        check(backbone.name == "sd", f"finetune.data.mode=stream encodes captions with one CLIP (SD 1.x/2.x); this "
-                                     f"{backbone.name} teacher needs finetune.data.mode=pool")
-        lower = open_stream_pool(data, ft, world=world, vae=vae, tokenizer=pipe.tokenizer,
-                                 text_encoder=pipe.text_encoder, resolution=size, seed=cfg.seed, device=device,
-                                 dtype=DTYPES[ft.teacher_dtype])
+        lower = open_stream_pool(data, ft, world=world, pipe=pipe, backbone=backbone, vae=vae, resolution=size,
+                                 seed=cfg.seed, device=device, dtype=DTYPES[ft.teacher_dtype])
     else:
         columns = Columns(ft.data.image_column, ft.data.caption_column)  # of paths.data (concept folders: defaults)
         lower_set = open_image_captions(data, world=world, split="finetune", n_toy=ft.data.pool, size=size,

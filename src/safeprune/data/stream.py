@@ -6,13 +6,16 @@ crops and flips. Stream mode does what diffusers' train_text_to_image.py does in
 
     source records -> transforms.train_image (resize, crop, flip) in `num_workers` worker processes
     -> pinned (B, 3, R, R) batches -> VAE encode on the training device -> latents for this step,
-    captions -> text encoder (or the on-disk cache of text embeddings) -> this step's embeddings.
+    captions -> the family's text encoders (or the on-disk cache of text embeddings) -> this step's embeddings.
 
 `StreamLatents` plugs into the loop where a fixed `LatentPool` would (`Pools.lower`): `draw(generator, n)`
 returns (row indices, latent samples) with z = mean + std * eps and eps from the step's generator, and it
 writes the batch's caption embeddings into rows it reserved in the run's embedding table (`attach`), so
 `embeddings[lower_prompt[idx]]` in the problem picks this batch's captions. Concept images (the upper
-level) stay a fixed pool: concept sets are small.
+level) stay a fixed pool: concept sets are small. Captions are conditioned exactly as the fixed table's prompts
+are, by the family's own `backbone.encode` (safeprune.backbones): one CLIP's (n, L, D) states for SD 1.x/2.x,
+a PromptEmbeddings (hidden, pooled, time_ids, mask) for SDXL, SD3, Flux and PixArt, every field of which
+`draw` writes into the reserved rows.
 
 Exact resume (checkpoints store `consumed`, the images this process has drawn):
   - map-style sources (image folder, datasets folder / parquet / arrow, toy): exact and cheap. The order is a
@@ -28,6 +31,7 @@ Exact resume (checkpoints store `consumed`, the images this process has drawn):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -38,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from safeprune.backbones.base import PromptEmbeddings, cat_embeddings
 from safeprune.data.datasets import ToySplit, embed_prompts, is_shards, latent_gaussian, open_source
 from safeprune.data.records import Columns
 from safeprune.data.transforms import train_image
@@ -179,8 +184,8 @@ class ImageStream:
 def encoder_identity(tokenizer, text_encoder) -> str:
     """A hash of what decides an embedding: the encoder's config, the tokenizer, and a weight fingerprint.
 
-    The fingerprint samples 64 values of every parameter (cheap even for CLIP-L/H), so a fine-tuned or
-    different checkpoint of the same architecture gets its own cache.
+    The fingerprint samples 64 values of every parameter (cheap even for CLIP-L/H or T5-XXL), with its dtype, so
+    a fine-tuned, different or differently cast checkpoint of the same architecture gets its own cache.
     """
     h = hashlib.sha256()
     h.update(json.dumps(text_encoder.config.to_dict(), sort_keys=True, default=str).encode())
@@ -189,48 +194,93 @@ def encoder_identity(tokenizer, text_encoder) -> str:
         for name, p in text_encoder.state_dict().items():
             flat = p.detach().flatten()
             sample = flat[:: max(1, flat.numel() // 64)].float().cpu().numpy()
-            h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
+            h.update(name.encode() + str(tuple(p.shape)).encode() + str(p.dtype).encode() + sample.tobytes())
     return h.hexdigest()[:24]
 
 
-class TextEmbeddings:
-    """Caption -> text-encoder hidden states (L, D); optionally cached on disk as safetensors (never pickle).
+def text_identity(backbone, pipe, resolution: int = 0) -> str:
+    """A hash of what decides a family's conditioning of a caption: the family and its settings (e.g. T5
+    sequence lengths), the pipeline class (PixArt-alpha and -sigma pad T5 differently), the resolution (SDXL's
+    and PixArt's size conditioning) and `encoder_identity` of EVERY text encoder with its tokenizer (SDXL: two
+    CLIPs; SD3: two CLIPs and an optional T5, whose absence is part of the key; Flux: CLIP and T5)."""
+    h = hashlib.sha256(f"{backbone!r}|{type(pipe).__name__}|{resolution}".encode())
+    components = pipe.components
+    for name in sorted(k for k in components if k.startswith("text_encoder")):  # text_encoder, _2, _3
+        encoder, tokenizer = components[name], components.get(name.replace("text_encoder", "tokenizer"))
+        h.update(f"|{name}=".encode() + (b"absent" if encoder is None else encoder_identity(tokenizer, encoder).encode()))
+    return h.hexdigest()[:24]
 
-    Cache layout: `folder/<encoder identity>/<2 hex>/<sha256 of the caption>.safetensors`, one tensor
-    `embedding` per caption with the caption in the file's metadata. Files are written to a temporary name
-    and renamed, so concurrent processes (DDP ranks) and kills never leave a torn entry.
+
+def _fields(emb) -> dict[str, torch.Tensor]:
+    """The tensors of a conditioning by name: a plain (n, L, D) tensor (SD 1.x/2.x) is `embedding` (the cache's
+    one-tensor layout), a PromptEmbeddings gives each field it has (hidden, pooled, time_ids, mask)."""
+    if isinstance(emb, torch.Tensor):
+        return {"embedding": emb}
+    return {f.name: getattr(emb, f.name) for f in dataclasses.fields(emb) if getattr(emb, f.name) is not None}
+
+
+def _from_fields(tensors: dict[str, torch.Tensor]):
+    """The inverse of `_fields`."""
+    return tensors["embedding"] if "embedding" in tensors else PromptEmbeddings(**tensors)
+
+
+class TextEmbeddings:
+    """Caption -> its conditioning rows; optionally cached on disk as safetensors (never pickle).
+
+    Cache layout: `folder/<encoder identity>/<2 hex>/<sha256 of the caption>.safetensors`, one tensor per field
+    of the caption's conditioning (`embedding` for one CLIP's states; hidden, pooled, time_ids, mask for a
+    PromptEmbeddings) with the caption in the file's metadata. Files are written to a temporary name and renamed,
+    so concurrent processes (DDP ranks) and kills never leave a torn entry.
     """
 
     def __init__(self, tokenizer, text_encoder, *, device, folder: str | Path | None = None):
-        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
-        self.folder = Path(folder) / encoder_identity(tokenizer, text_encoder) if folder else None
+        """One CLIP's hidden states (n, L, D), tokenised as StableDiffusionPipeline does (`embed_prompts`)."""
+        self._setup(lambda captions: embed_prompts(captions, tokenizer, text_encoder, device=device),
+                    encoder_identity(tokenizer, text_encoder), device, folder)
+
+    def _setup(self, encode, identity: str, device, folder) -> None:
+        self.encode, self.device = encode, device  # encode(captions) -> (n, L, D) tensor or PromptEmbeddings
+        self.folder = Path(folder) / identity if folder else None
         self.encoded = 0  # captions run through the encoder (cache misses), for tests and logs
 
     def _path(self, caption: str) -> Path:
         key = hashlib.sha256(caption.encode()).hexdigest()
         return self.folder / key[:2] / f"{key}.safetensors"
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        """(n, L, D) float on the device."""
-        found = {}
+    def _save(self, caption: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self._path(caption)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"caption": caption})
+        os.replace(tmp, path)
+
+    def __call__(self, captions: list[str]):
+        """The conditioning of `captions` (n rows) on the device: as `encode` returns it."""
+        found = {}  # caption -> {field: its row}
         if self.folder is not None:
             for caption in dict.fromkeys(captions):
                 path = self._path(caption)
                 if path.is_file():
-                    found[caption] = load_file(str(path))["embedding"].to(self.device)
+                    found[caption] = {k: v.to(self.device) for k, v in load_file(str(path)).items()}
         missing = [c for c in dict.fromkeys(captions) if c not in found]
         if missing:
-            embedded = embed_prompts(missing, self.tokenizer, self.text_encoder, device=self.device)
+            embedded = _fields(self.encode(missing))
             self.encoded += len(missing)
-            for caption, emb in zip(missing, embedded):
-                found[caption] = emb
+            for i, caption in enumerate(missing):
+                found[caption] = {k: v[i] for k, v in embedded.items()}
                 if self.folder is not None:
-                    path = self._path(caption)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                    save_file({"embedding": emb.detach().cpu().contiguous()}, str(tmp), metadata={"caption": caption})
-                    os.replace(tmp, path)
-        return torch.stack([found[c] for c in captions])
+                    self._save(caption, found[caption])
+        return _from_fields({k: torch.stack([found[c][k] for c in captions]) for k in found[captions[0]]})
+
+
+class FamilyTextEmbeddings(TextEmbeddings):
+    """A backbone family's own conditioning, `backbone.encode(pipe, captions, device, resolution)`, as the run's
+    fixed embedding table holds it, cached under `text_identity` (every text encoder of the pipeline)."""
+
+    def __init__(self, backbone, pipe, *, device, folder: str | Path | None = None, resolution: int = 0):
+        self._setup(lambda captions: backbone.encode(pipe, captions, device, resolution),
+                    text_identity(backbone, pipe, resolution), device, folder)
 
 
 # ----------------------------------------------------------------------------- the pool the loop draws from
@@ -242,23 +292,27 @@ class StreamLatents:
     captions: tuple[str, ...] = ()  # no fixed captions: each draw fills the rows reserved by `attach`
     labels: tuple[dict, ...] = ()
 
-    def __init__(self, images: ImageStream, vae, text: TextEmbeddings, *, device, replay: int = 2):
+    def __init__(self, images: ImageStream, vae, text: TextEmbeddings, *, device, replay: int = 2,
+                 latent_shape: tuple[int, ...] | None = None):
         self.images, self.vae, self.text, self.device = images, vae, text, device
         self.slots = images.batch_size
+        self.latent_shape = latent_shape  # (C, h, w) of one image's latents (the loop's shape check)
         self.table, self.first_row = None, 0
         self._recent = collections.OrderedDict()  # generator state -> (mean, std, embeddings), for replays
         self._replay = replay
 
-    def attach(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reserve `slots` rows after the run's fixed prompts -> (embedding table, lower_prompt rows)."""
-        self.first_row = embeddings.shape[0]
-        self.table = torch.cat([embeddings, embeddings.new_zeros(self.slots, *embeddings.shape[1:])])
+    def attach(self, embeddings):
+        """Reserve `slots` rows after the run's fixed prompts -> (embedding table, lower_prompt rows). The table
+        is a (P, L, D) tensor or a PromptEmbeddings, as `embeddings` is; every field gets the reserved rows."""
+        self.first_row = len(embeddings)
+        reserved = _from_fields({k: v.new_zeros(self.slots, *v.shape[1:]) for k, v in _fields(embeddings).items()})
+        self.table = cat_embeddings([embeddings, reserved])
         return self.table, torch.arange(self.first_row, self.first_row + self.slots)
 
     @torch.no_grad()
     def draw(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices (n,), latent samples (n, C, h, w)): the next n images, or a replay of a draw made with the
-        same generator state; also writes their caption embeddings into the reserved table rows."""
+        same generator state; also writes their caption embeddings (every field) into the reserved table rows."""
         check(self.table is not None and n <= self.slots, "StreamLatents.draw: attach() a table with >= n slots first")
         key = hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest()
         if key not in self._recent:
@@ -268,7 +322,9 @@ class StreamLatents:
             while len(self._recent) > self._replay:
                 self._recent.popitem(last=False)
         mean, std, emb = self._recent[key]
-        self.table[self.first_row:self.first_row + n] = emb.to(self.table.dtype)
+        drawn = _fields(emb)
+        for name, rows in _fields(self.table).items():  # in place: the problem indexes this very table
+            rows[self.first_row:self.first_row + n] = drawn[name].to(rows.dtype)
         eps = torch.randn(mean.shape, generator=generator).to(self.device)
         return torch.arange(n), mean + std * eps
 
@@ -285,11 +341,12 @@ def _rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
-def open_stream_pool(data, ft, *, world, vae, tokenizer, text_encoder, resolution: int, seed: int, device,
+def open_stream_pool(data, ft, *, world, pipe, backbone, vae, resolution: int, seed: int, device,
                      dtype=torch.float32) -> StreamLatents:
-    """The stream-mode `Pools.lower` for `--data` (None = the toy finetune split) under FinetuneConfig `ft`.
+    """The stream-mode `Pools.lower` for `--data` (None = the toy finetune split) under FinetuneConfig `ft`, for a
+    teacher pipeline `pipe` of family `backbone` (safeprune.backbones), whose own encoders condition the captions.
 
-    The VAE and text encoder run every step here, so they take the teacher's `dtype` (as diffusers' training
+    The VAE and text encoders run every step here, so they take the teacher's `dtype` (as diffusers' training
     scripts cast them to the weight dtype); latents and embeddings come back as float32.
     """
     source = ToySplit(world, "finetune", ft.data.pool, resolution) if data is None else \
@@ -300,6 +357,10 @@ def open_stream_pool(data, ft, *, world, vae, tokenizer, text_encoder, resolutio
     images = ImageStream(source, batch_size=ft.batch_size, resolution=resolution, random_crop=ft.data.random_crop,
                          random_flip=ft.data.random_flip, num_workers=ft.data.num_workers, shuffle_buffer=ft.data.shuffle_buffer,
                          seed=seed, rank=rank, world=processes, pin_memory=device.type == "cuda")
-    text = TextEmbeddings(tokenizer, text_encoder.to(device, dtype).eval(), device=device,
-                          folder=ft.data.text_cache or None)
-    return StreamLatents(images, vae.to(device, dtype).eval(), text, device=device, replay=2 * ft.grad_accum)
+    for name, module in pipe.components.items():  # every text encoder of the family (SD3's absent T5 is None)
+        if name.startswith("text_encoder") and module is not None:
+            module.to(device, dtype).eval()
+    text = FamilyTextEmbeddings(backbone, pipe, device=device, folder=ft.data.text_cache or None,
+                                resolution=resolution)
+    return StreamLatents(images, vae.to(device, dtype).eval(), text, device=device, replay=2 * ft.grad_accum,
+                         latent_shape=backbone.latent_shape(pipe, resolution))

@@ -375,7 +375,8 @@ def _train(cfg, method, unlearning, student_dir, teacher_dir, base_model, out, d
 
     # 2. pools and embeddings, once; the VAE and text encoder are not needed afterwards.
     pools, concepts = build_pools(cfg, pipe, unlearning, data, concept_data, device, backbone)
-    latent_shape = tuple(pools.lower.mean.shape[1:]) if hasattr(pools.lower, "mean") else None  # (C, h, w)
+    # (C, h, w); a stream knows it from the family (Flux's transformer config has no sample size to guess from)
+    latent_shape = tuple(pools.lower.mean.shape[1:]) if hasattr(pools.lower, "mean") else pools.lower.latent_shape
     data_info = _data_info(pools, data, cfg)
     if main:
         shown = data_info["training_images"] or "fresh images every step"

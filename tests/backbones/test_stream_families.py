@@ -14,7 +14,7 @@ from safeprune.backbones import BACKBONES
 from safeprune.bilevel.problem import step_generator
 from safeprune.cli import main
 from safeprune.data.datasets import ToySplit
-from safeprune.data.stream import FamilyTextEmbeddings, ImageStream, StreamLatents, text_identity
+from safeprune.data.stream import ImageStream, StreamLatents, TextEmbeddings, text_identity
 from safeprune.data.toyworld import ToyWorld
 
 FIELDS = ("hidden", "pooled", "time_ids", "mask")
@@ -43,7 +43,7 @@ def test_a_draw_writes_the_family_encoding_of_its_captions_into_every_field(fami
         return pixels, captions
 
     images.take = take_and_remember
-    pool = StreamLatents(images, pipe.vae, FamilyTextEmbeddings(backbone, pipe, device="cpu", resolution=32),
+    pool = StreamLatents(images, pipe.vae, TextEmbeddings(backbone, pipe, device="cpu", resolution=32),
                          device="cpu", latent_shape=backbone.latent_shape(pipe, 32))
     fixed = backbone.encode(pipe, ["", "a red circle"], "cpu", 32)
     table, rows = pool.attach(fixed)
@@ -59,14 +59,14 @@ def test_a_draw_writes_the_family_encoding_of_its_captions_into_every_field(fami
 def test_the_text_cache_keeps_every_field_and_serves_a_second_run(family, request, tmp_path):
     backbone, pipe = BACKBONES[family], _pipe(request, family)
     captions = ["a red circle", "a blue square", "a red circle"]
-    first = FamilyTextEmbeddings(backbone, pipe, device="cpu", folder=tmp_path, resolution=32)
+    first = TextEmbeddings(backbone, pipe, device="cpu", folder=tmp_path, resolution=32)
     out = first(captions)
     assert first.encoded == 2 and _same(out, backbone.encode(pipe, captions, "cpu", 32))
     files = sorted(tmp_path.glob("*/*/*.safetensors"))
     assert len(files) == 2 and not list(tmp_path.rglob("*.tmp"))
     stored = load_file(str(files[0]))  # plain safetensors, one tensor per field the family has
     assert set(stored) == {f for f in FIELDS if getattr(out, f) is not None}
-    again = FamilyTextEmbeddings(backbone, pipe, device="cpu", folder=tmp_path, resolution=32)
+    again = TextEmbeddings(backbone, pipe, device="cpu", folder=tmp_path, resolution=32)
     assert _same(again(captions), out) and again.encoded == 0  # dtypes too: PixArt's mask stays long
 
 

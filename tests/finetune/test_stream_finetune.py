@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import safeprune.checkpoint
+from safeprune.backbones import BACKBONES
 from safeprune.data.toyworld import ToyWorld
 from safeprune.models.io import load_unet
 
@@ -90,10 +91,10 @@ def test_text_cache_matches_the_encoder_and_is_keyed_by_it(pipe, tmp_path):
     from safeprune.data.stream import TextEmbeddings, encoder_identity
 
     captions = ["a red circle", "a blue square", "a red circle"]
-    first = TextEmbeddings(pipe.tokenizer, pipe.text_encoder, device="cpu", folder=tmp_path)
+    first = TextEmbeddings(BACKBONES["sd"], pipe, device="cpu", folder=tmp_path)
     out = first(captions)
     assert torch.equal(out, embed_prompts(captions, pipe.tokenizer, pipe.text_encoder)) and first.encoded == 2
-    again = TextEmbeddings(pipe.tokenizer, pipe.text_encoder, device="cpu", folder=tmp_path)
+    again = TextEmbeddings(BACKBONES["sd"], pipe, device="cpu", folder=tmp_path)
     assert torch.equal(again(captions), out) and again.encoded == 0  # served from the safetensors files
     files = list(tmp_path.glob("*/*/*.safetensors"))
     assert len(files) == 2 and not list(tmp_path.rglob("*.tmp"))
@@ -111,7 +112,7 @@ def test_a_replayed_draw_returns_the_same_batch(pipe):
     from safeprune.data.stream import ImageStream, StreamLatents, TextEmbeddings
 
     images = ImageStream(ToySplit(ToyWorld(), "finetune", 8, None), batch_size=2, resolution=32)
-    pool = StreamLatents(images, pipe.vae, TextEmbeddings(pipe.tokenizer, pipe.text_encoder, device="cpu"),
+    pool = StreamLatents(images, pipe.vae, TextEmbeddings(BACKBONES["sd"], pipe, device="cpu"),
                          device="cpu")
     tokens, width = pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size
     table, rows = pool.attach(torch.zeros(3, tokens, width))  # 3 fixed prompts, then 2 rows for each draw

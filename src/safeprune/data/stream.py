@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from safeprune.backbones.base import PromptEmbeddings, cat_embeddings
-from safeprune.data.datasets import ToySplit, embed_prompts, is_shards, latent_gaussian, open_source
+from safeprune.data.datasets import ToySplit, is_shards, latent_gaussian, open_source
 from safeprune.data.records import Columns
 from safeprune.data.transforms import train_image
 from safeprune.errors import UserError, check
@@ -233,14 +233,12 @@ class TextEmbeddings:
     so concurrent processes (DDP ranks) and kills never leave a torn entry.
     """
 
-    def __init__(self, tokenizer, text_encoder, *, device, folder: str | Path | None = None):
-        """One CLIP's hidden states (n, L, D), tokenised as StableDiffusionPipeline does (`embed_prompts`)."""
-        self._setup(lambda captions: embed_prompts(captions, tokenizer, text_encoder, device=device),
-                    encoder_identity(tokenizer, text_encoder), device, folder)
-
-    def _setup(self, encode, identity: str, device, folder) -> None:
-        self.encode, self.device = encode, device  # encode(captions) -> (n, L, D) tensor or PromptEmbeddings
-        self.folder = Path(folder) / identity if folder else None
+    def __init__(self, backbone, pipe, *, device, folder: str | Path | None = None, resolution: int = 0):
+        """The family's own conditioning, `backbone.encode(pipe, captions, device, resolution)`, as the run's fixed
+        embedding table holds it (SD 1.x/2.x: one CLIP's (n, L, D) states), cached under `text_identity`."""
+        self.encode = lambda captions: backbone.encode(pipe, captions, device, resolution)
+        self.device = device
+        self.folder = Path(folder) / text_identity(backbone, pipe, resolution) if folder else None
         self.encoded = 0  # captions run through the encoder (cache misses), for tests and logs
 
     def _path(self, caption: str) -> Path:
@@ -272,15 +270,6 @@ class TextEmbeddings:
                 if self.folder is not None:
                     self._save(caption, found[caption])
         return _from_fields({k: torch.stack([found[c][k] for c in captions]) for k in found[captions[0]]})
-
-
-class FamilyTextEmbeddings(TextEmbeddings):
-    """A backbone family's own conditioning, `backbone.encode(pipe, captions, device, resolution)`, as the run's
-    fixed embedding table holds it, cached under `text_identity` (every text encoder of the pipeline)."""
-
-    def __init__(self, backbone, pipe, *, device, folder: str | Path | None = None, resolution: int = 0):
-        self._setup(lambda captions: backbone.encode(pipe, captions, device, resolution),
-                    text_identity(backbone, pipe, resolution), device, folder)
 
 
 # ----------------------------------------------------------------------------- the pool the loop draws from
@@ -360,7 +349,6 @@ def open_stream_pool(data, ft, *, world, pipe, backbone, vae, resolution: int, s
     for name, module in pipe.components.items():  # every text encoder of the family (SD3's absent T5 is None)
         if name.startswith("text_encoder") and module is not None:
             module.to(device, dtype).eval()
-    text = FamilyTextEmbeddings(backbone, pipe, device=device, folder=ft.data.text_cache or None,
-                                resolution=resolution)
+    text = TextEmbeddings(backbone, pipe, device=device, folder=ft.data.text_cache or None, resolution=resolution)
     return StreamLatents(images, vae.to(device, dtype).eval(), text, device=device, replay=2 * ft.grad_accum,
                          latent_shape=backbone.latent_shape(pipe, resolution))

@@ -231,8 +231,8 @@ def run(cfg: Config, args) -> int:
     from safeprune.backbones import backbone_for_config
     from safeprune.models.io import load_unet, pretrained_folder
     from safeprune.models.shipped import teacher_path
-    from safeprune.pruning.measure import default_text_tokens, family_of
-    from safeprune.recipes.prune import DEFAULT_TEXT_TOKENS, _text_tokens
+    from safeprune.pruning.measure import family_of
+    from safeprune.recipes.prune import _text_tokens
 
     check(args.format in FORMATS, f"--format {args.format!r}: choose one of {', '.join(FORMATS)}")
     check(args.runs >= 1 and args.batch >= 1, "--runs and --batch must be >= 1")
@@ -245,10 +245,9 @@ def run(cfg: Config, args) -> int:
     # unet / transformer: the file and report names (the pipeline's component)
     component = backbone_for_config({"_class_name": family_of(unet), **unet.config}).denoiser
     pipeline = _pipeline_of(model)
-    # the text length of the check and the timing (the graph takes any): the CLIP tokenizer's for UNets, the
-    # family pipeline's default for transformers (SD3 77 + 256 T5, Flux 512, PixArt 120)
-    tokens = (_text_tokens(pipeline) if pipeline else DEFAULT_TEXT_TOKENS) if component == "unet" else \
-        default_text_tokens(unet)
+    # the text length of the check and the timing (the graph takes any): what the model's pipeline encodes, else
+    # the family's default (CLIP 77; SD3 77 + 256 T5, Flux 512, PixArt 120)
+    tokens = _text_tokens(pipeline, unet)
     inputs = example_inputs(unet, args.batch, tokens, cfg.seed)
     threads = torch.get_num_threads()
     models = {component: unet}

@@ -36,6 +36,10 @@ class Flux(SD3):
     guidance: float = 3.5  # the guidance embedding's value in training (guidance-distilled checkpoints)
     guidance_rows: int = 1  # guidance is an embedding of one conditional call (`guided`)
 
+    @property
+    def text_tokens(self) -> int:
+        return self.max_sequence_length  # the transformer reads T5's tokens only (CLIP gives the pooled vector)
+
     def native_latent_size(self, pipe):
         return pipe.default_sample_size  # the transformer config has no sample size (it is resolution-free)
 

@@ -30,6 +30,7 @@ from safeprune.backbones.base import PromptEmbeddings, encode_in_chunks
 from safeprune.backbones.sd import SD
 from safeprune.backbones.sd3 import depth_pairs
 
+ALPHA_T5_TOKENS = 120  # PixArtAlphaPipeline's default max_sequence_length (sigma's: 300)
 MICRO_CONDITIONED_SAMPLE_SIZE = 128  # latent side of the 1024 px PixArt-alpha models (diffusers' rule)
 
 
@@ -42,6 +43,10 @@ class PixArt(SD):
     denoiser: str = "transformer"
     denoiser_classes: tuple[str, ...] = ("PixArtTransformer2DModel", "PrunedPixArtTransformer2DModel")
     load_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def text_tokens(self) -> int:
+        return ALPHA_T5_TOKENS
 
     def owns_config(self, config: dict) -> bool:
         return config.get("_class_name") in self.denoiser_classes

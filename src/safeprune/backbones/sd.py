@@ -17,6 +17,8 @@ from safeprune.backbones.base import training_schedule
 from safeprune.errors import UserError, check
 from safeprune.models.hooks import first_output, match_blocks
 
+CLIP_TOKENS = 77  # CLIP's context length: what SD's UNet cross-attends to
+
 
 @dataclass(frozen=True)
 class SD:
@@ -39,6 +41,11 @@ class SD:
     timestep_density: str = "uniform"  # flow families: how training draws t (safeprune.backbones.base)
 
     # -- the pipeline
+    @property
+    def text_tokens(self) -> int:
+        """The text length the family's stock pipeline encodes by default (what `prune` counts MACs at)."""
+        return CLIP_TOKENS
+
     def owns_config(self, config: dict) -> bool:
         """Whether a denoiser config.json belongs to this family (bare UNet folders, --unet-config)."""
         return config.get("_class_name", "UNet2DConditionModel") in self.denoiser_classes \

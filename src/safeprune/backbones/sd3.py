@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from safeprune.backbones.base import PromptEmbeddings, encode_in_chunks
-from safeprune.backbones.sd import SD
+from safeprune.backbones.sd import CLIP_TOKENS, SD
 from safeprune.errors import check
 
 
@@ -49,6 +49,10 @@ class SD3(SD):
     load_kwargs: dict = field(default_factory=dict)
     timestep_density: str = "logit_normal"  # train_dreambooth_sd3.py's default weighting_scheme
     max_sequence_length: int = 256  # T5 tokens (the pipeline's default)
+
+    @property
+    def text_tokens(self) -> int:
+        return CLIP_TOKENS + self.max_sequence_length  # the joint sequence: CLIP-L/G's 77 tokens, then T5's
 
     def sequence_length(self, pipe) -> int:
         """T5 tokens, or the zero tokens that stand in for them without a T5: as many as the CLIP tokens (77; the

@@ -24,10 +24,6 @@ from torch.utils.flop_counter import FlopCounterMode
 # aten ops of the attention-score matmuls on the math SDPA path (everything else is a layer: conv / linear).
 _ATTENTION_OPS = ("bmm", "baddbmm")
 
-# The text length each family's pipeline encodes by default (safeprune.backbones.family_key): CLIP's 77; SD3 =
-# 77 CLIP + 256 T5 tokens (StableDiffusion3Pipeline's max_sequence_length); Flux.1-dev = 512 T5 tokens;
-# PixArt-alpha = 120 T5 tokens. Which denoisers there are, and which family a model is, the backbones say.
-TEXT_TOKENS = {"sd": 77, "sdxl": 77, "sd3": 333, "flux": 512, "pixart": 120}
 DEFAULT_RESOLUTION = 1024  # px, for transformer configs that carry no sample size (Flux): the model's native size
 
 
@@ -62,10 +58,11 @@ def meta_model(config: dict, class_name: str | None = None):
 
 
 def default_text_tokens(model) -> int:
-    """The text length the model's family encodes by default (TEXT_TOKENS; 77 for a UNet of no family)."""
-    from safeprune.backbones import family_key
+    """The text length the model's family encodes by default (its backbone's `text_tokens`; CLIP's 77 for a
+    UNet of no family)."""
+    from safeprune.backbones import BACKBONES, family_key
 
-    return TEXT_TOKENS.get(family_key(model), 77)
+    return BACKBONES[family_key(model) or "sd"].text_tokens
 
 
 def unet_config(unet) -> dict:
@@ -97,7 +94,7 @@ def model_inputs(model, batch: int = 1, text_tokens: int | None = None, sample_s
                  generator: torch.Generator | None = None) -> dict:
     """Keyword inputs of one call of any supported denoiser (safeprune.backbones.known_denoisers), random where
     a pipeline would pass data, on the model's device and dtype. `sample_size` = latent side (default: the
-    config's, else DEFAULT_RESOLUTION / 8); `text_tokens` default: the family's (`TEXT_TOKENS`)."""
+    config's, else DEFAULT_RESOLUTION / 8); `text_tokens` default: the family's (`default_text_tokens`)."""
     cfg, family = model.config, family_of(model)
     param = next(model.parameters())
     tokens = text_tokens or default_text_tokens(model)

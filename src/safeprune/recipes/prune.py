@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from safeprune.backbones import BACKBONES, denoiser_component
+from safeprune.backbones.sd import CLIP_TOKENS
 from safeprune.config import Config, save_config
 from safeprune.data.datasets import encode_pool, open_image_captions
 from safeprune.data.toyworld import ToyWorld
@@ -46,7 +47,6 @@ from safeprune.pruning import METHODS, is_pruned, prune
 from safeprune.pruning.measure import DEFAULT_RESOLUTION, count_macs, count_parameters, latency_ms
 from safeprune.utils import atomic_folder, fingerprint, numpy_rng, resolve_device, seed_everything, torch_rng
 
-DEFAULT_TEXT_TOKENS = 77  # CLIP's context length: what SD's UNet cross-attends to
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # Public architecture configs shipped with safeprune (written from the hub repositories' config.json files).
 SHIPPED_CONFIGS = {"sd15": "unet_configs/sd15.json", "sd21": "unet_configs/sd21.json", "sdxl": "unet_configs/sdxl.json",
@@ -186,7 +186,7 @@ def _text_tokens(pipeline: Path | None, denoiser) -> int:
     family = family_key(denoiser)
     if pipeline is None or family not in (None, "sd", "sdxl", "sd3"):
         return default_text_tokens(denoiser)
-    config, clip = pipeline / "tokenizer" / "tokenizer_config.json", DEFAULT_TEXT_TOKENS
+    config, clip = pipeline / "tokenizer" / "tokenizer_config.json", CLIP_TOKENS
     if config.is_file():
         length = json.loads(config.read_text()).get("model_max_length")
         if isinstance(length, int) and 0 < length < 100_000:

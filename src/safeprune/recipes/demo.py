@@ -359,9 +359,26 @@ def judge_claims(rows: dict[str, dict]) -> tuple[dict, list[str]]:
     return checks, notes
 
 
+def shadowed_overrides(cfg: Config, overrides: list[str]) -> None:
+    """A `section.field=value` the user gives that a method's `demo.overrides` entry sets to another value would be
+    silently replaced on that method's rows (finetune_row applies demo.overrides last): refuse it, naming the entry
+    to change instead."""
+    from safeprune.config import parse_override
+
+    for text in overrides:
+        keys, value = parse_override(text)
+        for method, entry in cfg.demo.overrides.items():
+            theirs = [v for k, v in map(parse_override, entry) if k == keys]
+            check(not theirs or theirs[-1] == value,
+                  f"{text} would be replaced on the {method} rows by demo.overrides.{method} ({'.'.join(keys)}="
+                  f"{theirs[-1] if theirs else ''}); set it there instead: 'demo.overrides.{method}=[{text}]' (repeat "
+                  "the entry's other overrides in the list)")
+
+
 def run(cfg: Config, args) -> int:
     from safeprune.runs import lock, open_run
 
+    shadowed_overrides(cfg, getattr(args, "overrides", []) or [])
     out = Path(cfg.paths.out or "runs/demo")
     seeds = [f"seed{s}" for s in range(cfg.seed, cfg.seed + cfg.demo.seeds)]
     with lock(out, "demo"):

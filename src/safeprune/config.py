@@ -228,10 +228,10 @@ class UpperConfig:
     warmup_steps: int = 0
     # where the upper level's x_t come from (safeprune.bilevel.problem): "" = the loss's own (concept images;
     # anchor images for `ablation`) | concept = noised concept images | anchor = noised anchor images (the same
-    # scene without the concept) | student = the student's own partial DDIM samples under the concept prompt
-    # (ESD's on-policy x_t; SD 1.x/2.x UNets)
+    # scene without the concept) | student = the student's own partial samples under the concept prompt
+    # (ESD's on-policy x_t, on the family's sampler: DDIM, or flow-matching Euler for SD3 / Flux)
     images: str = ""
-    sample_steps: int = 8  # images=student: DDIM schedule length; x_t after k ~ U{0..n-1} steps of it
+    sample_steps: int = 8  # images=student: length of that sampler's schedule; x_t after k ~ U{0..n-1} steps of it
     sample_guidance: float = 3.0  # images=student: classifier-free guidance of that partial sampling (ESD's 3)
     # weight of a preservation term in L_CU: || eps_S(x_t, t, r) - eps_T(x_t, t, r) ||^2 at the same x_t for a
     # retained prompt r (a random fine-tuning caption); 0 = off (the paper's L_CU alone)

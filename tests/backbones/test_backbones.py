@@ -196,6 +196,9 @@ def test_bilevel_end_to_end_and_sampling_through_the_family_pipeline(family, req
     ("sdxl", ["--method", "distill"]),
     ("pixart", ["--method", "two_stage", "--unlearn", "esd"]),
     ("pixart", ["--method", "bilevel", "--unlearn", "ablation", "finetune.solver.name=penalty"]),
+    # on-policy x_t on the flow-matching Euler sampler (and Flux's one-call guidance)
+    ("sd3", ["--method", "bilevel", "--unlearn", "esd_anchor", "finetune.upper.sample_steps=3", "finetune.upper.images=student"]),
+    ("flux", ["--method", "bilevel", "--unlearn", "esd_anchor", "finetune.upper.sample_steps=3", "finetune.upper.images=student"]),
 ])
 def test_every_method_runs_on_the_families(family, flags, request, tmp_path, capsys):
     teacher, student = request.getfixturevalue(f"{family}_family")
@@ -211,6 +214,8 @@ def test_every_method_runs_on_the_families(family, flags, request, tmp_path, cap
     assert any("upper/cu" in r for r in rows) == uses_upper and all(r.get("lower/ft", 1) > 0 for r in rows)
     if "penalty" in flags[-1]:
         assert summary["solver"] == "penalty" and any("outer/gap" in r for r in rows)
+    if "images=student" in flags[-1]:  # k ~ U{0..2} sampler steps per upper draw; at least one draw samples
+        assert summary["counts"].get("student_sample_fwd", 0) > 0
 
 
 @pytest.mark.parametrize("family", ["sd3", "pixart"])  # Flux samples through the same code (its draw: the e2e test); ~60 s here

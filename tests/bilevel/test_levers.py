@@ -39,11 +39,6 @@ def test_student_xt_come_from_the_student_not_from_the_concept_images(teacher, s
     assert "student_sample_fwd" in problem.counts  # the sampling passes are counted (and reported)
 
 
-def test_student_xt_need_a_unet_family(teacher, student, toy_problem):
-    with pytest.raises(UserError, match="images=student"):
-        toy_problem(student, teacher, upper_images="student", backbone=type("B", (), {"name": "sd3"})())
-
-
 def test_the_preservation_term_adds_the_retained_prompt_mismatch(teacher, student, toy_problem):
     """cu(w) = L_CU + w * || eps_S(x_t, r) - eps_T(x_t, r) ||^2: linear in w, and nothing for a teacher copy."""
     cu = {w: toy_problem(student, teacher, "esd_anchor", preserve=w).upper(0)["cu"] for w in (0.0, 1.0, 2.0)}

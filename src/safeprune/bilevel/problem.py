@@ -4,7 +4,7 @@
   lower:  x_t = noised latents of fine-tuning images under their captions; teacher and student predict
           eps (or v) and expose their block outputs; L_ft = l_diff L_diff + l_out L_outKD + l_feat L_featKD.
   upper:  x_t = noised latents of concept images (`upper_images`: or of anchor images, or the student's own
-          partial DDIM samples under the target prompt, ESD's on-policy x_t: Gandikota et al. 2023, Sec. 3);
+          partial samples under the target prompt, ESD's on-policy x_t: Gandikota et al. 2023, Sec. 3);
           the teacher is run once on a stacked batch for every condition the unlearning loss needs (target,
           anchor, null); the student predicts under the target prompt and regresses onto the unlearning
           target. With `preserve` > 0, L_CU + preserve * || eps_S(x_t, t, r) - eps_T(x_t, t, r) ||^2 for a
@@ -84,18 +84,15 @@ class DiffusionProblem:
     counts: dict = field(default_factory=lambda: {"student_fwd": 0, "student_bwd": 0, "teacher_fwd": 0})
     backbone: object = None  # safeprune.backbones family: denoiser call, target, schedule; None = SD 1.x/2.x
     # the upper level's x_t (finetune.upper.images, resolved): concept | anchor (both the concept pool, which
-    # build_pools fills with anchor images for `anchor`) | student (partial DDIM samples of the student)
+    # build_pools fills with anchor images for `anchor`) | student (partial samples of the student)
     upper_images: str = "concept"
-    sample_steps: int = 8  # student x_t: DDIM schedule length
+    sample_steps: int = 8  # student x_t: length of the sampler's schedule
     sample_guidance: float = 3.0  # student x_t: classifier-free guidance
     preserve: float = 0.0  # weight of the preservation term on retained prompts (0 = off)
 
     def __post_init__(self):
         self.device = self.pools.embeddings.device
         self.backbone = self.backbone or BACKBONES["sd"]
-        if self.upper_images == "student":
-            check(self.backbone.name == "sd", f"finetune.upper.images=student samples x_t with a UNet's DDIM loop "
-                                              f"(SD 1.x/2.x); this {self.backbone.name} teacher needs concept or anchor")
         if self.preserve > 0:
             check(not hasattr(self.pools.lower, "attach"), "finetune.upper.preserve draws retained captions from the "
                                                            "fine-tuning pool; set finetune.data.mode=pool or preserve=0")
@@ -174,22 +171,25 @@ class DiffusionProblem:
         return totals
 
     def _student_xt(self, latents: torch.Tensor, target_rows: torch.Tensor, gen: torch.Generator):
-        """(timesteps, x_t): k ~ U{0..n-1} guided DDIM steps of the student itself from x_T ~ N(0, I) under the
-        target prompts (ESD's quick_sample_till_t; safeprune.erasure.esd_paper.sample_xt), no gradients."""
-        from diffusers import DDIMScheduler
+        """(timesteps, x_t): k ~ U{0..n-1} guided steps of the student itself from x_T ~ N(0, I) under the target
+        prompts (ESD's quick_sample_till_t; safeprune.erasure.esd_paper.sample_xt), no gradients, on the family's
+        n-step sampler over the training schedule: DDIM (eta 0) for DDPM families, flow-matching Euler for SD3 /
+        Flux. The sampler is built afresh per draw (flow-matching schedulers count their steps)."""
+        from types import SimpleNamespace
 
         from safeprune.erasure.esd_paper import sample_xt
 
-        if not hasattr(self, "_ddim"):  # the training scheduler's betas on an n-step DDIM (eta 0) schedule
-            self._ddim = DDIMScheduler.from_config(self.scheduler.config)
-            self._ddim.set_timesteps(self.sample_steps)
+        # what `sampling_scheduler` reads of a pipeline: its scheduler config and the denoiser's (patch size)
+        host = SimpleNamespace(scheduler=self.scheduler, **{self.backbone.denoiser: self.student_core})
+        sampler = self.backbone.sampling_scheduler(host, self.sample_steps, tuple(latents.shape[1:]))
         stop = int(torch.randint(self.sample_steps, (1,), generator=gen))
         emb = self.pools.embeddings
         null = emb[torch.tensor([self.pools.null_prompt]).to(self.device)]  # (1, L, D)
         with torch.no_grad():
-            x_t, timesteps = sample_xt(self.student_core, self._ddim, emb[target_rows.to(self.device)], null, stop,
+            x_t, timesteps = sample_xt(self.student_core, sampler, emb[target_rows.to(self.device)], null, stop,
                                        self.sample_guidance, gen, self.backbone, latents.shape[1:])
-        self.counts["student_sample_fwd"] = self.counts.get("student_sample_fwd", 0) + 2 * stop * len(target_rows)
+        self.counts["student_sample_fwd"] = self.counts.get("student_sample_fwd", 0) \
+            + self.backbone.guidance_rows * stop * len(target_rows)
         return timesteps, x_t
 
     def _preservation(self, x_t, timesteps, gen: torch.Generator) -> torch.Tensor:

@@ -415,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise UserError(f"--seeds {args.seeds!r}: write comma-separated integers, e.g. 0 or 0,1,2") from None
-        build_config(concepts[0], args.pruning[0], args.overrides, args.tiny)  # a bad override fails now
-        settings = {"overrides": args.overrides, "tiny": args.tiny}
+        cfg = build_config(concepts[0], args.pruning[0], args.overrides, args.tiny)  # a bad override fails now
+        # bilevel's rows also take the demo's per-method overrides, whose defaults change with the package
+        settings = {"overrides": args.overrides, "tiny": args.tiny, "bilevel": cfg.demo.overrides.get("bilevel", [])}
         out.mkdir(parents=True, exist_ok=True)
         settings_file = out / "atlas_settings.json"
         if settings_file.is_file():  # results of other settings must not mix into one table

@@ -49,7 +49,10 @@ LEVERS: dict[str, list[str]] = {
     "xattn": ["finetune.unlearn.params=xattn"],
 }
 METRICS = ("leakage", "forget_valid", "retention", "fd")
-BASE = ("eval.heldout=false",)
+# bilevel as the levers were measured against: the demo's bilevel of 2026-12-01 (upper lr 5e-4, x_t = noised concept
+# images), pinned, since the demo's default now includes the chosen lever and demo.overrides would replace a lever's
+# own finetune.upper.* values (safeprune.recipes.demo.finetune_row applies it last)
+BASE = ("eval.heldout=false", "demo.overrides.bilevel=[finetune.upper.lr=5e-4]")
 
 
 def parse_lever(text: str) -> tuple[str, list[str]]:

@@ -553,9 +553,12 @@ class DemoConfig:
     baselines: list[str] = field(default_factory=lambda: ["esd_paper", "uce", "conceptprune"])
     # compared method (finetune.method of a fine-tuned row, or a demo.baselines name) -> section.field=value
     # overrides for that method's rows only. The defaults are benchmarks/sweep_baselines.py's choice on development
-    # seeds (docs/demo/tuning.md, docs/demo/sweep/chosen.json); the package's own defaults stay the published ones.
+    # seeds (docs/demo/tuning.md, docs/demo/sweep/chosen.json) and, for the upper level's x_t, the levers' choice on
+    # development seeds checked on held-out ones (on-policy x_t: no re-teaching; docs/levers/README.md); the
+    # package's own defaults stay the published ones.
     overrides: dict[str, list[str]] = field(default_factory=lambda: {
-        "bilevel": ["finetune.upper.lr=5e-4"], "two_stage": ["finetune.upper.lr=5e-4"],
+        "bilevel": ["finetune.upper.lr=5e-4", "finetune.upper.images=student"],
+        "two_stage": ["finetune.upper.lr=5e-4", "finetune.upper.images=student"],
         "esd_paper": ["unlearn.esd_paper.lr=1e-4"], "conceptprune": ["unlearn.conceptprune.sparsity=0.1"]})
     curve_every: int = 100  # evaluate leakage and fd every N fine-tuning steps (curves.png)
     curve_prompts: int = 12  # prompts per set in those cheap evaluations (one seed each)

@@ -90,6 +90,12 @@ def test_tiny_atlas_writes_resumes_and_regenerates(atlas, random_teacher_dir, tm
     assert {atlas.key(r) for r in atlas.read_records(jsonl)} == expected
     # other settings into the same folder are refused (one table, one protocol)
     assert atlas.main([*args, "finetune.lr=1e-3"]) == 2
+    # and so is a folder whose bilevel rows ran with other demo.overrides (a changed package default)
+    settings = out / "atlas_settings.json"
+    kept = settings.read_text()
+    settings.write_text(kept.replace('"bilevel": [', '"bilevel": ["finetune.upper.images=concept", '))
+    assert atlas.main(args) == 2 and len(calls) == 11
+    settings.write_text(kept)
 
     # the report comes back from the jsonl alone
     md = (out / "atlas.md").read_text()

@@ -66,3 +66,15 @@ def test_the_goal_needs_every_seed(levers, tmp_path):
     assert "| calm |" in checkered and checkered.split("| calm |")[1].splitlines()[0].endswith("**yes** |")
     assert checkered.split("| reteach |")[1].splitlines()[0].endswith(" no |")
     assert "(1.15x)" in md and (tmp_path / "levers.png").stat().st_size > 1000
+
+
+def test_each_lever_runs_as_named_whatever_the_demos_default(levers):
+    """finetune_row applies demo.overrides last: with the demo's bilevel default now on-policy x_t, an unpinned
+    `base` would run student_xt and `anchor_xt` would lose its anchor images."""
+    from safeprune.config import load_config, to_dict
+
+    def images(lever):
+        cfg = levers.leak_atlas.build_config("style:striped", "channels", [*levers.BASE, *levers.LEVERS[lever]], False)
+        return load_config(base=to_dict(cfg), overrides=cfg.demo.overrides["bilevel"]).finetune.upper
+    assert images("base").images == "" and images("base").lr == 5e-4  # the loss's own x_t: concept images
+    assert images("anchor_xt").images == "anchor" and images("student_xt").images == "student"

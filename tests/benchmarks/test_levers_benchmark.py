@@ -73,8 +73,9 @@ def test_each_lever_runs_as_named_whatever_the_demos_default(levers):
     `base` would run student_xt and `anchor_xt` would lose its anchor images."""
     from safeprune.config import load_config, to_dict
 
-    def images(lever):
+    def upper(lever):  # the upper section bilevel's row runs with (demo.overrides applied, as finetune_row does)
         cfg = levers.leak_atlas.build_config("style:striped", "channels", [*levers.BASE, *levers.LEVERS[lever]], False)
         return load_config(base=to_dict(cfg), overrides=cfg.demo.overrides["bilevel"]).finetune.upper
-    assert images("base").images == "" and images("base").lr == 5e-4  # the loss's own x_t: concept images
-    assert images("anchor_xt").images == "anchor" and images("student_xt").images == "student"
+
+    assert upper("base").images == "" and upper("base").lr == 5e-4  # the loss's own x_t: concept images
+    assert upper("anchor_xt").images == "anchor" and upper("student_xt").images == "student"

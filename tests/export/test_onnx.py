@@ -64,7 +64,6 @@ def test_export_command_reports_the_ratio_to_the_teacher(tmp_path, tiny_unet, ca
     assert not (tmp_path / "x").exists()
 
 
-
 def test_export_of_a_pipeline_folder_times_the_tokenizers_text_length(tmp_path, tiny_unet, capsys):
     """A pipeline folder's UNet is checked and timed at the length its CLIP tokenizer encodes, not CLIP's 77."""
     pipe = tmp_path / "pipe"
@@ -77,6 +76,7 @@ def test_export_of_a_pipeline_folder_times_the_tokenizers_text_length(tmp_path, 
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "o" / "export_report.json").read_text())
     assert report["inputs"]["encoder_hidden_states"][1] == 7 and report["unet"]["max_abs_diff"] <= 1e-4
+
 
 # The other families' denoisers, tiny: each exports through torchscript in a few seconds.
 FAMILIES = {

@@ -50,8 +50,8 @@ LEVERS: dict[str, list[str]] = {
 }
 METRICS = ("leakage", "forget_valid", "retention", "fd")
 # bilevel as the levers were measured against: the demo's bilevel of 2026-12-01 (upper lr 5e-4, x_t = noised concept
-# images), pinned, since the demo's default now includes the chosen lever and demo.overrides would replace a lever's
-# own finetune.upper.* values (safeprune.recipes.demo.finetune_row applies it last)
+# images), pinned, since the demo's default now includes the chosen lever (a lever's own fields win over this entry:
+# safeprune.config._explicit_wins)
 BASE = ("eval.heldout=false", "demo.overrides.bilevel=[finetune.upper.lr=5e-4]")
 
 

@@ -782,7 +782,20 @@ def load_config(path: str | Path | list | None = None, overrides: list[str] = ()
             node = node.setdefault(k, {})
             check(isinstance(node, dict), f"override {text!r}: {k!r} is not a section")
         node.update(_merge(node, {keys[-1]: value}))
-    return from_dict(Config, data)
+    return _explicit_wins(from_dict(Config, data), overrides)
+
+
+def _explicit_wins(cfg: Config, overrides: list[str]) -> Config:
+    """A `section.field=value` given here wins over a `demo.overrides` entry for the same field: the demo applies
+    those entries last (safeprune.recipes.demo.finetune_row), so without this `demo finetune.upper.lr=1e-3` would
+    run bilevel at its entry's lr. The field is dropped from every entry (an emptied entry stays [], so a saved
+    config.yaml does not bring the default entry back)."""
+    given = {keys for keys in (tuple(parse_override(text)[0]) for text in overrides) if keys[0] != "demo"}
+    if not given:
+        return cfg
+    kept = {method: [o for o in entry if tuple(parse_override(o)[0]) not in given]
+            for method, entry in cfg.demo.overrides.items()}
+    return dataclasses.replace(cfg, demo=dataclasses.replace(cfg.demo, overrides=kept))
 
 
 def save_config(cfg: Config, folder: str | Path) -> Path:

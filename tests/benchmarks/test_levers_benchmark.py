@@ -69,8 +69,8 @@ def test_the_goal_needs_every_seed(levers, tmp_path):
 
 
 def test_each_lever_runs_as_named_whatever_the_demos_default(levers):
-    """finetune_row applies demo.overrides last: with the demo's bilevel default now on-policy x_t, an unpinned
-    `base` would run student_xt and `anchor_xt` would lose its anchor images."""
+    """With the demo's bilevel default now on-policy x_t, an unpinned `base` would run student_xt; a lever's own
+    fields must win over the pinned entry."""
     from safeprune.config import load_config, to_dict
 
     def upper(lever):  # the upper section bilevel's row runs with (demo.overrides applied, as finetune_row does)

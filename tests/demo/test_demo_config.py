@@ -2,9 +2,8 @@
 
 import pytest
 
-from safeprune.config import load_config
+from safeprune.config import load_config, to_dict
 from safeprune.errors import UserError
-from safeprune.recipes import demo as demo_module
 from safeprune.recipes.demo import FINETUNE_ROWS, demo
 
 
@@ -29,15 +28,18 @@ def test_a_baseline_runs_with_its_own_overrides_only(tmp_path, monkeypatch):
     assert seen[1].unlearn.conceptprune.sparsity == 0.1  # the committed sweep choice (DemoConfig default)
 
 
-def test_a_cli_override_that_demo_overrides_would_replace_is_refused(tmp_path, capsys):
+def test_an_explicit_override_wins_over_a_demo_overrides_entry():
     """`demo finetune.upper.lr=1e-3` used to run bilevel at demo.overrides.bilevel's 5e-4 without a word."""
-    from safeprune.cli import main
-
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "finetune.upper.lr=1e-3"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "demo.overrides.bilevel (finetune.upper.lr=0.0005)" in err and "\n" not in err and not out.exists()
-    # the same value, or the value set in demo.overrides itself, is what the rows run with: accepted
-    cfg = load_config(None, ["finetune.upper.lr=1e-3", "demo.overrides.bilevel=[finetune.upper.lr=1e-3]",
-                             "demo.overrides.two_stage=[finetune.upper.lr=1e-3]"])
-    demo_module.shadowed_overrides(cfg, ["finetune.upper.lr=1e-3", "finetune.upper.every=5"])
+    cfg = load_config(None, ["finetune.upper.lr=1e-3"])
+    assert cfg.finetune.upper.lr == 1e-3
+    assert cfg.demo.overrides["bilevel"] == ["finetune.upper.images=student"]  # the entry's other fields stay
+    # what bilevel's row runs with, applied the way demo.finetune_row applies it
+    row = load_config(base=to_dict(cfg), overrides=cfg.demo.overrides["bilevel"])
+    assert row.finetune.upper.lr == 1e-3 and row.finetune.upper.images == "student"
+    # without the explicit field the entry still applies; an emptied entry stays empty through a saved config
+    assert load_config(None, []).demo.overrides["bilevel"] == ["finetune.upper.lr=5e-4", "finetune.upper.images=student"]
+    emptied = load_config(None, ["finetune.upper.lr=1e-3", "finetune.upper.images=concept"])
+    assert emptied.demo.overrides["bilevel"] == [] == load_config(base=to_dict(emptied)).demo.overrides["bilevel"]
+    # overrides of the demo section itself are entries, not explicit fields
+    own = load_config(None, ["demo.overrides.bilevel=[finetune.upper.lr=2e-4]"])
+    assert own.demo.overrides["bilevel"] == ["finetune.upper.lr=2e-4"]

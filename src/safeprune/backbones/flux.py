@@ -62,11 +62,11 @@ class Flux(SD3):
                                return_tensors="pt")
         return [max(int(n) - 2, 0) for n in tok.attention_mask.sum(1)]
 
-    def sampling_scheduler(self, pipe, steps: int, latent_shape: tuple[int, ...]):
+    def sampling_scheduler(self, scheduler, denoiser, steps: int, latent_shape: tuple[int, ...]):
         """FluxPipeline's timesteps: sigmas linspace(1, 1/steps), shifted by mu of the packed token count."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
         tokens = latent_shape[-2] * latent_shape[-1] // 4
         scheduler.set_timesteps(steps, sigmas=sigmas, mu=self._shift(scheduler, tokens, 1.15))

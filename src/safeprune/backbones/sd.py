@@ -121,11 +121,11 @@ class SD:
         return [max(int(n) - 2, 0) for n in tok.attention_mask.sum(1)]  # BOS, words, EOS: the last word is n - 2
 
     # -- partial sampling (the erasure methods' own runs: safeprune.erasure.sampling)
-    def sampling_scheduler(self, pipe, steps: int, latent_shape: tuple[int, ...]):
+    def sampling_scheduler(self, scheduler, denoiser, steps: int, latent_shape: tuple[int, ...]):
         """A deterministic sampler on the model's noise schedule with `steps` timesteps set: DDIM (eta 0)."""
         from diffusers import DDIMScheduler
 
-        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        scheduler = DDIMScheduler.from_config(scheduler.config)
         scheduler.set_timesteps(steps)
         return scheduler
 

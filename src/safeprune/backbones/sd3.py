@@ -90,13 +90,13 @@ class SD3(SD):
         return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=emb.hidden,
                      pooled_projections=emb.pooled).sample
 
-    def sampling_scheduler(self, pipe, steps: int, latent_shape: tuple[int, ...]):
+    def sampling_scheduler(self, scheduler, denoiser, steps: int, latent_shape: tuple[int, ...]):
         """The pipeline's FlowMatchEulerDiscreteScheduler with `steps` timesteps, as StableDiffusion3Pipeline sets
         them (a resolution-dependent shift mu where the scheduler shifts dynamically)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        tokens = latent_shape[-2] * latent_shape[-1] // self.denoiser_of(pipe).config.patch_size ** 2
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        tokens = latent_shape[-2] * latent_shape[-1] // denoiser.config.patch_size ** 2
         extra = {"mu": self._shift(scheduler, tokens, 1.16)} if scheduler.config.get("use_dynamic_shifting") else {}
         scheduler.set_timesteps(steps, **extra)
         return scheduler

@@ -175,13 +175,10 @@ class DiffusionProblem:
         prompts (ESD's quick_sample_till_t; safeprune.erasure.esd_paper.sample_xt), no gradients, on the family's
         n-step sampler over the training schedule: DDIM (eta 0) for DDPM families, flow-matching Euler for SD3 /
         Flux. The sampler is built afresh per draw (flow-matching schedulers count their steps)."""
-        from types import SimpleNamespace
-
         from safeprune.erasure.esd_paper import sample_xt
 
-        # what `sampling_scheduler` reads of a pipeline: its scheduler config and the denoiser's (patch size)
-        host = SimpleNamespace(scheduler=self.scheduler, **{self.backbone.denoiser: self.student_core})
-        sampler = self.backbone.sampling_scheduler(host, self.sample_steps, tuple(latents.shape[1:]))
+        sampler = self.backbone.sampling_scheduler(self.scheduler, self.student_core, self.sample_steps,
+                                                   tuple(latents.shape[1:]))
         stop = int(torch.randint(self.sample_steps, (1,), generator=gen))
         emb = self.pools.embeddings
         null = emb[torch.tensor([self.pools.null_prompt]).to(self.device)]  # (1, L, D)

@@ -134,7 +134,7 @@ class ESDPaper:
             idx = torch.randint(len(ctx.concepts), (self.batch_size,), generator=gen)
             emb_c, emb_r = targets[idx], refs[idx]
             # a fresh sampler per run: flow-matching schedulers count the steps they took
-            scheduler = backbone.sampling_scheduler(ctx.pipe, n_steps, shape)
+            scheduler = backbone.sampling_scheduler(ctx.pipe.scheduler, unet, n_steps, shape)
             x_t, t = sample_xt(unet, scheduler, emb_c, null, stop, self.start_guidance, gen, backbone, shape)
             counts["student_sample_fwd"] += backbone.guidance_rows * self.batch_size * stop
             with torch.no_grad():

@@ -74,7 +74,7 @@ def text_stream_inputs(ctx, model, layers, groups: list[list[str]], steps: int) 
 
         handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers]
         try:
-            scheduler = backbone.sampling_scheduler(ctx.pipe, steps, shape)
+            scheduler = backbone.sampling_scheduler(ctx.pipe.scheduler, model, steps, shape)
             x = start_noise((n, *shape), [torch_rng(ctx.cfg.seed, "uce", k) for k in range(n)], scheduler, ctx.device)
             guided_run(backbone, model, scheduler, x, emb, null, ctx.cfg.sample.guidance, steps)
         finally:

@@ -231,7 +231,9 @@ def finetune_row(cfg: Config, name: str, seed: int, student: Path, run_dir: Path
     curve_every = cfg.demo.curve_every if on_eval is not None else 0
     run_cfg = dataclasses.replace(_with(cfg, finetune={**FINETUNE_ROWS[name], "eval_every_steps": curve_every},
                                         paths={"student": str(student), "out": str(run_dir)}), seed=seed)
-    if cfg.demo.overrides.get(run_cfg.finetune.method):  # the tuning sweep's own choice for this method's rows
+    # the tuning sweep's own choice for this method's rows (a field the caller set explicitly was taken out of it:
+    # safeprune.config._explicit_wins)
+    if cfg.demo.overrides.get(run_cfg.finetune.method):
         run_cfg = load_config(base=to_dict(run_cfg), overrides=cfg.demo.overrides[run_cfg.finetune.method])
     t = time.perf_counter()
     finetune(run_cfg, on_eval=on_eval)
@@ -359,26 +361,9 @@ def judge_claims(rows: dict[str, dict]) -> tuple[dict, list[str]]:
     return checks, notes
 
 
-def shadowed_overrides(cfg: Config, overrides: list[str]) -> None:
-    """A `section.field=value` the user gives that a method's `demo.overrides` entry sets to another value would be
-    silently replaced on that method's rows (finetune_row applies demo.overrides last): refuse it, naming the entry
-    to change instead."""
-    from safeprune.config import parse_override
-
-    for text in overrides:
-        keys, value = parse_override(text)
-        for method, entry in cfg.demo.overrides.items():
-            theirs = [v for k, v in map(parse_override, entry) if k == keys]
-            check(not theirs or theirs[-1] == value,
-                  f"{text} would be replaced on the {method} rows by demo.overrides.{method} ({'.'.join(keys)}="
-                  f"{theirs[-1] if theirs else ''}); set it there instead: 'demo.overrides.{method}=[{text}]' (repeat "
-                  "the entry's other overrides in the list)")
-
-
 def run(cfg: Config, args) -> int:
     from safeprune.runs import lock, open_run
 
-    shadowed_overrides(cfg, getattr(args, "overrides", []) or [])
     out = Path(cfg.paths.out or "runs/demo")
     seeds = [f"seed{s}" for s in range(cfg.seed, cfg.seed + cfg.demo.seeds)]
     with lock(out, "demo"):

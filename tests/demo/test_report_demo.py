@@ -188,8 +188,8 @@ def random_dit_teacher(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_demo_on_the_dit_teacher(random_dit_teacher, tmp_path):
-    """`demo --arch dit`: the same rows and checks on the SD3-class teacher, with a half-depth student that loads
-    with the stock StableDiffusion3Pipeline."""
+    """`demo --arch dit`: the same rows and checks on the SD3-class teacher, with a depth-pruned student (30 % of
+    the parameters: 2 of 6 blocks) that loads with the stock StableDiffusion3Pipeline."""
     from diffusers import StableDiffusion3Pipeline
 
     out = tmp_path / "demo"
@@ -198,8 +198,8 @@ def test_tiny_demo_on_the_dit_teacher(random_dit_teacher, tmp_path):
     assert list(results["methods"]) == ["teacher", "pruned", "denoise_only", "distill", "distill+bilevel_loss",
                                         "bilevel"]
     removed = results["prune"]["removed"]
-    assert results["prune"]["method"] == "depth" and len(removed) == 3 and "transformer_blocks.5" not in removed
+    assert results["prune"]["method"] == "depth" and len(removed) == 2 and "transformer_blocks.5" not in removed
     assert ("bilevel_does_no_harm" in results["checks"]) is not results["leaks"]["distill"]
     student = StableDiffusion3Pipeline.from_pretrained(str(out / "seed0" / "bilevel" / "model"), text_encoder_3=None,
                                                       tokenizer_3=None, local_files_only=True)
-    assert student.transformer.config.num_layers == 3
+    assert student.transformer.config.num_layers == 4

@@ -37,7 +37,8 @@ def test_an_explicit_override_wins_over_a_demo_overrides_entry():
     row = load_config(base=to_dict(cfg), overrides=cfg.demo.overrides["bilevel"])
     assert row.finetune.upper.lr == 1e-3 and row.finetune.upper.images == "student"
     # without the explicit field the entry still applies; an emptied entry stays empty through a saved config
-    assert load_config(None, []).demo.overrides["bilevel"] == ["finetune.upper.lr=5e-4", "finetune.upper.images=student"]
+    default = ["finetune.upper.lr=5e-4", "finetune.upper.images=student"]
+    assert load_config(None, []).demo.overrides["bilevel"] == default
     emptied = load_config(None, ["finetune.upper.lr=1e-3", "finetune.upper.images=concept"])
     assert emptied.demo.overrides["bilevel"] == [] == load_config(base=to_dict(emptied)).demo.overrides["bilevel"]
     # overrides of the demo section itself are entries, not explicit fields

@@ -88,7 +88,8 @@ def activation_norms(backbone, pipe, model, cond, uncond, *, shape: tuple[int, .
         for start in range(0, len(cond), BATCH):
             emb = cond[start:start + BATCH]
             n = len(emb)
-            scheduler = backbone.sampling_scheduler(pipe.scheduler, model, sample_steps, shape)  # fresh: samplers count steps
+            # fresh: samplers count steps
+            scheduler = backbone.sampling_scheduler(pipe.scheduler, model, sample_steps, shape)
             x = start_noise((n, *shape), [torch_rng(seed, "conceptprune", start + k) for k in range(n)],
                             scheduler, cond.device)
             guided_run(backbone, model, scheduler, x, emb, uncond, guidance, timesteps,
